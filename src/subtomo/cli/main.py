@@ -1,0 +1,114 @@
+"""``subtomo`` command line, generated from the jobs' parameter models.
+
+Each field of a job's pydantic model becomes an option ``--field-name`` whose help text
+is the field's description plus its default; fields marked ``positional`` become
+arguments. List fields take comma-separated values. Errors the user can fix
+(:class:`SubtomoError`) are printed without a traceback and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from subtomo import __version__
+from subtomo.errors import SubtomoError
+from subtomo.jobs.base import JobSpec, execute
+from subtomo.jobs.registry import all_specs
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) of an annotation such as ``int | None``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return (args[0] if len(args) == 1 else str), True
+    return annotation, False
+
+
+def _click_type(tp: Any) -> Any:
+    if typing.get_origin(tp) is typing.Literal:
+        return click.Choice([str(v) for v in typing.get_args(tp)])
+    return {int: int, float: float, str: str, Path: str}.get(tp, str)
+
+
+def _options_for(spec: JobSpec) -> list[click.Parameter]:
+    params: list[click.Parameter] = []
+    for name, field in spec.params.model_fields.items():
+        tp, _ = _base_type(field.annotation)
+        extra = field.json_schema_extra or {}
+        default = None if field.is_required() else field.default
+        help_text = field.description or ""
+        if isinstance(extra, dict) and extra.get("positional"):
+            params.append(click.Argument([name], required=field.is_required(), default=default))
+            continue
+        flag = "--" + name.replace("_", "-")
+        if tp is bool:
+            params.append(click.Option([f"{flag}/--no-{name.replace('_', '-')}", name], default=default,
+                                       show_default=True, help=help_text))
+        elif typing.get_origin(tp) in (list, tuple):
+            shown = ",".join(str(v) for v in default) if default else None
+            params.append(click.Option([flag, name], type=str, default=shown, show_default=shown is not None,
+                                       help=help_text + " (comma-separated)"))
+        else:
+            params.append(click.Option([flag, name], type=_click_type(tp), default=default,
+                                       show_default=default is not None, required=field.is_required(),
+                                       help=help_text))
+    return params
+
+
+def _make_command(spec: JobSpec) -> click.Command:
+    def callback(**kwargs: Any) -> None:
+        values: dict[str, Any] = {}
+        for name, value in kwargs.items():
+            field = spec.params.model_fields[name]
+            tp, _ = _base_type(field.annotation)
+            if value is not None and typing.get_origin(tp) in (list, tuple) and isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            values[name] = value
+        try:
+            params = spec.params(**values)
+        except ValidationError as exc:
+            msgs = [f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
+            raise click.UsageError("; ".join(msgs)) from None
+        try:
+            execute(spec, params, Path.cwd(), argv=["subtomo", *sys.argv[1:]])
+        except SubtomoError as exc:
+            click.secho(f"ERROR: {exc}", fg="red", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.secho("interrupted; the job is marked as failed and can be continued where supported", err=True)
+            sys.exit(130)
+
+    return click.Command(spec.command, callback=callback, params=_options_for(spec), help=spec.summary,
+                         short_help=spec.summary.split("\n")[0][:90])
+
+
+class _OrderedGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)
+
+
+def build_cli() -> click.Group:
+    group = _OrderedGroup(
+        name="subtomo",
+        help="Subtomogram averaging for cryo-ET, following Bharat & Scheres (Nat. Protoc. 2016). "
+             "Run the jobs from the project directory, in the order listed.",
+    )
+    for spec in all_specs():
+        group.add_command(_make_command(spec))
+    return click.version_option(__version__, prog_name="subtomo")(group)
+
+
+def main() -> None:
+    build_cli()(prog_name="subtomo")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Contrast transfer function: the formula, estimation from tilt images, importers."""

@@ -1,0 +1,210 @@
+"""Fourier-space primitives shared by every stage (pure torch functions).
+
+Layout (docs/conventions.md): real-space arrays are (z, y, x) or (y, x) with the box
+centre at index N//2 in every axis. Transforms are ``rfftn`` of the ifftshifted array,
+so the phase origin is the box centre and the half axis is x (last). Frequency vectors
+are returned with components ordered (x, y[, z]) in cycles per pixel, to be multiplied
+with rotation matrices that act on (x, y, z). Shell index r = round(|k| * N) for cubic
+boxes of side N. All functions follow the device and dtype of their tensor inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rfft_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the rfft of a real array of ``shape``."""
+    return (*shape[:-1], shape[-1] // 2 + 1)
+
+
+def rfft_frequencies(shape: tuple[int, ...], device=None, dtype=torch.float32) -> torch.Tensor:
+    """Frequencies (cycles/pixel) of each rfft sample: (*rfft_shape, ndim), components (x, y[, z])."""
+    axes = [torch.fft.fftfreq(n, device=device, dtype=dtype) for n in shape[:-1]]
+    axes.append(torch.fft.rfftfreq(shape[-1], device=device, dtype=dtype))
+    grids = torch.meshgrid(*axes, indexing="ij")  # (z, y, x) order
+    return torch.stack(grids[::-1], dim=-1)
+
+
+def frequency_radius(shape: tuple[int, ...], device=None) -> torch.Tensor:
+    """|k| in cycles/pixel on the rfft grid of ``shape``."""
+    return rfft_frequencies(shape, device=device).norm(dim=-1)
+
+
+def shell_index(shape: tuple[int, ...], device=None) -> torch.Tensor:
+    """Integer shell r = round(|k| N) of each rfft sample (N = box side; cubic/square boxes)."""
+    n = shape[-1]
+    return torch.round(frequency_radius(shape, device=device) * n).long()
+
+
+def rfft_multiplicity(shape: tuple[int, ...], device=None) -> torch.Tensor:
+    """Weight 2 for rfft samples whose Hermitian mate is not stored, 1 otherwise.
+
+    Sums of |F|^2 over the half grid times this weight equal sums over the full grid.
+    """
+    n = shape[-1]
+    w = torch.full(rfft_shape(shape), 2.0, device=device)
+    w[..., 0] = 1.0
+    if n % 2 == 0:
+        w[..., n // 2] = 1.0
+    return w
+
+
+def fft_centered(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    """rfft of a real array whose origin is the box centre (last ``ndim`` axes)."""
+    dims = tuple(range(-ndim, 0))
+    return torch.fft.rfftn(torch.fft.ifftshift(x, dim=dims), dim=dims)
+
+
+def ifft_centered(f: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of :func:`fft_centered` back to a real array of ``shape``."""
+    dims = tuple(range(-len(shape), 0))
+    return torch.fft.fftshift(torch.fft.irfftn(f, s=shape, dim=dims), dim=dims)
+
+
+def radial_average(values: torch.Tensor, shells: torch.Tensor, n_shells: int,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``values`` (real, trailing dims = grid) per shell 0..n_shells-1 (batched)."""
+    grid_ndim = shells.ndim
+    batch = values.shape[: values.ndim - grid_ndim]
+    flat_vals = values.reshape(*batch, -1)
+    idx = shells.reshape(-1).clamp(max=n_shells)  # shells beyond go to an overflow bin
+    w = torch.ones_like(idx, dtype=values.dtype) if weights is None else weights.reshape(-1).to(values.dtype)
+    sums = torch.zeros(*batch, n_shells + 1, dtype=values.dtype, device=values.device)
+    sums.index_add_(-1, idx, flat_vals * w)
+    counts = torch.zeros(n_shells + 1, dtype=values.dtype, device=values.device).index_add_(0, idx, w)
+    return (sums / counts.clamp(min=1e-12))[..., :n_shells]
+
+
+def fsc(f1: torch.Tensor, f2: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
+    """Fourier shell correlation of two transforms on the same rfft grid (RELION: nearest shell).
+
+    Returns (n_shells,) with FSC(0) = 1 by convention.
+    """
+    w = rfft_multiplicity(tuple(shells.shape[:-1]) + ((shells.shape[-1] - 1) * 2,), device=f1.device)
+    num = radial_average((f1 * f2.conj()).real, shells, n_shells, w)
+    d1 = radial_average(f1.abs() ** 2, shells, n_shells, w)
+    d2 = radial_average(f2.abs() ** 2, shells, n_shells, w)
+    out = num / torch.sqrt(d1 * d2).clamp(min=1e-30)
+    out[..., 0] = 1.0
+    return out
+
+
+def fsc_maps(map1: torch.Tensor, map2: torch.Tensor) -> torch.Tensor:
+    """FSC (n = N//2 + 1 shells) of two real cubic/square maps."""
+    ndim = map1.ndim
+    shape = tuple(map1.shape)
+    shells = shell_index(shape, device=map1.device)
+    return fsc(fft_centered(map1, ndim), fft_centered(map2, ndim), shells, shape[-1] // 2 + 1)
+
+
+def shell_resolution_A(n_shells: int, box: int, pixel_size_A: float) -> torch.Tensor:
+    """Resolution (Å) of shells 0..n_shells-1 (shell 0 -> inf)."""
+    r = torch.arange(n_shells, dtype=torch.float64)
+    return torch.where(r > 0, box * pixel_size_A / r.clamp(min=1), torch.tensor(float("inf"), dtype=torch.float64))
+
+
+def resolution_at_threshold(curve: torch.Tensor, box: int, pixel_size_A: float, threshold: float = 0.143) -> float:
+    """Resolution (Å) of the last shell before the curve first drops below ``threshold``."""
+    values = curve.detach().cpu().double()
+    below = torch.nonzero(values[1:] < threshold)
+    last = int(below[0]) if len(below) else len(values) - 1  # index of last shell >= threshold
+    last = max(last, 1)
+    return box * pixel_size_A / last
+
+
+def raised_cosine_lowpass(shape: tuple[int, ...], cutoff_shell: float, edge_shells: float = 2.0,
+                          device=None) -> torch.Tensor:
+    """rfft-grid filter: 1 below ``cutoff_shell - edge/2``, 0 above ``+ edge/2``, cosine between."""
+    r = frequency_radius(shape, device=device) * shape[-1]
+    lo, hi = cutoff_shell - edge_shells / 2, cutoff_shell + edge_shells / 2
+    t = ((r - lo) / max(hi - lo, 1e-6)).clamp(0, 1)
+    return 0.5 + 0.5 * torch.cos(math.pi * t)
+
+
+def lowpass(volume: torch.Tensor, resolution_A: float, pixel_size_A: float, edge_shells: float = 2.0) -> torch.Tensor:
+    """Low-pass a real map (2D/3D, last dims) to ``resolution_A`` with a raised-cosine edge."""
+    shape = tuple(volume.shape[-3:]) if volume.ndim >= 3 else tuple(volume.shape)
+    ndim = len(shape)
+    cutoff = shape[-1] * pixel_size_A / resolution_A
+    filt = raised_cosine_lowpass(shape, cutoff, edge_shells, device=volume.device)
+    return ifft_centered(fft_centered(volume, ndim) * filt, shape)
+
+
+def phase_shift(f: torch.Tensor, shifts_px: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Translate content by ``shifts_px`` (..., ndim) in (x, y[, z]) pixels, in Fourier space.
+
+    f(r) -> f(r - t): multiplies by exp(-2 pi i k.t). Batched over leading dims of shifts.
+    """
+    k = rfft_frequencies(shape, device=f.device, dtype=shifts_px.dtype)
+    ang = -2 * math.pi * torch.tensordot(shifts_px, k, dims=([-1], [-1]))
+    return f * torch.polar(torch.ones_like(ang), ang)
+
+
+def fourier_resize(volume: torch.Tensor, new_size: int) -> torch.Tensor:
+    """Rescale a cubic/square real map to ``new_size`` by Fourier cropping or zero padding.
+
+    The pixel size changes by old/new; the mean value is preserved.
+    """
+    ndim = 3 if volume.ndim >= 3 else 2
+    old = volume.shape[-1]
+    if new_size == old:
+        return volume.clone()
+    dims = tuple(range(-ndim, 0))
+    full = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(volume, dim=dims), dim=dims), dim=dims)
+    out_shape = (*volume.shape[:-ndim], *([new_size] * ndim))
+    out = torch.zeros(out_shape, dtype=full.dtype, device=volume.device)
+    m = min(old, new_size)
+    src = [slice(old // 2 - m // 2, old // 2 - m // 2 + m)] * ndim
+    dst = [slice(new_size // 2 - m // 2, new_size // 2 - m // 2 + m)] * ndim
+    out[(..., *dst)] = full[(..., *src)]
+    res = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(out, dim=dims), dim=dims), dim=dims).real
+    return res * (new_size / old) ** ndim
+
+
+def soft_sphere_mask(shape: tuple[int, ...], radius_px: float, edge_px: float = 5.0, device=None) -> torch.Tensor:
+    """1 inside ``radius_px`` of the box centre, raised-cosine fall to 0 over ``edge_px`` (RELION)."""
+    axes = [torch.arange(n, device=device, dtype=torch.float32) - n // 2 for n in shape]
+    grids = torch.meshgrid(*axes, indexing="ij")
+    r = torch.sqrt(sum(g ** 2 for g in grids))
+    if edge_px <= 0:
+        return (r <= radius_px).float()
+    t = ((r - radius_px) / edge_px).clamp(0, 1)
+    return 0.5 + 0.5 * torch.cos(math.pi * t)
+
+
+def crop_rfft(f: torch.Tensor, size: int, ndim: int = 3) -> torch.Tensor:
+    """Keep the low-frequency part of an rfft (unshifted layout) as the rfft of a ``size`` grid.
+
+    Frequencies keep their physical meaning (index / (N * pixel)); only components with
+    index in [-size/2, size/2) per full axis and [0, size/2] on the half axis survive.
+    Used to work at the "current image size" of an iteration. ``size`` must be even.
+    """
+    n = f.shape[-2]
+    if size >= n:
+        return f
+    h = size // 2
+    out = f[..., : h + 1]
+    for axis in range(ndim - 1):
+        dim = -2 - axis
+        idx = torch.cat([torch.arange(0, h), torch.arange(n - h, n)]).to(f.device)
+        out = out.index_select(dim, idx)
+    return out
+
+
+def pad_rfft(f: torch.Tensor, box: int, ndim: int = 3) -> torch.Tensor:
+    """Inverse of :func:`crop_rfft`: zero-fill an rfft of a small grid back to a ``box`` grid."""
+    size = f.shape[-2]
+    if size >= box:
+        return f
+    h = size // 2
+    shape = (*f.shape[:-ndim], *([box] * (ndim - 1)), box // 2 + 1)
+    out = torch.zeros(shape, dtype=f.dtype, device=f.device)
+    idx = torch.cat([torch.arange(0, h), torch.arange(box - h, box)]).to(f.device)
+    if ndim == 3:
+        out[..., idx[:, None], idx[None, :], : h + 1] = f
+    else:
+        out[..., idx, : h + 1] = f
+    return out

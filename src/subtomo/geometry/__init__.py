@@ -1,0 +1,1 @@
+"""Rotations, Euler angles, symmetry groups and orientation sampling (see docs/conventions.md)."""

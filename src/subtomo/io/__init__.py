@@ -1,0 +1,1 @@
+"""File formats: MRC (mrcfile), STAR (starfile) with RELION labels, IMOD text files."""

@@ -1,0 +1,133 @@
+"""MRC images, stacks and volumes through mrcfile.
+
+Arrays are (z, y, x) float32. Pixel sizes are in Å and live in the header's voxel size.
+Writes are atomic (temporary name, then rename), so a killed job leaves no half file.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+
+from subtomo.errors import SubtomoError
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def write_mrc(path: str | Path, data: np.ndarray, pixel_size_A: float = 1.0, *, stack: bool = False) -> Path:
+    """Write ``data`` as float32 MRC with the pixel size in the header (atomic).
+
+    ``stack=True`` marks a 3D array as an image stack (``.mrcs``: ispg 0, nz = images).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.ascontiguousarray(np.asarray(data, dtype=np.float32))
+    tmp = _tmp_name(path)
+    try:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(arr)
+            if stack and arr.ndim == 3:
+                mrc.set_image_stack()
+            mrc.voxel_size = float(pixel_size_A)
+            mrc.update_header_stats()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_mrc(path: str | Path) -> tuple[np.ndarray, float]:
+    """Read a whole MRC file into memory: (float32 array, pixel size in Å)."""
+    path = Path(path)
+    if not path.exists():
+        raise SubtomoError(f"{path}: file not found. Check the path, or run the step that writes it.")
+    try:
+        with mrcfile.open(path, permissive=True) as mrc:
+            if mrc.data is None:
+                raise SubtomoError(f"{path}: not a readable MRC file (no data). Re-write it with IMOD or mrcfile.")
+            return np.asarray(mrc.data, dtype=np.float32).copy(), float(mrc.voxel_size.x)
+    except (ValueError, OSError) as exc:
+        raise SubtomoError(f"{path}: not a valid MRC file ({exc}). Re-write it with IMOD or mrcfile.") from exc
+
+
+def open_mrc_mmap(path: str | Path) -> mrcfile.mrcmemmap.MrcMemmap:
+    """Open an MRC file memory-mapped read-only (tomograms: never load them whole).
+
+    Use as a context manager; ``.data`` is a numpy memmap in (z, y, x).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SubtomoError(f"{path}: file not found.")
+    try:
+        return mrcfile.mmap(path, mode="r", permissive=True)
+    except (ValueError, OSError) as exc:
+        raise SubtomoError(f"{path}: not a valid MRC file ({exc}).") from exc
+
+
+def read_mrc_header(path: str | Path) -> tuple[tuple[int, int, int], float]:
+    """Shape (nz, ny, nx) and pixel size (Å) from the header only."""
+    path = Path(path)
+    try:
+        with mrcfile.open(path, header_only=True, permissive=True) as mrc:
+            h = mrc.header
+            return (int(h.nz), int(h.ny), int(h.nx)), float(mrc.voxel_size.x)
+    except (ValueError, OSError) as exc:
+        raise SubtomoError(f"{path}: not a valid MRC file ({exc}).") from exc
+
+
+def read_tilt_angles_from_header(path: str | Path) -> np.ndarray | None:
+    """Tilt angles (degrees) from an MRC stack's extended header, or None if absent.
+
+    Understands FEI1/FEI2 headers (via mrcfile's indexed extended header, field
+    ``Alpha tilt``) and SerialEM/IMOD ``SERI``/``AGAR`` headers, whose per-section
+    records are ``nint`` bytes long and start with the tilt angle as an int16 in
+    hundredths of a degree when bit 1 of ``nreal`` is set (IMOD's convention).
+    """
+    path = Path(path)
+    with mrcfile.open(path, header_only=True, permissive=True) as mrc:
+        h = mrc.header
+        exttyp = bytes(h.exttyp).decode("ascii", errors="replace").strip("\x00 ")
+        nz = int(h.nz)
+        nsymbt = int(h.nsymbt)
+        if nsymbt == 0:
+            return None
+        if exttyp in ("FEI1", "FEI2"):
+            try:
+                ext = mrc.indexed_extended_header
+            except AttributeError:
+                ext = None
+            if ext is None or "Alpha tilt" not in ext.dtype.names:
+                return None
+            return np.asarray(ext["Alpha tilt"][:nz], dtype=np.float64)
+        nint, nreal = int(h.nint), int(h.nreal)
+    if exttyp in ("SERI", "AGAR") or (nint == 0 and nreal > 0 and exttyp == ""):
+        if not (nreal & 1):
+            return None
+        record = nint if nint > 0 else _serialem_record_bytes(nreal)
+        if record <= 0:
+            return None
+        with open(path, "rb") as fh:
+            fh.seek(1024)
+            raw = fh.read(nsymbt)
+        angles = []
+        for i in range(nz):
+            off = i * record
+            if off + 2 > len(raw):
+                return None
+            (val,) = struct.unpack_from("<h", raw, off)
+            angles.append(val / 100.0)
+        return np.asarray(angles, dtype=np.float64)
+    return None
+
+
+def _serialem_record_bytes(nreal: int) -> int:
+    """Bytes per section of a SerialEM extended header from its ``nreal`` bit flags."""
+    sizes = {1: 2, 2: 6, 4: 4, 8: 2, 16: 2, 32: 4}  # tilt, piece coords, stage, mag, intensity, exposure
+    return sum(nbytes for bit, nbytes in sizes.items() if nreal & bit)

@@ -1,0 +1,78 @@
+"""Plain-text inputs of the protocol (Steps 3-6): ``.coords``, ``.tlt``, ``.order``.
+
+Each reader returns numbers and raises :class:`SubtomoError` naming the file, the line,
+the problem and the fix. Thousands separators (``2,034.0`` as printed in the protocol)
+are accepted in coordinates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from subtomo.errors import SubtomoError
+
+
+def _numeric_rows(path: Path, ncols: int, what: str, fix: str, *, thousands: bool = False) -> np.ndarray:
+    if not path.exists():
+        raise SubtomoError(f"{path}: file not found. {fix}")
+    rows: list[list[float]] = []
+    problems: list[str] = []
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        fields = text.split()
+        if thousands:
+            fields = [f.replace(",", "") for f in fields]
+        try:
+            values = [float(f) for f in fields]
+        except ValueError:
+            problems.append(f"{path}:{lineno}: cannot parse {line.strip()!r} as {what}. {fix}")
+            continue
+        if len(values) < ncols:
+            problems.append(f"{path}:{lineno}: expected {ncols} numbers ({what}), found {len(values)}. {fix}")
+            continue
+        rows.append(values[:ncols])
+    if problems:
+        raise SubtomoError(f"{path}: {len(problems)} unreadable line(s)", problems)
+    return np.asarray(rows, dtype=np.float64).reshape(-1, ncols)
+
+
+def read_coords(path: str | Path) -> np.ndarray:
+    """Particle centres (n, 3) as x, y, z in tomogram pixels (IMOD origin, lower left)."""
+    return _numeric_rows(
+        Path(path), 3, "x y z in pixels",
+        "Write three columns x y z per particle, e.g. from IMOD's model2point.", thousands=True,
+    )
+
+
+def read_tlt(path: str | Path) -> np.ndarray:
+    """Tilt angles (degrees), one per image of the aligned stack, in stack order."""
+    return _numeric_rows(Path(path), 1, "a tilt angle in degrees",
+                         "Write one tilt angle per line (IMOD .tlt).")[:, 0]
+
+
+def read_order(path: str | Path) -> np.ndarray:
+    """(n, 2) rows of tilt angle (degrees) and accumulated dose before the image (e-/Å²)."""
+    return _numeric_rows(Path(path), 2, "tilt angle and accumulated dose",
+                         "Write two columns: tilt angle (deg) and accumulated dose (e-/A^2).")
+
+
+def match_order_to_tilts(tilts_deg: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Accumulated dose for each refined tilt from ``.order`` rows of (nominal) tilt, dose.
+
+    As Step 6 says, nominal angles are assigned to the closest refined tilt: each tilt
+    takes the dose of the ``.order`` row whose angle is nearest. Returns (dose per tilt,
+    absolute angle difference per tilt) so callers can report large mismatches.
+    """
+    tilts = np.asarray(tilts_deg, dtype=np.float64)
+    diff = np.abs(tilts[:, None] - order[None, :, 0])
+    nearest = np.argmin(diff, axis=1)
+    return order[nearest, 1].copy(), diff[np.arange(len(tilts)), nearest]
+
+
+def write_text_rows(path: str | Path, rows: np.ndarray, fmt: str = "%.2f") -> None:
+    """Write a numeric table as whitespace-separated text (used for .coords/.tlt/.order)."""
+    np.savetxt(Path(path), np.atleast_2d(np.asarray(rows)).reshape(len(rows), -1), fmt=fmt)

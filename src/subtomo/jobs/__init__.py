@@ -1,0 +1,1 @@
+"""One module per job type; each defines ``SPEC`` (a :class:`~subtomo.jobs.base.JobSpec`)."""

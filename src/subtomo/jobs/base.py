@@ -1,0 +1,247 @@
+"""Job machinery: typed parameters, job directories, logs, sentinels, progress.
+
+Every command runs as a job in ``<JobType>/jobNNN/`` (or ``--output DIR``) holding the
+exact command line and parameters (``job.json``, ``note.txt``), the package version,
+device and seed, ``run.out``/``run.err``, and RELION's sentinel files
+``RELION_JOB_EXIT_SUCCESS`` / ``RELION_JOB_EXIT_FAILURE``. The job is recorded in the
+project's ``default_pipeline.star`` with its input and output nodes.
+
+A job type is a :class:`JobSpec`: a pydantic parameter model (unknown keys refused; the
+CLI options are generated from it), an optional ``check`` run *before* anything is
+written (validation that must leave no trace), and ``run(ctx)``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from subtomo import __version__
+from subtomo.errors import SubtomoError
+from subtomo.jobs.pipeline import STATUS_FAILED, STATUS_RUNNING, STATUS_SUCCEEDED, Pipeline, Process
+
+T = TypeVar("T")
+SUCCESS_SENTINEL = "RELION_JOB_EXIT_SUCCESS"
+FAILURE_SENTINEL = "RELION_JOB_EXIT_FAILURE"
+
+
+class JobParams(BaseModel):
+    """Base of every job's parameters. Units go in each field's description."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    output: str | None = Field(None, description="Output job directory (default: <JobType>/jobNNN/ in the project).")
+
+
+class ComputeParams(JobParams):
+    """Parameters of jobs that compute with torch."""
+
+    device: str = Field("auto", description="Compute device: auto, cpu, cuda or cuda:N. A GPU asked for and absent is an error.")
+    threads: int = Field(0, ge=0, description="CPU threads for torch (0: all cores).")
+    seed: int = Field(0, description="Random seed; the same inputs, parameters and seed give the same result.")
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn ``--device`` into a torch device; never falls back silently from a GPU."""
+    name = name.strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SubtomoError(f"--device {name}: no usable CUDA GPU on this machine. Use --device cpu, or check the driver and torch build.")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SubtomoError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) present.")
+        return dev
+    if name == "cpu":
+        return torch.device("cpu")
+    raise SubtomoError(f"--device {name!r}: not a device. Use auto, cpu, cuda or cuda:N.")
+
+
+class JobContext:
+    """What a running job sees: its directory, parameters, logging, progress and nodes."""
+
+    def __init__(self, spec: "JobSpec", params: JobParams, project: Path, job_dir: Path, name: str,
+                 state: Any = None, quiet: bool = False) -> None:
+        self.spec = spec
+        self.params = params
+        self.project = project
+        self.dir = job_dir
+        self.name = name
+        self.state = state  # whatever spec.check returned
+        self.quiet = quiet
+        self.inputs: list[str] = []
+        self.outputs: list[tuple[str, str]] = []
+        self._out = open(job_dir / "run.out", "a", buffering=1)
+        self.device = resolve_device(params.device) if isinstance(params, ComputeParams) else torch.device("cpu")
+        if isinstance(params, ComputeParams):
+            if params.threads:
+                torch.set_num_threads(params.threads)
+            torch.manual_seed(params.seed)
+            self.rng = np.random.default_rng(params.seed)
+        else:
+            self.rng = np.random.default_rng(0)
+
+    def log(self, message: str) -> None:
+        """A line in run.out and on the terminal."""
+        stamp = _dt.datetime.now().strftime("%H:%M:%S")
+        self._out.write(f"[{stamp}] {message}\n")
+        if not self.quiet:
+            print(message, flush=True)
+
+    def warn(self, message: str) -> None:
+        self.log(f"WARNING: {message}")
+        with open(self.dir / "run.err", "a") as fh:
+            fh.write(message + "\n")
+
+    def rel(self, path: str | Path) -> str:
+        """Path relative to the project directory (as stored in STAR files)."""
+        p = Path(path)
+        try:
+            return os.path.relpath(p.resolve(), self.project.resolve())
+        except ValueError:
+            return str(p)
+
+    def path(self, name: str) -> Path:
+        """Absolute path of a file inside the job directory."""
+        return self.dir / name
+
+    def add_input(self, path: str | Path) -> None:
+        self.inputs.append(self.rel(path))
+
+    def add_output(self, path: str | Path, node_type: str = "File") -> None:
+        self.outputs.append((self.rel(path), node_type))
+
+    def progress(self, items: Iterable[T], total: int | None = None, description: str = "") -> Iterator[T]:
+        """Iterate with progress: a rich bar on a terminal, plain lines (every ~10 %) in the log."""
+        total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
+        if sys.stdout.isatty() and not self.quiet:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeRemainingColumn(), transient=True) as bar:
+                task = bar.add_task(description, total=total)
+                for item in items:
+                    yield item
+                    bar.advance(task)
+            self._out.write(f"{description}: done ({total})\n")
+            return
+        step = max(1, (total or 10) // 10)
+        start = time.time()
+        for i, item in enumerate(items, start=1):
+            yield item
+            if total and (i % step == 0 or i == total):
+                self._out.write(f"{description}: {i}/{total} ({time.time() - start:.1f} s)\n")
+
+    def close(self) -> None:
+        self._out.close()
+
+
+@dataclass
+class JobSpec:
+    """A job type: its CLI name, directory name, parameters and behaviour."""
+
+    command: str  # CLI sub-command, e.g. "refine3d"
+    job_type: str  # RELION-like directory name, e.g. "Refine3D"
+    params: type[JobParams]
+    run: Callable[[JobContext], None]
+    summary: str
+    check: Callable[[JobParams, Path], Any] | None = None  # validation before anything is written
+
+
+def _job_dir_for(spec: JobSpec, params: JobParams, project: Path, pipeline: Pipeline) -> tuple[Path, str]:
+    cont = getattr(params, "continue_job", None)
+    if cont:
+        d = Path(cont) if Path(cont).is_absolute() else project / cont
+        if not (d / "job.json").exists():
+            raise SubtomoError(f"--continue-job {cont}: not a job directory (no job.json). Give the directory of the job to continue.")
+        return d, os.path.relpath(d, project).rstrip("/") + "/"
+    if params.output:
+        d = Path(params.output) if Path(params.output).is_absolute() else project / params.output
+        if d.exists() and any(d.iterdir()):
+            raise SubtomoError(f"--output {params.output}: directory exists and is not empty; nothing of it is overwritten. Choose a new directory.")
+        d.mkdir(parents=True, exist_ok=True)
+        return d, os.path.relpath(d, project).rstrip("/") + "/"
+    name = pipeline.next_job_name(spec.job_type)
+    while (project / name).exists():
+        pipeline.counter += 1
+        name = pipeline.next_job_name(spec.job_type)
+    d = project / name
+    d.mkdir(parents=True)
+    return d, name
+
+
+def execute(spec: JobSpec, params: JobParams, project: str | Path = ".", argv: list[str] | None = None,
+            quiet: bool = False) -> JobContext:
+    """Run one job in ``project``; returns its context. Raises SubtomoError on failure."""
+    project = Path(project).resolve()
+    state = spec.check(params, project) if spec.check else None
+    pipeline = Pipeline(project)
+    job_dir, name = _job_dir_for(spec, params, project, pipeline)
+    for sentinel in (SUCCESS_SENTINEL, FAILURE_SENTINEL):
+        (job_dir / sentinel).unlink(missing_ok=True)
+    record = {
+        "job_type": spec.job_type, "command": spec.command,
+        "command_line": " ".join(argv) if argv else f"subtomo {spec.command}",
+        "parameters": params.model_dump(), "subtomo_version": __version__,
+        "torch_version": torch.__version__, "started": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    ctx = JobContext(spec, params, project, job_dir, name, state, quiet=quiet)
+    record["device"] = str(ctx.device)
+    (job_dir / "job.json").write_text(json.dumps(record, indent=2, default=str))
+    with open(job_dir / "note.txt", "a") as fh:
+        fh.write(f"++++ executing at {record['started']}\n{record['command_line']}\n")
+    proc = Process(name, spec.job_type, STATUS_RUNNING)
+    pipeline.add(proc)
+    pipeline.save()
+    ctx.log(f"subtomo {__version__} {spec.command} -> {name} (device {ctx.device})")
+    try:
+        spec.run(ctx)
+    except BaseException as exc:
+        proc.status = STATUS_FAILED
+        proc.inputs, proc.outputs = ctx.inputs, ctx.outputs
+        with open(job_dir / "run.err", "a") as fh:
+            fh.write(str(exc) + "\n")
+            if not isinstance(exc, SubtomoError):
+                fh.write(traceback.format_exc())
+        (job_dir / FAILURE_SENTINEL).touch()
+        pipeline = Pipeline(project)
+        pipeline.add(proc)
+        pipeline.save()
+        ctx.close()
+        raise
+    proc.status = STATUS_SUCCEEDED
+    proc.inputs, proc.outputs = ctx.inputs, ctx.outputs
+    pipeline = Pipeline(project)
+    pipeline.add(proc)
+    pipeline.save()
+    (job_dir / SUCCESS_SENTINEL).touch()
+    ctx.log(f"{spec.command} finished: {name}")
+    ctx.close()
+    return ctx
+
+
+def default_input(project: Path, given: str | None, job_types: tuple[str, ...], filename: str,
+                  option: str, hint: str) -> Path:
+    """The user's input path, or the latest output ``filename`` of a finished job of ``job_types``."""
+    if given:
+        p = Path(given)
+        p = p if p.is_absolute() else project / p
+        if not p.exists():
+            raise SubtomoError(f"{option} {given}: file not found.")
+        return p
+    node = Pipeline(project).latest_output(job_types, filename)
+    if node is None or not (project / node).exists():
+        raise SubtomoError(f"no {option} given and no finished {'/'.join(job_types)} job wrote {filename} in {project}. {hint}")
+    return project / node

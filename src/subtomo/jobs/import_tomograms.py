@@ -1,0 +1,65 @@
+"""``subtomo import`` (protocol Steps 1-7): validate the layout, write all_tomograms.star."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from pydantic import Field
+
+from subtomo.io.layout import TomogramInputs, scan_layout
+from subtomo.io.star import write_star
+from subtomo.jobs.base import JobContext, JobParams, JobSpec
+
+
+class ImportParams(JobParams):
+    pixel_size: float | None = Field(None, gt=0, description="Pixel size of tomograms, coordinates and tilt series [Å] (default: from the MRC headers).")
+    voltage: float = Field(300.0, gt=0, description="Acceleration voltage [kV].")
+    cs: float = Field(2.7, ge=0, description="Spherical aberration [mm].")
+    amplitude_contrast: float = Field(0.07, ge=0, le=1, description="Amplitude contrast [fraction].")
+
+
+def _check(params: ImportParams, project: Path) -> list[TomogramInputs]:
+    return scan_layout(project, params.pixel_size)
+
+
+def tilt_table(t: TomogramInputs) -> pd.DataFrame:
+    """Per-image table of one tilt series: image name, refined tilt, accumulated dose."""
+    return pd.DataFrame({
+        "rlnMicrographName": [f"{i + 1}@{t.tilt_series}" for i in range(len(t.tilts_deg))],
+        "rlnTomoNominalStageTiltAngle": t.tilts_deg,
+        "rlnMicrographPreExposure": t.dose_e_per_A2,
+    })
+
+
+def _run(ctx: JobContext) -> None:
+    p: ImportParams = ctx.params
+    tomograms: list[TomogramInputs] = ctx.state
+    rows = []
+    for t in tomograms:
+        ts_star = ctx.path(f"tilt_series/{t.name}.star")
+        write_star(ts_star, {t.name: tilt_table(t)})
+        nz, ny, nx = t.shape_zyx
+        rows.append({
+            "rlnMicrographName": str(t.tomogram), "rlnTomoName": t.name,
+            "rlnTomoTiltSeriesName": str(t.tilt_series), "rlnTomoTiltSeriesStarFile": ctx.rel(ts_star),
+            "rlnTomoSizeX": nx, "rlnTomoSizeY": ny, "rlnTomoSizeZ": nz,
+            "rlnTomoTiltSeriesPixelSize": t.pixel_size_A, "rlnVoltage": p.voltage,
+            "rlnSphericalAberration": p.cs, "rlnAmplitudeContrast": p.amplitude_contrast,
+            "rlnTomoHasTrials": int(t.trial is not None), "rlnNumberOfParticles": len(t.coords_xyz),
+        })
+        ctx.log(f"{t.name}: {nx}x{ny}x{nz} px at {t.pixel_size_A:.3f} A, {len(t.tilts_deg)} tilts "
+                f"({t.tilts_deg.min():.1f} to {t.tilts_deg.max():.1f} deg), {len(t.coords_xyz)} particles"
+                + (", trials" if t.trial else ""))
+        for note in t.notes:
+            ctx.log(note)
+        ctx.add_input(ctx.project / t.tomogram)
+    out = write_star(ctx.path("all_tomograms.star"), pd.DataFrame(rows))
+    ctx.add_output(out, "TomogramGroupMetadata")
+    ctx.log(f"wrote {ctx.rel(out)}: {len(rows)} tomograms, {sum(r['rlnNumberOfParticles'] for r in rows)} particles")
+
+
+SPEC = JobSpec(
+    command="import", job_type="Import", params=ImportParams, run=_run, check=_check,
+    summary="Steps 1-7: check Tomograms/<name>/ (.mrc .coords .mrcs .tlt .order [.trial]) and write all_tomograms.star.",
+)

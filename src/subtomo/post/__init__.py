@@ -1,0 +1,1 @@
+"""Postprocessing: masks, corrected FSC, sharpening, local resolution."""

@@ -1,0 +1,1 @@
+"""Simulation of realistic cryo-ET projects with ground truth."""

@@ -1,0 +1,1 @@
+"""Tomogram geometry: per-particle 3D CTF models, position-dependent defocus, extraction."""
