@@ -106,7 +106,8 @@ def read_tilt_angles_from_header(path: str | Path) -> np.ndarray | None:
             if ext is None or "Alpha tilt" not in ext.dtype.names:
                 return None
             return np.asarray(ext["Alpha tilt"][:nz], dtype=np.float64)
-        nint, nreal = int(h.nint), int(h.nreal)
+        # IMOD/SerialEM: nint and nreal are int16 at bytes 128-131 (inside mrcfile's extra2)
+        nint, nreal = struct.unpack_from("<hh", bytes(h.extra2), 128 - 112)
     if exttyp in ("SERI", "AGAR") or (nint == 0 and nreal > 0 and exttyp == ""):
         if not (nreal & 1):
             return None

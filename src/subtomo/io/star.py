@@ -26,10 +26,26 @@ def read_star(path: str | Path) -> dict[str, pd.DataFrame | dict]:
     if not path.exists():
         raise SubtomoError(f"{path}: STAR file not found. Check the path, or run the job that writes it.")
     try:
-        blocks = starfile.read(path, always_dict=True)
+        if path.suffix == ".gz":
+            blocks = _read_gzipped(path)
+        else:
+            blocks = starfile.read(path, always_dict=True)
     except Exception as exc:  # starfile raises a variety of parser errors
         raise SubtomoError(f"{path}: cannot parse as a STAR file ({exc}). Check the file with a text editor.") from exc
     return dict(blocks)
+
+
+def _read_gzipped(path: Path) -> dict:
+    """starfile reads plain text only: decompress to a temporary file first."""
+    import gzip
+    import tempfile
+
+    with gzip.open(path, "rt") as src, tempfile.NamedTemporaryFile("w", suffix=".star", delete=False) as dst:
+        dst.write(src.read())
+    try:
+        return starfile.read(dst.name, always_dict=True)
+    finally:
+        os.unlink(dst.name)
 
 
 def read_star_table(path: str | Path, block: str | None = None) -> pd.DataFrame:

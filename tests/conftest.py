@@ -1,0 +1,23 @@
+"""Shared test fixtures: paths to the real files in ../shared/data and small helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+if not SHARED.exists():  # CI clones beside a copy of shared/
+    SHARED = Path(os.environ.get("SUBTOMO_SHARED", Path(__file__).resolve().parents[1] / ".." / "shared")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = SHARED / "data"
+    if not path.exists():
+        pytest.skip(f"shared data not found at {path}")
+    return path
