@@ -107,3 +107,17 @@ def test_random_rotations_are_uniform():
     assert np.abs(z.mean(0)).max() < 0.02
     assert (z[:, 2] ** 2).mean() == pytest.approx(1 / 3, abs=0.01)
     assert angular_distance_deg(r[:1], r[:1])[0] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_tilt_projection_geometry_and_beam_direction():
+    from subtomo.geometry.tilt import beam_direction, project_to_tilt, specimen_coordinates_A
+
+    r = specimen_coordinates_A([[60, 40, 30]], (100, 80, 40), 2.0)
+    assert np.allclose(r, [[20.0, 0.0, 20.0]])
+    x_img, y_img, h = project_to_tilt(r, [0.0, 90.0, 30.0])
+    assert np.allclose(x_img[0], [20.0, 20.0, 20 * np.cos(np.pi / 6) + 20 * 0.5])
+    assert np.allclose(h[0], [20.0, -20.0, -20 * 0.5 + 20 * np.cos(np.pi / 6)])
+    n = beam_direction([30.0])[0]
+    # the beam direction is orthogonal to the image x axis and h is the projection of r on it
+    assert np.isclose(n @ [np.cos(np.pi / 6), 0, np.sin(np.pi / 6)], 0.0)
+    assert np.isclose(r[0] @ n, h[0, 2])

@@ -62,6 +62,7 @@ def test_good_layout_writes_all_tomograms_star(tmp_path):
     # .order lists nominal angles 0.3 deg off; each refined tilt takes the closest line's dose
     assert tilts["rlnMicrographPreExposure"].tolist() == [8.0, 4.0, 0.0, 2.0, 6.0]
     assert (ctx.dir / "RELION_JOB_EXIT_SUCCESS").exists()
+    assert (ctx.dir / "coordinates" / "tomo1.png").stat().st_size > 1000
     pipeline = read_star(tmp_path / "default_pipeline.star")
     assert "Import/job001/all_tomograms.star" in pipeline["pipeline_nodes"]["rlnPipeLineNodeName"].tolist()
 

@@ -86,8 +86,7 @@ def _make_command(spec: JobSpec) -> click.Command:
             click.secho("interrupted; the job is marked as failed and can be continued where supported", err=True)
             sys.exit(130)
 
-    return click.Command(spec.command, callback=callback, params=_options_for(spec), help=spec.summary,
-                         short_help=spec.summary.split("\n")[0][:90])
+    return click.Command(spec.command, callback=callback, params=_options_for(spec), help=spec.summary)
 
 
 class _OrderedGroup(click.Group):

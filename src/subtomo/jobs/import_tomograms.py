@@ -10,6 +10,7 @@ from pydantic import Field
 from subtomo.io.layout import TomogramInputs, scan_layout
 from subtomo.io.star import write_star
 from subtomo.jobs.base import JobContext, JobParams, JobSpec
+from subtomo.plot.coordinates import plot_coordinates_on_tilts
 
 
 class ImportParams(JobParams):
@@ -17,6 +18,7 @@ class ImportParams(JobParams):
     voltage: float = Field(300.0, gt=0, description="Acceleration voltage [kV].")
     cs: float = Field(2.7, ge=0, description="Spherical aberration [mm].")
     amplitude_contrast: float = Field(0.07, ge=0, le=1, description="Amplitude contrast [fraction].")
+    check_coordinates: bool = Field(True, description="Draw each tomogram's particles on its lowest- and highest-tilt image (PNG) to check axes and binning.")
 
 
 def _check(params: ImportParams, project: Path) -> list[TomogramInputs]:
@@ -54,6 +56,10 @@ def _run(ctx: JobContext) -> None:
         for note in t.notes:
             ctx.log(note)
         ctx.add_input(ctx.project / t.tomogram)
+        if p.check_coordinates:
+            png = plot_coordinates_on_tilts(ctx.project / t.tilt_series, t.tilts_deg, t.coords_xyz, (nx, ny, nz),
+                                            t.pixel_size_A, ctx.path(f"coordinates/{t.name}.png"))
+            ctx.log(f"{t.name}: particle positions drawn on tilt images: {ctx.rel(png)}")
     out = write_star(ctx.path("all_tomograms.star"), pd.DataFrame(rows))
     ctx.add_output(out, "TomogramGroupMetadata")
     ctx.log(f"wrote {ctx.rel(out)}: {len(rows)} tomograms, {sum(r['rlnNumberOfParticles'] for r in rows)} particles")
