@@ -1,0 +1,236 @@
+"""``subtomo extract`` (protocol Steps 13-14): subtomograms and their z-projections.
+
+Input: a particle STAR (default: the latest Prepare job's ``particles_subtomo.star``).
+Each particle is cut from its tomogram (memory-mapped; only the box's slab is read) so
+that voxel floor(coordinate) is the box centre N//2, the fractional part going to
+``rlnOriginX/Y/ZAngst``; contrast is inverted by default (cryo-ET tomograms show protein
+dark; the output has the particle white); voxels outside the tomogram are filled with
+noise of the background statistics (``subtomoBoxCrossesEdge`` = 1); the box is optionally
+Fourier-rescaled, then normalised (background outside the sphere: mean 0, stdev 1).
+Output: ``Particles/Tomograms/<t>/<t>NNNNNN.mrc`` and ``particles_subtomo.star``; with
+``--project`` also a z-projection stack ``<t>_proj2d.mrcs`` per tomogram and
+``subtomo_proj2d.star`` (Step 14).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+
+from subtomo.errors import SubtomoError
+from subtomo.io.mrc import read_mrc_header, write_mrc
+from subtomo.io.star import read_particles, write_particles
+from subtomo.jobs.base import ComputeParams, JobContext, JobSpec, default_input
+from subtomo.tomo.extract import (ExtractionSettings, TomogramBoxReader, default_bg_radius_A, extract_one,
+                                  max_bg_radius_A)
+
+EDGE_COLUMN = "subtomoBoxCrossesEdge"
+
+
+class ExtractParams(ComputeParams):
+    i: str | None = Field(None, description="Input particle STAR (default: particles_subtomo.star of the latest Prepare job).")
+    box: int = Field(..., gt=0, description="Particle box size in the tomogram, even (150-200% of the longest particle dimension) [px].")
+    bg_diameter: float | None = Field(None, gt=0, description="Diameter of the sphere outside which the background mean and "
+                                                              "stdev are computed, slightly larger than the particle "
+                                                              "(default: 75% of the box) [Å].")
+    invert_contrast: bool = Field(True, description="Invert the contrast (default on: particles are black in cryo-ET "
+                                                    "tomograms; the subtomograms get white particles). Use "
+                                                    "--no-invert-contrast if the particles are already white.")
+    normalise: bool = Field(True, description="Normalise each box: background mean 0, stdev 1.")
+    rescale: int | None = Field(None, gt=0, description="Rescale the boxes to this size by Fourier cropping/padding (even); "
+                                                        "the pixel size changes by box/rescale [px].")
+    project: bool = Field(False, description="Step 14: also write 2D projections of the boxes along z (one .mrcs per "
+                                             "tomogram) and subtomo_proj2d.star.")
+
+
+def _pixel_size(row: pd.Series, tomo: Path) -> float:
+    """The tomogram's pixel size: rlnTomoTiltSeriesPixelSize (from prepare), else the header."""
+    px = row.get("rlnTomoTiltSeriesPixelSize")
+    if px is not None and np.isfinite(float(px)) and float(px) > 0:
+        return float(px)
+    return read_mrc_header(tomo)[1]
+
+
+def _check(params: ExtractParams, project: Path):
+    problems = []
+    if params.box % 2:
+        problems.append(f"--box {params.box}: must be even (the box centre is index N/2).")
+    if params.rescale is not None and params.rescale % 2:
+        problems.append(f"--rescale {params.rescale}: must be even.")
+    if problems:
+        raise SubtomoError("invalid extraction options", problems)
+    star = default_input(project, params.i, ("Prepare",), "particles_subtomo.star", "--i",
+                         "Run subtomo prepare first, or pass --i.")
+    particles, optics = read_particles(star)
+    need = {"rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"}
+    if missing := need - set(particles.columns):
+        raise SubtomoError(f"{star}: missing column(s) {', '.join(sorted(missing))}. Give the particles_subtomo.star of subtomo prepare.")
+    if particles.empty:
+        raise SubtomoError(f"{star}: contains no particles.")
+    pixel = {}
+    for name, rows in particles.groupby("rlnMicrographName", sort=False):
+        tomo = project / str(name)
+        if not tomo.exists():
+            problems.append(f"{tomo}: tomogram not found (rlnMicrographName of {len(rows)} particle(s) in {star}).")
+            continue
+        pixel[name] = _pixel_size(rows.iloc[0], tomo)
+    if problems:
+        raise SubtomoError(f"{star}: cannot extract", problems)
+    out_box = params.rescale or params.box
+    for name, px in pixel.items():
+        out_px = px * params.box / out_box
+        if params.bg_diameter is not None and params.bg_diameter / 2 >= max_bg_radius_A(out_box, out_px):
+            raise SubtomoError(f"--bg-diameter {params.bg_diameter:g} A: must be smaller than the box ({out_box} px x "
+                               f"{out_px:.3f} A = {out_box * out_px:.1f} A) so that background voxels remain. Use a larger "
+                               f"--box or a smaller diameter.")
+    return star, particles, optics, pixel
+
+
+class _TomogramPass:
+    """State of the tomogram being extracted: its reader, settings and z-projections."""
+
+    def __init__(self, ctx: JobContext, name: str, rows: pd.DataFrame, px: float, star: Path) -> None:
+        p: ExtractParams = ctx.params
+        out_box = p.rescale or p.box
+        self.out_px = px * p.box / out_box
+        bg_radius = p.bg_diameter / 2 if p.bg_diameter else default_bg_radius_A(out_box, self.out_px)
+        self.settings = ExtractionSettings(box=p.box, bg_radius_A=bg_radius, pixel_size_A=px, invert=p.invert_contrast,
+                                           normalise=p.normalise, new_box=p.rescale, project=p.project, device=ctx.device)
+        self.tname = str(rows["rlnTomoName"].iloc[0]) if "rlnTomoName" in rows else Path(str(name)).stem
+        self.reader = TomogramBoxReader(ctx.project / str(name))
+        if abs(self.reader.pixel_size_A - px) > 1e-3 * px and self.reader.pixel_size_A not in (0.0, 1.0):
+            ctx.warn(f"{name}: header pixel size {self.reader.pixel_size_A:.4f} A differs from {px:.4f} A in "
+                     f"{ctx.rel(star)}; using {px:.4f} A.")
+        self.masks: dict = {}
+        self.proj_idx: list[int] = []
+        self.projections: list[np.ndarray] = []
+        self.n = self.n_edge = self.n_empty = 0
+
+
+def _run(ctx: JobContext) -> None:
+    p: ExtractParams = ctx.params
+    star, particles, optics, pixel = ctx.state
+    ctx.add_input(star)
+    particles = particles.reset_index(drop=True).copy()
+    out_box = p.rescale or p.box
+    ctx.log(f"input {ctx.rel(star)}: {len(particles)} particles in {len(pixel)} tomogram(s); box {p.box} px"
+            + (f" rescaled to {out_box} px" if p.rescale else "")
+            + f"; contrast {'inverted' if p.invert_contrast else 'kept'}; "
+            + ("normalised" if p.normalise else "not normalised") + (", z-projections" if p.project else ""))
+    n = len(particles)
+    image_names = [""] * n
+    proj_names = [""] * n
+    origins = np.zeros((n, 3))
+    edge = np.zeros(n, dtype=int)
+    keep = np.ones(n, dtype=bool)
+    out_px = np.zeros(n)
+    tomo_of = particles["rlnMicrographName"].astype(str).to_numpy()
+    order = np.argsort(pd.Categorical(tomo_of, categories=list(dict.fromkeys(tomo_of))).codes, kind="stable")
+    ids = (particles["rlnTomoParticleId"].astype(int).to_numpy() if "rlnTomoParticleId" in particles
+           else np.zeros(n, dtype=int))
+    if "rlnTomoParticleId" not in particles:
+        for name in dict.fromkeys(tomo_of):
+            sel = np.nonzero(tomo_of == name)[0]
+            ids[sel] = np.arange(1, len(sel) + 1)
+    coords = particles[["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]].to_numpy(float)
+    cur: _TomogramPass | None = None
+
+    def finish(t: _TomogramPass) -> None:
+        t.reader.close()
+        if t.projections:
+            stack = write_mrc(ctx.path(f"Particles/Tomograms/{t.tname}/{t.tname}_proj2d.mrcs"), np.stack(t.projections),
+                              t.out_px, stack=True)
+            for k, i in enumerate(t.proj_idx, start=1):
+                proj_names[i] = f"{k:06d}@{ctx.rel(stack)}"
+        ctx.log(f"{t.tname}: {t.n} subtomograms, {t.n_edge} crossing the tomogram edge (filled with background noise)"
+                + (f"; {t.n_empty} skipped: box entirely outside the tomogram" if t.n_empty else ""))
+        if t.n_empty:
+            ctx.warn(f"{t.tname}: {t.n_empty} particle(s) lie entirely outside the tomogram and were not extracted; "
+                     f"check the .coords file.")
+
+    try:
+        for i in ctx.progress(order, total=n, description="extracting subtomograms"):
+            name = tomo_of[i]
+            if cur is None or cur.reader.path != ctx.project / name:
+                if cur is not None:
+                    finish(cur)
+                    cur = None
+                cur = _TomogramPass(ctx, name, particles[tomo_of == name], pixel[name], star)
+            sub = extract_one(cur.reader, coords[i], cur.settings, ctx.rng, cur.masks)
+            out_px[i] = cur.out_px
+            if sub.empty:
+                keep[i] = False
+                cur.n_empty += 1
+                continue
+            path = ctx.path(f"Particles/Tomograms/{cur.tname}/{cur.tname}{ids[i]:06d}.mrc")
+            write_mrc(path, sub.volume, cur.out_px)
+            image_names[i] = ctx.rel(path)
+            origins[i] = sub.origin_A
+            edge[i] = int(sub.crosses_edge)
+            cur.n += 1
+            cur.n_edge += int(sub.crosses_edge)
+            if sub.projection is not None:
+                cur.projections.append(sub.projection)
+                cur.proj_idx.append(i)
+        if cur is not None:
+            finish(cur)
+            cur = None
+    finally:
+        if cur is not None:
+            cur.reader.close()
+    if not keep.any():
+        raise SubtomoError(f"{ctx.rel(star)}: no particle box overlaps its tomogram. Check the coordinates (pixels, IMOD origin).")
+    particles["rlnImageName"] = image_names
+    particles["rlnOriginXAngst"], particles["rlnOriginYAngst"], particles["rlnOriginZAngst"] = origins.T
+    particles[EDGE_COLUMN] = edge
+    kept = particles[keep].reset_index(drop=True)
+    kept_px = pd.Series(out_px[keep])
+    new_optics = _output_optics(kept, optics, kept_px, out_box, dim=3)
+    out = write_particles(ctx.path("particles_subtomo.star"), kept, new_optics)
+    ctx.add_output(out, "ParticlesData")
+    ctx.log(f"wrote {ctx.rel(out)}: {len(kept)} subtomograms of {out_box} px at {kept_px.iloc[0]:.4f} A/px")
+    if p.project:
+        cols = ["rlnMicrographName", "rlnTomoName", "rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ",
+                "rlnTomoParticleId", "rlnOriginXAngst", "rlnOriginYAngst", EDGE_COLUMN, "rlnOpticsGroup"]
+        proj = kept[[c for c in cols if c in kept.columns]].copy()
+        proj.insert(0, "rlnImageOriginalName", kept["rlnImageName"].to_numpy())
+        proj.insert(0, "rlnImageName", np.asarray(proj_names, dtype=object)[keep])
+        opt2 = _output_optics(proj, optics, kept_px, out_box, dim=2)
+        out2 = write_particles(ctx.path("subtomo_proj2d.star"), proj, opt2)
+        ctx.add_output(out2, "ParticlesData")
+        ctx.log(f"wrote {ctx.rel(out2)}: {len(proj)} z-projections")
+
+
+def _output_optics(particles: pd.DataFrame, optics: pd.DataFrame | None, out_px: pd.Series, out_box: int,
+                   dim: int) -> pd.DataFrame:
+    """Optics table of the output: the input's groups with the new image size, pixel size and dimensionality."""
+    if "rlnOpticsGroup" not in particles.columns:
+        particles["rlnOpticsGroup"] = 1
+    groups = particles["rlnOpticsGroup"].astype(int)
+    rows = []
+    for g in sorted(groups.unique()):
+        base = {}
+        if optics is not None and "rlnOpticsGroup" in optics.columns:
+            match = optics[optics["rlnOpticsGroup"].astype(int) == g]
+            if len(match):
+                base = match.iloc[0].to_dict()
+        else:
+            first = particles[groups == g].iloc[0]
+            base = {c: first[c] for c in ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast") if c in particles}
+        pxs = out_px[groups.to_numpy() == g].unique()
+        if len(pxs) > 1:
+            raise SubtomoError(f"optics group {g} holds tomograms of different pixel sizes ({', '.join(f'{v:.4f}' for v in pxs)}); "
+                               f"re-run subtomo prepare so that each pixel size has its own optics group.")
+        base.update({"rlnOpticsGroup": int(g), "rlnOpticsGroupName": base.get("rlnOpticsGroupName", f"opticsGroup{g}"),
+                     "rlnImagePixelSize": float(pxs[0]), "rlnImageSize": int(out_box), "rlnImageDimensionality": dim})
+        rows.append(base)
+    return pd.DataFrame(rows)
+
+
+SPEC = JobSpec(
+    command="extract", job_type="Extract", params=ExtractParams, run=_run, check=_check,
+    summary="Steps 13-14: cut normalised subtomograms (and z-projections) from the tomograms; particles_subtomo.star.",
+)

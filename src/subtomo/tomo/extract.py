@@ -1,0 +1,236 @@
+"""Cutting subtomograms out of memory-mapped tomograms (protocol Steps 13-14).
+
+Box placement (docs/conventions.md): a particle at coordinate ``c`` (pixels; voxel
+``[z, y, x]`` is coordinate ``(x, y, z)``) is cut so that voxel ``floor(c)`` lands at box
+index ``N//2``; the box spans ``floor(c) − N//2 … floor(c) + N//2 − 1``. The particle centre
+therefore sits at box index ``N//2 + frac`` with ``frac = c − floor(c)``; in RELION's
+meaning (centre = box centre − origin) the origin is ``−frac`` pixels, written as
+``rlnOriginX/Y/ZAngst = −frac · pixel size``.
+
+Only the box's slab of the tomogram is read, through a read-only memory map whose pages
+are released after every box (``madvise(MADV_DONTNEED)``), so resident memory stays at a
+few boxes whatever the tomogram size. Voxels of a box outside the tomogram are filled with
+Gaussian noise of the box's background statistics and the box is flagged.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from subtomo.fourier import fourier_resize
+from subtomo.io.mrc import open_mrc_mmap
+
+
+def box_start(coord_px: np.ndarray, box: int) -> tuple[np.ndarray, np.ndarray]:
+    """First voxel index (x, y, z) of the box and the fractional remainder ``c − floor(c)``."""
+    c = np.asarray(coord_px, dtype=np.float64)
+    fl = np.floor(c)
+    return fl.astype(np.int64) - box // 2, c - fl
+
+
+def origin_angst(frac_xyz: np.ndarray, pixel_size_A: float) -> np.ndarray:
+    """``rlnOriginX/Y/ZAngst`` for a box cut at floor(c): ``−frac · pixel`` (RELION: centre = box centre − origin)."""
+    return -np.asarray(frac_xyz, dtype=np.float64) * float(pixel_size_A)
+
+
+def outside_sphere_mask(box: int, radius_px: float, ndim: int = 3) -> np.ndarray:
+    """True for voxels farther than ``radius_px`` from the box centre N//2 (the background)."""
+    ax = np.arange(box, dtype=np.float64) - box // 2
+    grids = np.meshgrid(*([ax] * ndim), indexing="ij")
+    return sum(g * g for g in grids) > radius_px * radius_px
+
+
+def read_box(data: np.ndarray, start_xyz: np.ndarray, box: int, release=None,
+             planes_per_read: int | None = None) -> tuple[np.ndarray, tuple[slice, slice, slice] | None]:
+    """Copy the box starting at voxel ``start_xyz`` out of a (z, y, x) array (memmap).
+
+    Returns (box array float32 (N, N, N) with zeros outside the tomogram, the slices of
+    the box that hold tomogram data — ``None`` when the whole box is inside). With
+    ``release`` (a callable) the box is read ``planes_per_read`` z-planes at a time and
+    ``release()`` is called after each, bounding the memory mapped at any moment.
+    """
+    shape_zyx = data.shape
+    start_zyx = [int(start_xyz[2]), int(start_xyz[1]), int(start_xyz[0])]
+    src, dst = [], []
+    inside = True
+    for s, n in zip(start_zyx, shape_zyx):
+        lo, hi = max(s, 0), min(s + box, n)
+        if lo >= hi:
+            return np.zeros((box,) * 3, dtype=np.float32), (slice(0, 0),) * 3
+        inside &= lo == s and hi == s + box
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    out = np.zeros((box,) * 3, dtype=np.float32) if not inside else np.empty((box,) * 3, dtype=np.float32)
+    step = planes_per_read or (src[0].stop - src[0].start)
+    for z in range(src[0].start, src[0].stop, step):
+        z1 = min(z + step, src[0].stop)
+        oz = z - src[0].start + dst[0].start
+        out[oz:oz + z1 - z, dst[1], dst[2]] = data[z:z1, src[1], src[2]]
+        if release is not None:
+            release()
+    return out, (None if inside else (dst[0], dst[1], dst[2]))
+
+
+def fill_outside(vol: np.ndarray, valid: tuple[slice, slice, slice], background: np.ndarray,
+                 rng: np.random.Generator) -> tuple[float, float]:
+    """Fill voxels outside ``valid`` with noise of the background statistics (in place).
+
+    The statistics are those of the valid voxels in ``background`` (or of all valid voxels
+    when fewer than 100 background voxels are inside the tomogram). Returns (mean, std).
+    """
+    inside = np.zeros(vol.shape, dtype=bool)
+    inside[valid] = True
+    sel = inside & background
+    if sel.sum() < 100:
+        sel = inside
+    if sel.any():
+        mean, std = float(vol[sel].mean()), float(vol[sel].std())
+    else:
+        mean, std = 0.0, 1.0
+    missing = ~inside
+    vol[missing] = rng.normal(mean, std if std > 0 else 1.0, size=int(missing.sum())).astype(np.float32)
+    return mean, std
+
+
+def normalise(vol: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """(vol − mean) / std with mean and std of the background voxels (RELION's normalisation)."""
+    bg = vol[background].astype(np.float64)
+    mean, std = bg.mean(), bg.std()
+    if not np.isfinite(std) or std <= 0:
+        std = 1.0
+    return ((vol - mean) / std).astype(np.float32)
+
+
+def rescale(vol: np.ndarray, new_box: int, device=None) -> np.ndarray:
+    """Fourier crop/pad to ``new_box`` (pixel size × old/new), on ``device``."""
+    if new_box == vol.shape[-1]:
+        return vol
+    t = torch.from_numpy(np.ascontiguousarray(vol)).to(device or "cpu")
+    return fourier_resize(t, new_box).cpu().numpy().astype(np.float32)
+
+
+@dataclass
+class ExtractionSettings:
+    """What is done to each box, in this order: cut, invert, fill edges, rescale, normalise."""
+
+    box: int
+    bg_radius_A: float
+    pixel_size_A: float  # of the tomogram
+    invert: bool = True
+    normalise: bool = True
+    new_box: int | None = None
+    project: bool = False
+    device: str | torch.device = "cpu"
+
+    @property
+    def out_box(self) -> int:
+        return self.new_box or self.box
+
+    @property
+    def out_pixel_size_A(self) -> float:
+        return self.pixel_size_A * self.box / self.out_box
+
+
+@dataclass
+class Subtomogram:
+    volume: np.ndarray  # (N', N', N') float32
+    projection: np.ndarray | None  # (N', N') float32
+    crosses_edge: bool
+    origin_A: np.ndarray  # (x, y, z)
+    empty: bool = False  # the box lies completely outside the tomogram
+
+
+# A page fault on a file mapping maps up to 64 KiB of cached pages around it (Linux
+# "fault-around"), so each row of a box can bring that much into the resident set. Boxes
+# are read a few z-planes at a time so that at most ~MAPPED_BUDGET_BYTES are mapped.
+MAPPED_BYTES_PER_ROW = 64 * 1024
+MAPPED_BUDGET_BYTES = 32 * 1024 * 1024
+
+
+class TomogramBoxReader:
+    """Reads boxes from one tomogram through a read-only memory map, releasing mapped pages as it goes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._mrc = open_mrc_mmap(self.path)
+        self.data = self._mrc.data
+        self.shape_zyx = tuple(int(n) for n in self.data.shape)
+        self.pixel_size_A = float(self._mrc.voxel_size.x)
+        self._mm = getattr(self.data, "_mmap", None)
+        if self.data.ndim != 3:
+            from subtomo.errors import SubtomoError
+
+            self.close()
+            raise SubtomoError(f"{self.path}: not a 3D tomogram (shape {self.data.shape}).")
+
+    def release(self) -> None:
+        """Drop this process's mapping of the pages read so far (they stay in the page cache)."""
+        if self._mm is not None and hasattr(self._mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                self._mm = None
+
+    def read(self, coord_px: np.ndarray, box: int) -> tuple[np.ndarray, tuple | None, np.ndarray]:
+        """The box around ``coord_px`` (see :func:`read_box`) and the fractional part of the coordinate."""
+        start, frac = box_start(coord_px, box)
+        row_cost = box * MAPPED_BYTES_PER_ROW
+        planes = max(1, MAPPED_BUDGET_BYTES // row_cost)
+        vol, valid = read_box(self.data, start, box, self.release, planes)
+        return vol, valid, frac
+
+    def close(self) -> None:
+        self.data = None
+        self._mm = None
+        self._mrc.close()
+
+    def __enter__(self) -> "TomogramBoxReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def extract_one(reader: TomogramBoxReader, coord_px: np.ndarray, settings: ExtractionSettings,
+                rng: np.random.Generator, masks: dict | None = None) -> Subtomogram:
+    """Cut, invert, edge-fill, rescale and normalise one subtomogram (and its z-projection)."""
+    n, n_out = settings.box, settings.out_box
+    masks = masks if masks is not None else {}
+    if "bg_in" not in masks:  # cached across the particles of one tomogram
+        masks["bg_in"] = outside_sphere_mask(n, settings.bg_radius_A / settings.pixel_size_A)
+        masks["bg_out"] = outside_sphere_mask(n_out, settings.bg_radius_A / settings.out_pixel_size_A)
+    bg_in, bg_out = masks["bg_in"], masks["bg_out"]
+    vol, valid, frac = reader.read(coord_px, n)
+    empty = valid is not None and any(s.stop <= s.start for s in valid)
+    if settings.invert:
+        np.negative(vol, out=vol)
+    crosses = valid is not None
+    if crosses and not empty:
+        fill_outside(vol, valid, bg_in, rng)
+    elif empty:
+        vol = rng.normal(0.0, 1.0, size=vol.shape).astype(np.float32)
+    vol = rescale(vol, n_out, settings.device)
+    proj = None
+    if settings.project:
+        proj = vol.sum(axis=0, dtype=np.float64).astype(np.float32)
+        if settings.normalise:
+            proj = normalise(proj, bg_out[n_out // 2])
+    if settings.normalise:
+        vol = normalise(vol, bg_out)
+    return Subtomogram(vol, proj, crosses, origin_angst(frac, settings.pixel_size_A), empty)
+
+
+def default_bg_radius_A(box: int, pixel_size_A: float) -> float:
+    """RELION's default background radius: 75 % of half the box."""
+    return 0.75 * box / 2 * pixel_size_A
+
+
+def max_bg_radius_A(box: int, pixel_size_A: float) -> float:
+    """Largest useful background radius: half the box (voxels beyond it exist only in the corners)."""
+    return box / 2 * pixel_size_A * (1 - 1e-9) if box else math.inf
