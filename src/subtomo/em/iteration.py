@@ -1,0 +1,244 @@
+"""Shared machinery of the 3D clients (refine, classify): particle sources, one E-step pass.
+
+``ParticleSource`` hands out real-space subtomograms and their 3D CTFs (full-box rfft,
+engine layout) by particle index; ``estep_pass`` runs the E-step and accumulates the
+M-step sums for a set of particles against K references, in batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from subtomo.em import sampling
+from subtomo.em.components import FourierComponents
+from subtomo.em.expectation import BatchData, EStepOptions, Orientations, expectation_batch, precompute_refs
+from subtomo.em.maximisation import SufficientStats, accumulate
+from subtomo.em.projector3d import Projector3D, insert3d
+from subtomo.fourier import fft_centered
+
+
+class ParticleSource(Protocol):
+    n: int
+    box: int
+    pixel_size_A: float
+
+    def volumes(self, idx: np.ndarray, device) -> torch.Tensor:
+        """(B, N, N, N) float32 real-space subtomograms."""
+        ...
+
+    def ctf(self, idx: np.ndarray, device) -> torch.Tensor | None:
+        """(B, N, N, N//2+1) 3D CTFs at the full box in the engine's rfft layout, or None (CTF = 1)."""
+        ...
+
+
+class InMemorySource:
+    """Particles and CTFs held as tensors (tests, benchmarks, cached job data)."""
+
+    def __init__(self, volumes: torch.Tensor, pixel_size_A: float, ctfs: torch.Tensor | None = None) -> None:
+        self.vols = volumes
+        self.ctfs = ctfs
+        self.n = int(volumes.shape[0])
+        self.box = int(volumes.shape[-1])
+        self.pixel_size_A = float(pixel_size_A)
+
+    def volumes(self, idx, device) -> torch.Tensor:
+        return self.vols[torch.as_tensor(np.asarray(idx), dtype=torch.long)].to(device).float()
+
+    def ctf(self, idx, device):
+        if self.ctfs is None:
+            return None
+        return self.ctfs[torch.as_tensor(np.asarray(idx), dtype=torch.long)].to(device).float()
+
+
+@dataclass
+class PoseTable:
+    """Per-particle state carried between iterations (numpy, float64)."""
+
+    rot: np.ndarray  # (n, 3, 3)
+    offset_px: np.ndarray  # (n, 3)
+    prior_offset_px: np.ndarray  # (n, 3)
+    cls: np.ndarray  # (n,) 0-based
+    max_prob: np.ndarray
+    log_lik: np.ndarray
+    n_sig: np.ndarray
+
+    @staticmethod
+    def new(n: int, rot: np.ndarray, offset_px: np.ndarray) -> "PoseTable":
+        return PoseTable(rot.copy(), offset_px.copy(), offset_px.copy(), np.zeros(n, dtype=np.int64),
+                         np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int64))
+
+    def copy(self) -> "PoseTable":
+        return PoseTable(*(getattr(self, f).copy() for f in ("rot", "offset_px", "prior_offset_px", "cls",
+                                                              "max_prob", "log_lik", "n_sig")))
+
+
+@dataclass
+class PassConfig:
+    """What one E-step pass does."""
+
+    size: int  # current image size (even)
+    coarse_size: int
+    mask: torch.Tensor  # (N, N, N) soft particle mask used in the E-step (zero outside)
+    rotations: sampling.RotationSet | None  # global grid (shared), or the local deltas
+    local: bool
+    translations: sampling.TranslationSet
+    estep: EStepOptions
+    batch_size: int = 16
+    noise_stats: bool = True
+    skip_align: bool = False  # poses fixed (only class and nothing else searched)
+    class_prior: torch.Tensor | None = None  # (K,) probabilities
+
+
+def batch_transforms(src: ParticleSource, idx: np.ndarray, comps: FourierComponents, mask: torch.Tensor,
+                     device, use_ctf: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(masked X, unmasked X, CTF) at the components of ``comps`` for particles ``idx``."""
+    vols = src.volumes(idx, device)
+    xu = comps.extract(fft_centered(vols, 3))
+    xm = comps.extract(fft_centered(vols * mask, 3))
+    c = src.ctf(idx, device) if use_ctf else None
+    ctf = comps.extract(c) if c is not None else torch.ones(xu.shape, device=device)
+    return xm, xu, ctf
+
+
+def estep_pass(src: ParticleSource, idx: np.ndarray, poses: PoseTable, maps: torch.Tensor, sigma2: torch.Tensor,
+               comps: FourierComponents, cfg: PassConfig, device, pad: int = 2, use_ctf: bool = True,
+               progress: Callable | None = None) -> tuple[SufficientStats, dict]:
+    """E-step + sufficient statistics of particles ``idx`` against references ``maps`` (K, N, N, N).
+
+    Updates ``poses`` in place for those particles (best pose, pmax, ...). Returns the sums
+    and a summary (mean angular/offset change, mean pmax, log-likelihood).
+    """
+    k_cls = maps.shape[0]
+    n = maps.shape[-1]
+    projectors = [Projector3D(maps[k].to(device), pad=pad) for k in range(k_cls)]
+    stats = SufficientStats.zeros(k_cls, n, 3, device=device)
+    inv_s2 = 1.0 / sigma2.to(device).float().clamp(min=1e-30)[comps.shell.clamp(max=len(sigma2) - 1)]
+    coarse_mask = comps.shell < cfg.coarse_size / 2
+    prior = cfg.class_prior if cfg.class_prior is not None else torch.full((k_cls,), 1.0 / k_cls)
+    log_cls = torch.log(prior.to(device).float().clamp(min=1e-30))
+    coarse_refs = None
+    if cfg.skip_align:
+        rot_set = None
+    elif not cfg.local:
+        rot_set = cfg.rotations
+        coarse_refs = precompute_refs(projectors, rot_set.matrices.to(device), comps.k[coarse_mask])
+    tr = cfg.translations
+    changes_ang, changes_off, pmax = [], [], []
+    batches = [idx[s:s + cfg.batch_size] for s in range(0, len(idx), cfg.batch_size)]
+    it = progress(batches) if progress else batches
+    for bidx in it:
+        xm, xu, ctf = batch_transforms(src, bidx, comps, cfg.mask, device, use_ctf)
+        prev_rot = torch.as_tensor(poses.rot[bidx], dtype=torch.float32, device=device)
+        prev_off = torch.as_tensor(poses.offset_px[bidx], dtype=torch.float32, device=device)
+        prior_off = torch.as_tensor(poses.prior_offset_px[bidx], dtype=torch.float32, device=device)
+        batch = BatchData(xm, ctf, prev_off, prior_off, prev_rot)
+        if cfg.skip_align:
+            eye = torch.eye(3, device=device)
+            orient = Orientations(prev_rot[:, None], prev_rot[:, None, None], torch.zeros(1, device=device),
+                                  torch.zeros(1, 1, device=device))
+            tpts = torch.zeros(1, 3, device=device)
+            tch = torch.zeros(1, 1, 3, device=device)
+            del eye
+        elif cfg.local:
+            co, ch = sampling.compose_local(prev_rot, _to(cfg.rotations, device))
+            orient = Orientations(co, ch, cfg.rotations.log_prior.to(device), cfg.rotations.child_log_prior.to(device))
+            tpts, tch = tr.points.to(device), tr.children.to(device)
+        else:
+            orient = Orientations(rot_set.matrices.to(device), rot_set.children.to(device),
+                                  rot_set.log_prior.to(device), rot_set.child_log_prior.to(device))
+            tpts, tch = tr.points.to(device), tr.children.to(device)
+        post = expectation_batch(batch, comps, coarse_mask, inv_s2, projectors, orient, tpts, tch, log_cls,
+                                 cfg.estep, coarse_refs=coarse_refs)
+        accumulate(stats, post, xu, xm, ctf, inv_s2, comps, projectors, insert3d, prior_off,
+                   noise_stats=cfg.noise_stats)
+        br, bo, bc = post.best()
+        br_np = br.double().cpu().numpy()
+        rel = np.einsum("bij,bkj->bik", br_np, poses.rot[bidx])
+        ang = np.rad2deg(np.arccos(np.clip((np.trace(rel, axis1=1, axis2=2) - 1) / 2, -1, 1)))
+        changes_ang.append(ang)
+        changes_off.append(np.linalg.norm(bo.double().cpu().numpy() - poses.offset_px[bidx], axis=1))
+        poses.rot[bidx] = br_np
+        poses.offset_px[bidx] = bo.double().cpu().numpy()
+        poses.cls[bidx] = bc.cpu().numpy()
+        poses.max_prob[bidx] = post.max_prob.double().cpu().numpy()
+        poses.log_lik[bidx] = post.log_lik.double().cpu().numpy()
+        poses.n_sig[bidx] = post.n_significant.cpu().numpy()
+        pmax.append(post.max_prob.cpu().numpy())
+    ca = np.concatenate(changes_ang) if changes_ang else np.zeros(0)
+    co_ = np.concatenate(changes_off) if changes_off else np.zeros(0)
+    summary = {"ang_change_deg": float(np.mean(ca)) if len(ca) else 0.0,
+               "off_change_px": float(np.sqrt(np.mean(co_ ** 2))) if len(co_) else 0.0,
+               "pmax": float(np.mean(np.concatenate(pmax))) if pmax else 0.0}
+    return stats, summary
+
+
+def _to(rs: sampling.RotationSet, device) -> sampling.RotationSet:
+    return sampling.RotationSet(rs.matrices.to(device), rs.children.to(device), rs.log_prior.to(device),
+                                rs.child_log_prior.to(device), rs.step_deg, rs.fine_step_deg)
+
+
+def delta_stats(src: ParticleSource, idx: np.ndarray, poses: PoseTable, n_classes: int, sigma2: torch.Tensor,
+                comps: FourierComponents, device, batch_size: int = 16, use_ctf: bool = True) -> SufficientStats:
+    """Sums for fixed poses (weight 1 at each particle's pose and class): iteration 0 / oracle."""
+    from subtomo.em.expectation import BatchPosterior
+
+    n = src.box
+    stats = SufficientStats.zeros(n_classes, n, 3, device=device)
+    inv_s2 = 1.0 / sigma2.to(device).float().clamp(min=1e-30)[comps.shell.clamp(max=len(sigma2) - 1)]
+    ones_mask = torch.ones((n,) * 3, device=device)
+    for s in range(0, len(idx), batch_size):
+        bidx = idx[s:s + batch_size]
+        b = len(bidx)
+        _, xu, ctf = batch_transforms(src, bidx, comps, ones_mask, device, use_ctf)
+        rot = torch.as_tensor(poses.rot[bidx], dtype=torch.float32, device=device)[:, None]
+        off = torch.as_tensor(poses.offset_px[bidx], dtype=torch.float32, device=device)[:, None]
+        cls = torch.as_tensor(poses.cls[bidx], dtype=torch.long, device=device)[:, None]
+        post = BatchPosterior(rot, off, cls, torch.ones(b, 1, device=device), torch.ones(b, device=device),
+                              torch.zeros(b, device=device), torch.ones(b, dtype=torch.long, device=device))
+        accumulate(stats, post, xu, xu, ctf, inv_s2, comps, [], insert3d,
+                   torch.as_tensor(poses.prior_offset_px[bidx], dtype=torch.float32, device=device), noise_stats=False)
+    return stats
+
+
+def initial_sigma2(src: ParticleSource, idx: np.ndarray, mask: torch.Tensor, device, use_ctf: bool = True,
+                   batch_size: int = 16, max_particles: int = 200) -> torch.Tensor:
+    """RELION's start: sigma^2(r) = 1/2 (mean |X|^2 - |mean X|^2) over components with CTF != 0."""
+    from subtomo.em.components import fourier_components
+
+    n = src.box
+    comps = fourier_components(n, n, 3, device=device)
+    sel = idx[:max_particles]
+    n_shells = n // 2 + 1
+    s1 = torch.zeros(comps.m, dtype=torch.complex128, device=device)
+    s2 = torch.zeros(comps.m, dtype=torch.float64, device=device)
+    cnt = torch.zeros(comps.m, dtype=torch.float64, device=device)
+    for s in range(0, len(sel), batch_size):
+        xm, _, ctf = batch_transforms(src, sel[s:s + batch_size], comps, mask, device, use_ctf)
+        ok = (ctf.abs() > 1e-4).double()
+        s1 += (xm.to(torch.complex128) * ok).sum(0)
+        s2 += ((xm.abs() ** 2).double() * ok).sum(0)
+        cnt += ok.sum(0)
+    mean_pow = s2 / cnt.clamp(min=1)
+    avg = s1 / cnt.clamp(min=1)
+    var = (mean_pow - avg.abs() ** 2).clamp(min=0) / 2
+    out = torch.zeros(n_shells, dtype=torch.float64, device=device)
+    c = torch.zeros(n_shells, dtype=torch.float64, device=device)
+    out.index_add_(0, comps.shell, var * (cnt > 0))
+    c.index_add_(0, comps.shell, (cnt > 0).double())
+    res = out / c.clamp(min=1)
+    res[0] = res[1]
+    res = torch.where(res > 0, res, res[res > 0].min() if (res > 0).any() else torch.ones_like(res))
+    return res.float()
+
+
+def coarse_size_for(step_deg: float, diameter_A: float, box: int, pixel_size_A: float, current_size: int) -> int:
+    """RELION §3.3: coarse_size = 2 ceil(N p / ((step/360) pi D / 1.2)), capped by the current size."""
+    rotated = (step_deg / 360.0) * math.pi * diameter_A
+    res = rotated / 1.2
+    size = 2 * int(math.ceil(box * pixel_size_A / max(res, 1e-6)))
+    return int(min(current_size, max(size, 8)))

@@ -1,0 +1,123 @@
+"""3D-specific pieces: sample a reference's Fourier transform at A^T k, insert data back.
+
+Projection (``Projector3D``): the real map, pre-divided by the trilinear-interpolation
+kernel's transform sinc^2(r/(p N)) per axis, is zero-padded to p*N and transformed; its
+full, centred complex grid is sampled trilinearly (``grid_sample``) at p * A^T k for every
+component k of the current set and every rotation A of a batch. ``particle(k) = V(A^T k)``
+(docs/conventions.md).
+
+Insertion (``insert3d``): weighted particle values at A^T k are splatted with trilinear
+weights (index_add_) into a full, centred, *unpadded* N^3 grid - data and weight arrays of
+the sufficient statistics; only one member of each Hermitian pair is inserted and the
+reconstruction symmetrises (``reconstruct.hermitian_symmetrise``). With the identity pose
+a component lands exactly on its voxel, so a delta posterior returns the particle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _sinc2_correction(n: int, pad: int, device) -> torch.Tensor:
+    x = (torch.arange(n, device=device, dtype=torch.float32) - n // 2) / (pad * n)
+    safe = torch.where(x == 0, torch.ones_like(x), x)
+    s = torch.where(x == 0, torch.ones_like(x), torch.sin(math.pi * safe) / (math.pi * safe))
+    s2 = s ** 2
+    return s2[:, None, None] * s2[None, :, None] * s2[None, None, :]
+
+
+def centred_full_fft(volume: torch.Tensor) -> torch.Tensor:
+    """Full complex FT of a centred real cube with the zero frequency at index n//2."""
+    dims = (-3, -2, -1)
+    return torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(volume, dim=dims), dim=dims), dim=dims)
+
+
+class Projector3D:
+    """Samples V(A^T k) of one reference map (N^3 real) on a ``pad``-times oversampled grid."""
+
+    def __init__(self, volume: torch.Tensor, pad: int = 2, max_points: int = 2_000_000) -> None:
+        n = volume.shape[-1]
+        self.n = n
+        self.pad = pad
+        self.max_points = max_points
+        vol = volume.float() / _sinc2_correction(n, pad, volume.device)
+        big = pad * n
+        padded = torch.zeros((big,) * 3, dtype=torch.float32, device=volume.device)
+        lo = big // 2 - n // 2
+        padded[lo:lo + n, lo:lo + n, lo:lo + n] = vol
+        f = centred_full_fft(padded)
+        self.grid = torch.stack([f.real, f.imag])[None].contiguous()  # (1, 2, D, H, W)
+        self.big = big
+
+    def project(self, rotations: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """rotations (..., 3, 3), k (M, 3) index units of the N box -> (..., M) complex."""
+        lead = rotations.shape[:-2]
+        rot = rotations.reshape(-1, 3, 3).to(self.grid.dtype)
+        nrot, m = rot.shape[0], k.shape[0]
+        out = torch.empty(nrot, m, dtype=torch.complex64, device=self.grid.device)
+        scale = self.pad * 2.0 / (self.big - 1)
+        off = (self.big // 2) * 2.0 / (self.big - 1) - 1.0
+        chunk = max(1, self.max_points // max(m, 1))
+        for s in range(0, nrot, chunk):
+            q = torch.matmul(k[None], rot[s:s + chunk])  # (c, M, 3) = (A^T k)^T
+            g = (q * scale + off)[None, :, :, None, :]  # (1, c, M, 1, 3) in (x, y, z)
+            v = F.grid_sample(self.grid, g, mode="bilinear", padding_mode="zeros", align_corners=True)
+            v = v[0, :, :, :, 0]  # (2, c, M)
+            out[s:s + chunk] = torch.complex(v[0], v[1])
+        return out.reshape(*lead, m)
+
+
+def insert3d(data: torch.Tensor, weight: torch.Tensor, rotations: torch.Tensor, k: torch.Tensor,
+             values: torch.Tensor, weights: torch.Tensor) -> None:
+    """Splat ``values`` (n, M) complex and ``weights`` (n, M) real at A^T k into the grids.
+
+    data: (N, N, N) complex, weight: (N, N, N) real, full centred layout (zero frequency at
+    N//2); rotations (n, 3, 3); k (M, 3). In place (index_add_), trilinear.
+    """
+    n = data.shape[-1]
+    c = n // 2
+    q = torch.matmul(k[None], rotations.to(k.dtype)) + c  # (n, M, 3) x, y, z index
+    q = q.reshape(-1, 3)
+    base = torch.floor(q)
+    frac = q - base
+    base = base.long()
+    vals = torch.view_as_real(values.reshape(-1).to(torch.complex64))  # (P, 2)
+    wts = weights.reshape(-1).to(torch.float32)
+    data_flat = torch.view_as_real(data).reshape(-1, 2)
+    weight_flat = weight.reshape(-1)
+    for dz in (0, 1):
+        for dy in (0, 1):
+            for dx in (0, 1):
+                ix, iy, iz = base[:, 0] + dx, base[:, 1] + dy, base[:, 2] + dz
+                w = ((frac[:, 0] if dx else 1 - frac[:, 0]) * (frac[:, 1] if dy else 1 - frac[:, 1])
+                     * (frac[:, 2] if dz else 1 - frac[:, 2]))
+                ok = (ix >= 0) & (ix < n) & (iy >= 0) & (iy < n) & (iz >= 0) & (iz < n) & (w > 0)
+                lin = (iz * n + iy) * n + ix
+                lin, w = lin[ok], w[ok]
+                data_flat.index_add_(0, lin, vals[ok] * w[:, None])
+                weight_flat.index_add_(0, lin, wts[ok] * w)
+
+
+def symmetrise3d(data: torch.Tensor, weight: torch.Tensor, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of the grids sampled at g q for every point-group operator g (identity included).
+
+    data (N, N, N) complex, weight (N, N, N) real on the full centred grid; matrices (G, 3, 3).
+    The result is invariant under the group (up to interpolation).
+    """
+    if matrices.shape[0] <= 1:
+        return data, weight
+    n = data.shape[-1]
+    ax = torch.arange(n, device=data.device, dtype=torch.float32) - n // 2
+    z, y, x = torch.meshgrid(ax, ax, ax, indexing="ij")
+    q = torch.stack([x, y, z], -1).reshape(-1, 3)
+    src = torch.stack([data.real, data.imag, weight])[None]  # (1, 3, N, N, N)
+    out = torch.zeros_like(src)
+    for g in matrices.to(data.device).float():
+        gq = q @ g.T  # g q
+        grid = ((gq + n // 2) * 2.0 / (n - 1) - 1.0).reshape(1, n, n, n, 3)
+        out += F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    out = out[0]
+    return torch.complex(out[0], out[1]), out[2]

@@ -1,0 +1,165 @@
+"""Rotation and translation grids for the E-step (3D rotations; translations any ndim).
+
+* Global 3D grid: HEALPix directions at ``order`` (asymmetric unit of the point group) x
+  psi = 0, d, 2d, ... with d = 360/(6*2^order) (RELION §3.2); oversampled children: the 4
+  NEST children of the direction at order+1 x psi -/+ d/4 (8 per coarse rotation).
+* Local 3D grid: small rotations D (angle <= n_sigma*sigma) built from the directions of
+  the same HEALPix order near the pole and psi steps, applied as A_prev @ D around each
+  particle's previous pose, with a Gaussian prior on the angle of D (RELION's local
+  searches with sigma_rot = sigma_tilt = sigma_psi).
+* Every iteration all orientations are right-multiplied by one random rotation of at
+  most half a step (RELION's ``--perturb``), derived from (seed, iteration).
+* Translations: a ball of grid points of step ``step`` within ``range`` (px); oversampled
+  children at +-step/4 per axis.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from subtomo.em import healpix
+from subtomo.geometry.euler import euler_to_matrix
+from subtomo.geometry.symmetry import axis_rotation, symmetry_matrices
+
+
+@dataclass
+class RotationSet:
+    """Coarse rotations (R, d, d), their oversampled children (R, C, d, d), log prior of each.
+
+    ``log_prior`` (R,) and ``child_log_prior`` (R, C) are per-rotation orientation priors
+    (zeros for global searches). ``per_particle`` is False: the same set for every particle;
+    local searches produce per-particle sets by :func:`compose_local`.
+    """
+
+    matrices: torch.Tensor
+    children: torch.Tensor
+    log_prior: torch.Tensor
+    child_log_prior: torch.Tensor
+    step_deg: float
+    fine_step_deg: float
+
+    @property
+    def n(self) -> int:
+        return int(self.matrices.shape[0])
+
+
+def perturbation_matrix(step_deg: float, rng: np.random.Generator, amount: float = 0.5) -> np.ndarray:
+    """Random rotation about a random axis by up to ``amount`` * step (degrees)."""
+    axis = rng.normal(size=3)
+    angle = np.deg2rad(step_deg) * amount * rng.uniform(-1, 1)
+    return axis_rotation(axis, angle)
+
+
+def _psi_values(step_deg: float, lo: float = 0.0, hi: float = 360.0, centred: bool = False) -> np.ndarray:
+    if centred:  # symmetric local window [-hi, hi]
+        n = int(math.floor(hi / step_deg + 1e-9))
+        return np.arange(-n, n + 1) * step_deg
+    n = max(1, int(round((hi - lo) / step_deg)))
+    return lo + np.arange(n) * (hi - lo) / n
+
+
+def global_rotations(order: int, sym: str = "C1", rng: np.random.Generator | None = None,
+                     perturb: float = 0.5, device=None) -> RotationSet:
+    """RELION's global orientation grid at HEALPix ``order`` with oversampling 1."""
+    step = healpix.angular_step_deg(order)
+    vec = healpix.pix2vec_nest(order)
+    keep = healpix.asymmetric_unit_mask(vec, symmetry_matrices(sym))
+    pix = np.nonzero(keep)[0]
+    dirs = healpix.pix2ang_nest(order, pix)  # (n, 2) rot, tilt
+    n_psi = max(1, int(round(360.0 / step)))
+    dpsi = 360.0 / n_psi
+    psi = np.arange(n_psi) * dpsi
+    rot = np.repeat(dirs[:, 0], n_psi)
+    tilt = np.repeat(dirs[:, 1], n_psi)
+    psis = np.tile(psi, len(pix))
+    coarse = euler_to_matrix(rot, tilt, psis)
+    ch_pix = healpix.children(pix)  # (n, 4)
+    ch_dirs = healpix.pix2ang_nest(order + 1, ch_pix.reshape(-1)).reshape(len(pix), 4, 2)
+    ch_psi = np.stack([psi - dpsi / 4, psi + dpsi / 4], -1)  # (n_psi, 2)
+    # (n_dir, n_psi, 4 dirs, 2 psi)
+    r = np.broadcast_to(ch_dirs[:, None, :, None, 0], (len(pix), n_psi, 4, 2))
+    t = np.broadcast_to(ch_dirs[:, None, :, None, 1], (len(pix), n_psi, 4, 2))
+    p = np.broadcast_to(ch_psi[None, :, None, :], (len(pix), n_psi, 4, 2))
+    fine = euler_to_matrix(r, t, p).reshape(len(pix) * n_psi, 8, 3, 3)
+    if rng is not None and perturb > 0:
+        pm = perturbation_matrix(step, rng, perturb)
+        coarse = coarse @ pm
+        fine = fine @ pm
+    tc = torch.as_tensor(coarse, dtype=torch.float32, device=device)
+    tf = torch.as_tensor(fine, dtype=torch.float32, device=device)
+    return RotationSet(tc, tf, torch.zeros(len(tc), device=device), torch.zeros(tf.shape[:2], device=device),
+                       step, step / 2)
+
+
+def rotation_angle_deg(m: torch.Tensor) -> torch.Tensor:
+    """Rotation angle (degrees) of (..., 3, 3) matrices."""
+    tr = m.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return torch.rad2deg(torch.arccos(((tr - 1) / 2).clamp(-1, 1)))
+
+
+def local_rotations(order: int, sigma_deg: float, n_sigma: float = 3.0, rng: np.random.Generator | None = None,
+                    perturb: float = 0.5, device=None) -> RotationSet:
+    """Small rotations D (angle <= n_sigma*sigma) on the grid of ``order``, with Gaussian log prior.
+
+    Use with :func:`compose_local` to centre them on each particle's previous pose.
+    """
+    step = healpix.angular_step_deg(order)
+    limit = max(n_sigma * sigma_deg, step)
+    ang = healpix.pix2ang_nest(order)
+    near = np.nonzero(ang[:, 1] <= limit + step)[0]
+    psi = _psi_values(step, hi=limit + 1e-6, centred=True)
+    dr = np.repeat(ang[near, 0], len(psi))
+    dt = np.repeat(ang[near, 1], len(psi))
+    pp = np.tile(psi, len(near))
+    coarse = euler_to_matrix(dr, dt, pp - dr)
+    ch_pix = healpix.children(near)
+    ch = healpix.pix2ang_nest(order + 1, ch_pix.reshape(-1)).reshape(len(near), 4, 2)
+    r = np.broadcast_to(ch[:, None, :, None, 0], (len(near), len(psi), 4, 2))
+    t = np.broadcast_to(ch[:, None, :, None, 1], (len(near), len(psi), 4, 2))
+    p = np.broadcast_to(np.stack([psi - step / 4, psi + step / 4], -1)[None, :, None, :], (len(near), len(psi), 4, 2))
+    fine = euler_to_matrix(r, t, p - r).reshape(len(near) * len(psi), 8, 3, 3)
+    if rng is not None and perturb > 0:
+        pm = perturbation_matrix(step, rng, perturb)
+        coarse = coarse @ pm
+        fine = fine @ pm
+    tc = torch.as_tensor(coarse, dtype=torch.float32, device=device)
+    tf = torch.as_tensor(fine, dtype=torch.float32, device=device)
+    a_c = rotation_angle_deg(tc)
+    keep = a_c <= limit
+    tc, tf, a_c = tc[keep], tf[keep], a_c[keep]
+    a_f = rotation_angle_deg(tf)
+    s2 = 2 * sigma_deg ** 2
+    return RotationSet(tc, tf, -(a_c ** 2) / s2, -(a_f ** 2) / s2, step, step / 2)
+
+
+def compose_local(prev: torch.Tensor, local: RotationSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-particle rotations A_prev @ D: coarse (B, R, 3, 3) and children (B, R, C, 3, 3)."""
+    coarse = torch.matmul(prev[:, None], local.matrices[None])
+    fine = torch.matmul(prev[:, None, None], local.children[None])
+    return coarse, fine
+
+
+@dataclass
+class TranslationSet:
+    """Coarse translations (T, ndim) px and their oversampled children (T, C, ndim) px."""
+
+    points: torch.Tensor
+    children: torch.Tensor
+    step_px: float
+    range_px: float
+
+
+def translation_grid(range_px: float, step_px: float, ndim: int = 3, device=None) -> TranslationSet:
+    """Grid points of step ``step_px`` inside the ball |t| <= ``range_px`` (always contains 0)."""
+    step_px = float(max(step_px, 1e-3))
+    n = int(math.floor(range_px / step_px + 1e-9))
+    axis = torch.arange(-n, n + 1, dtype=torch.float32) * step_px
+    grid = torch.stack(torch.meshgrid(*([axis] * ndim), indexing="ij"), -1).reshape(-1, ndim)
+    grid = grid[grid.norm(dim=-1) <= range_px + 1e-6]
+    corners = torch.stack(torch.meshgrid(*([torch.tensor([-1.0, 1.0])] * ndim), indexing="ij"), -1).reshape(-1, ndim)
+    ch = grid[:, None, :] + corners[None] * (step_px / 4)
+    return TranslationSet(grid.to(device), ch.to(device), step_px, float(range_px))
