@@ -1,0 +1,167 @@
+"""Benchmark of CTF estimation (``subtomo ctf``): speed and accuracy against known defocus.
+
+Part 1 (always): a 41-image tilt series (-60..60 deg, 3 deg steps) of synthetic 1024²
+images at 2 Å/px (random-phase object x CTF with the tilted-plane defocus gradient,
+astigmatism, B envelope, noise; ``subtomo.ctf.estimate.synthetic_tilt_images``), fitted
+with the job's defaults on ``--threads`` CPU threads. Prints the time per series (fit
+only and with the diagnostic PNGs) and |error| statistics of the mean defocus, the
+astigmatism and its angle.
+
+Part 2 (when ``subtomo.simulate`` is installed): simulates a project with ``--preset``
+(default benchmark), runs ``subtomo import`` and ``subtomo ctf`` and compares with
+``GroundTruth/tilts.star``: median and 90th-percentile |defocus error| for |tilt| <= 30
+and > 30 deg, failed fits, time per tilt series. ``--project DIR`` reuses a simulated one.
+
+    python bench/bench_ctf.py [--threads 2] [--snr 0.05] [--preset benchmark] [--skip-sim]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _stats(err: np.ndarray) -> str:
+    err = np.abs(np.asarray(err, float))
+    if len(err) == 0:
+        return "n=0"
+    return f"n={len(err):3d} median {np.median(err):7.0f} A  p90 {np.percentile(err, 90):7.0f} A  max {err.max():7.0f} A"
+
+
+def synthetic_series(args) -> None:
+    from subtomo.ctf.estimate import CtfSearchParams, Optics, estimate_ctf, synthetic_tilt_images
+    from subtomo.ctf.series import concat_fits
+
+    optics = Optics(300.0, 2.7, 0.07, 2.0)
+    rng = np.random.default_rng(args.seed)
+    tilts = np.arange(-60.0, 60.1, 3.0)
+    n = len(tilts)
+    d = 30000.0 + rng.normal(0, 1500, n)
+    astig = rng.uniform(600, 1500, n)
+    angle = np.full(n, rng.uniform(-90, 90)) + rng.normal(0, 3, n)
+    # thicker ice at high tilt: signal falls as cos(tilt)
+    t0 = time.time()
+    imgs = torch.cat([synthetic_tilt_images(d[i:i + 1] + astig[i:i + 1] / 2, d[i:i + 1] - astig[i:i + 1] / 2, angle[i:i + 1],
+                                            tilts[i:i + 1], optics, size=args.size, snr=args.snr * np.cos(np.radians(tilts[i])),
+                                            seed=args.seed + i) for i in range(n)])
+    print(f"synthetic series: {n} images {args.size}x{args.size} at {optics.pixel_size_A} A/px, snr {args.snr} "
+          f"(x cos tilt), simulated in {time.time() - t0:.1f} s")
+    params = CtfSearchParams()
+    for with_plots in (False, True):
+        t0 = time.time()
+        c0 = time.process_time()
+        fits = [estimate_ctf(imgs[i:i + 8], tilts[i:i + 8], optics, params, diagnostics=with_plots) for i in range(0, n, 8)]
+        fit = concat_fits(fits)
+        if with_plots:
+            from subtomo.plot.ctf import plot_image_fit, plot_series_summary
+            from subtomo.ctf.series import results_table
+
+            out = Path(tempfile.mkdtemp(prefix="bench_ctf_"))
+            for i, dg in enumerate(fit.diagnostics):
+                plot_image_fit(dg, f"image {i + 1}", out / f"img{i + 1:03d}.png")
+            plot_series_summary(results_table([f"{i + 1}@x" for i in range(n)], tilts, np.zeros(n), fit, "fit"), "bench",
+                                out / "summary.png")
+            shutil.rmtree(out)
+        wall = time.time() - t0
+        print(f"  {'fit + PNGs' if with_plots else 'fit only  '}: {wall:6.2f} s wall, {time.process_time() - c0:6.2f} s CPU "
+              f"for {n} images ({torch.get_num_threads()} threads)")
+    err = fit.defocus_mean_A - d
+    ast_err = (fit.defocus_u_A - fit.defocus_v_A) - astig
+    ang_err = (fit.defocus_angle_deg - angle + 90) % 180 - 90
+    low = np.abs(tilts) <= 30
+    print(f"  mean defocus |err| |tilt|<=30: {_stats(err[low])}")
+    print(f"  mean defocus |err| |tilt|> 30: {_stats(err[~low])}")
+    print(f"  astigmatism  |err| (all)     : {_stats(ast_err)}")
+    print(f"  angle |err| (astig 600-1500 A): median {np.median(np.abs(ang_err)):.1f} deg, p90 "
+          f"{np.percentile(np.abs(ang_err), 90):.1f} deg")
+    print(f"  failed fits: {int(fit.failed.sum())}, median fit resolution {np.median(fit.max_resolution_A):.1f} A")
+    # the tilt model: same data without the defocus-gradient strips
+    from dataclasses import replace
+
+    fit0 = concat_fits([estimate_ctf(imgs[i:i + 8], tilts[i:i + 8], optics, replace(params, tilt_gradient=False))
+                        for i in range(0, n, 8)])
+    err0 = fit0.defocus_mean_A - d
+    print(f"  without tilted-plane model, |tilt|> 30: {_stats(err0[~low])}; mean significance "
+          f"{fit0.significance[~low].mean():.1f} vs {fit.significance[~low].mean():.1f} with it")
+
+
+def simulated_project(args) -> None:
+    try:
+        from subtomo.jobs import simulate as sim_job
+    except ImportError:
+        print("subtomo.simulate not available: skipping the simulated-project part")
+        return
+    from subtomo.io.star import read_star_table
+    from subtomo.jobs import ctf as ctf_job
+    from subtomo.jobs import import_tomograms
+    from subtomo.jobs.base import execute
+
+    if args.project:
+        root = Path(args.project)
+    else:
+        root = Path(tempfile.mkdtemp(prefix="bench_ctf_sim_")) / "proj"
+        t0 = time.time()
+        execute(sim_job.SPEC, sim_job.SimulateParams(project_dir=str(root), preset=args.preset, seed=args.seed,
+                                                     threads=args.threads), root.parent, quiet=True)
+        print(f"simulated preset {args.preset} in {time.time() - t0:.1f} s: {root}")
+    if not any(root.glob("Import/job*/all_tomograms.star")):
+        execute(import_tomograms.SPEC, import_tomograms.ImportParams(), root, quiet=True)
+    truth = read_star_table(root / "GroundTruth" / "tilts.star")
+    for label, kw in (("fit", {}), ("trials", {"use_trials": True})):
+        if label == "trials" and not any(root.glob("Tomograms/*/*.trial")):
+            continue
+        t0 = time.time()
+        ctx = execute(ctf_job.SPEC, ctf_job.CtfParams(plots=False, threads=args.threads, device="cpu", **kw), root, quiet=True)
+        wall = time.time() - t0
+        tomos = read_star_table(ctx.path("ctf_tomograms.star"))
+        errs, tilts, failed = [], [], []
+        for _, row in tomos.iterrows():
+            res = read_star_table(root / row["rlnCtfFindResultsStar"])
+            gt = truth[truth["rlnTomoName"] == row["rlnTomoName"]].reset_index(drop=True)
+            est = (res["rlnDefocusU"] + res["rlnDefocusV"]).to_numpy() / 2
+            ref = (gt["rlnDefocusU"] + gt["rlnDefocusV"]).to_numpy() / 2
+            if label == "trials" and "subtomoTrialDefocus1" in gt.columns:
+                ref_tr = (gt["subtomoTrialDefocus1"] + gt["subtomoTrialDefocus2"]).to_numpy() / 2
+                print(f"  ({row['rlnTomoName']}: mean |trial - exposure defocus| {np.abs(ref_tr - ref).mean():.0f} A)")
+            errs.append(est - ref)
+            tilts.append(res["rlnTomoNominalStageTiltAngle"].to_numpy())
+            failed.append(res["subtomoCtfFitFailed"].to_numpy())
+        err, tilt, fl = np.concatenate(errs), np.concatenate(tilts), np.concatenate(failed)
+        low = np.abs(tilt) <= 30
+        print(f"simulated project ({label}): {len(tomos)} tilt series, {wall / len(tomos):.1f} s per series "
+              f"({args.threads} threads)")
+        print(f"  |defocus err| |tilt|<=30: {_stats(err[low])}")
+        print(f"  |defocus err| |tilt|> 30: {_stats(err[~low])}")
+        ok = fl == 0
+        print(f"  flagged failed: {int((~ok).sum())}/{len(fl)}; among not flagged: |tilt|<=30 {_stats(err[low & ok])}; "
+              f"|tilt|>30 {_stats(err[~low & ok])}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--snr", type=float, default=0.05, help="signal/noise variance of the synthetic images at 0 deg")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", default="benchmark")
+    ap.add_argument("--project", default=None, help="reuse a simulated project directory")
+    ap.add_argument("--skip-sim", action="store_true")
+    ap.add_argument("--skip-synthetic", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.skip_synthetic:
+        synthetic_series(args)
+    if not args.skip_sim:
+        simulated_project(args)
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
