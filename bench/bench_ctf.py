@@ -7,12 +7,12 @@ with the job's defaults on ``--threads`` CPU threads. Prints the time per series
 only and with the diagnostic PNGs) and |error| statistics of the mean defocus, the
 astigmatism and its angle.
 
-Part 2 (when ``subtomo.simulate`` is installed): simulates a project with ``--preset``
-(default benchmark), runs ``subtomo import`` and ``subtomo ctf`` and compares with
+Part 2 (when ``subtomo.simulate`` is installed): simulates a project for each ``--preset``
+(default benchmark and demo), runs ``subtomo import`` and ``subtomo ctf`` and compares with
 ``GroundTruth/tilts.star``: median and 90th-percentile |defocus error| for |tilt| <= 30
 and > 30 deg, failed fits, time per tilt series. ``--project DIR`` reuses a simulated one.
 
-    python bench/bench_ctf.py [--threads 2] [--snr 0.05] [--preset benchmark] [--skip-sim]
+    python bench/bench_ctf.py [--threads 2] [--snr 0.05] [--preset benchmark,demo] [--per-tilt] [--skip-sim]
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def synthetic_series(args) -> None:
           f"{fit0.significance[~low].mean():.1f} vs {fit.significance[~low].mean():.1f} with it")
 
 
-def simulated_project(args) -> None:
+def simulated_project(args, preset: str) -> None:
     try:
         from subtomo.jobs import simulate as sim_job
     except ImportError:
@@ -108,9 +108,9 @@ def simulated_project(args) -> None:
     else:
         root = Path(tempfile.mkdtemp(prefix="bench_ctf_sim_")) / "proj"
         t0 = time.time()
-        execute(sim_job.SPEC, sim_job.SimulateParams(project_dir=str(root), preset=args.preset, seed=args.seed,
+        execute(sim_job.SPEC, sim_job.SimulateParams(project_dir=str(root), preset=preset, seed=args.seed,
                                                      threads=args.threads), root.parent, quiet=True)
-        print(f"simulated preset {args.preset} in {time.time() - t0:.1f} s: {root}")
+        print(f"simulated preset {preset} (seed {args.seed}) in {time.time() - t0:.1f} s: {root}")
     if not any(root.glob("Import/job*/all_tomograms.star")):
         execute(import_tomograms.SPEC, import_tomograms.ImportParams(), root, quiet=True)
     truth = read_star_table(root / "GroundTruth" / "tilts.star")
@@ -140,8 +140,15 @@ def simulated_project(args) -> None:
         print(f"  |defocus err| |tilt|<=30: {_stats(err[low])}")
         print(f"  |defocus err| |tilt|> 30: {_stats(err[~low])}")
         ok = fl == 0
-        print(f"  flagged failed: {int((~ok).sum())}/{len(fl)}; among not flagged: |tilt|<=30 {_stats(err[low & ok])}; "
-              f"|tilt|>30 {_stats(err[~low & ok])}")
+        print(f"  flagged failed: {int((~ok).sum())}/{len(fl)} (|tilt|<=30: {int((~ok & low).sum())}, "
+              f"|tilt|>30: {int((~ok & ~low).sum())})")
+        print(f"  not flagged |tilt|<=30: {_stats(err[low & ok])}")
+        print(f"  not flagged |tilt|> 30: {_stats(err[~low & ok])}")
+        print(f"  wrong (|err| > 1000 A) but not flagged: {int((ok & low & (np.abs(err) > 1000)).sum())} with |tilt|<=30, "
+              f"{int((ok & ~low & (np.abs(err) > 1000)).sum())} with |tilt|>30")
+        if args.per_tilt:
+            for t, e, f in sorted(zip(tilt, err, fl)):
+                print(f"    tilt {t:6.1f}  err {e:7.0f} A{'  flagged' if f else ''}")
 
 
 def main() -> None:
@@ -150,7 +157,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--snr", type=float, default=0.05, help="signal/noise variance of the synthetic images at 0 deg")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--preset", default="benchmark")
+    ap.add_argument("--preset", default="benchmark,demo", help="simulator preset(s), comma-separated")
+    ap.add_argument("--per-tilt", action="store_true", help="print every tilt's error")
     ap.add_argument("--project", default=None, help="reuse a simulated project directory")
     ap.add_argument("--skip-sim", action="store_true")
     ap.add_argument("--skip-synthetic", action="store_true")
@@ -159,7 +167,9 @@ def main() -> None:
     if not args.skip_synthetic:
         synthetic_series(args)
     if not args.skip_sim:
-        simulated_project(args)
+        presets = [args.preset.split(",")[0]] if args.project else args.preset.split(",")
+        for preset in presets:
+            simulated_project(args, preset)
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

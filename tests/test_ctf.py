@@ -48,9 +48,11 @@ def test_uv_angle_round_trip():
 
 def test_band_adapts_to_image_size_and_nyquist():
     b = effective_band((512, 512), 2.0, CtfSearchParams())
-    assert (b.box_px, b.res_min_A, b.res_max_A) == (256, 50.0, 8.0)
+    assert (b.box_px, b.res_min_A, b.res_max_A) == (256, 30.0, 8.0)
     b = effective_band((300, 400), 5.0, CtfSearchParams())
-    assert b.box_px == 150 and b.res_max_A == pytest.approx(11.0) and b.res_min_A == pytest.approx(50.0)
+    assert b.box_px == 150 and b.res_max_A == pytest.approx(11.0) and b.res_min_A == pytest.approx(30.0)
+    b = effective_band((320, 320), 8.0, CtfSearchParams())  # large pixels: the band widens to lower resolution
+    assert b.res_max_A == pytest.approx(17.6) and b.res_min_A == pytest.approx(44.0)
     assert b.notes
 
 
@@ -317,3 +319,85 @@ def test_job_use_trials(tmp_path):
     assert t["subtomoCtfFitFailed"].sum() == 0 and set(t["subtomoCtfSource"]) == {"trials"}
     plain = run_ctf(root)
     assert read_star_table(plain.path("TS01_ctffind.star"))["subtomoCtfFitFailed"].sum() >= 6
+
+
+# ----------------------------------------------------------------------------- guards of the fast paths
+
+def test_fast_ctf2_equals_model():
+    """The hot-loop CTF² of estimate.py is RELION's CTF (subtomo.ctf.model) squared."""
+    from subtomo.ctf.estimate import _ctf2
+    from subtomo.ctf.model import ctf_from_defocus
+
+    s2 = torch.linspace(0, 0.25 ** 2, 2001, dtype=torch.float64)
+    for optics in (OPTICS, Optics(200.0, 0.01, 0.1, 1.0), Optics(300.0, 2.7, 0.0, 5.0)):
+        for d in (5000.0, 23456.0, 60000.0):
+            ref = ctf_from_defocus(s2, torch.tensor(d, dtype=torch.float64), optics.voltage_kV, optics.cs_mm,
+                                   optics.amplitude_contrast) ** 2
+            assert torch.allclose(_ctf2(s2, torch.tensor(d, dtype=torch.float64), optics), ref, atol=1e-9)
+
+
+def test_running_mean_over_one_period_removes_ctf2_oscillation():
+    """Background by a running mean over one CTF period: the mean of CTF² is 1/2 on unevenly
+    spaced bins (uniform in s, not in phase), so a smooth background plus rings leaves the
+    rings minus 1/2 (the CTFFIND-like pre-processing the defocus search relies on)."""
+    from subtomo.ctf.estimate import _ctf2, _phase_periods, _window_matrix
+
+    s = torch.linspace(1 / 30, 1 / 8, 400, dtype=torch.float64)
+    d = torch.tensor(25000.0, dtype=torch.float64)
+    u = _phase_periods(s ** 2, d, OPTICS)
+    W = _window_matrix(u)
+    c = _ctf2(s ** 2, d, OPTICS)
+    inner = (u > u[0] + 0.5) & (u < u[-1] - 0.5)  # full windows only
+    assert torch.allclose((W @ c)[inner], torch.full_like(c[inner], 0.5), atol=5e-3)
+    bg = 3.0 - 20 * s + 40 * s ** 2  # smooth on the scale of a ring
+    assert float((bg - W @ bg)[inner].abs().max()) < 0.02  # vs. a ring amplitude of 0.5 and a 1.8 drop of bg
+
+
+def test_consistency_flags_a_planted_wrong_defocus():
+    import pandas as pd
+
+    from subtomo.ctf.series import flag_inconsistent_defoci
+
+    tilts = np.arange(-60.0, 61.0, 6.0)
+    rng = np.random.default_rng(3)
+    d = 32000.0 + 300 * rng.standard_normal(len(tilts)) + 20 * tilts  # smooth trend + jitter
+    d[16] += 4500.0  # one wrong ring order
+    failed = np.zeros(len(tilts), int)
+    failed[3] = 1  # already failed: stays failed and is not part of the trend
+    d[3] = 8000.0
+    table = pd.DataFrame({"rlnTomoNominalStageTiltAngle": tilts, "rlnDefocusU": d + 200, "rlnDefocusV": d - 200,
+                          "subtomoCtfFitFailed": failed})
+    out, msgs = flag_inconsistent_defoci(table, 2000.0)
+    assert out["subtomoCtfFitFailed"].tolist() == [int(i in (3, 16)) for i in range(len(tilts))]
+    assert np.allclose(out["rlnDefocusU"], table["rlnDefocusU"])  # the fitted value is kept
+    assert len(msgs) == 1 and msgs[0].startswith("image 17 (tilt 36.0 deg)")
+    # only the re-estimated rows are checked; 0 disables the check
+    assert flag_inconsistent_defoci(table, 2000.0, rows=[0, 1])[1] == []
+    assert flag_inconsistent_defoci(table, 0.0)[0]["subtomoCtfFitFailed"].sum() == 1
+
+
+def test_job_flags_inconsistent_image_and_lower_tilt_mean_skips_it(tmp_path):
+    """A fit far from its neighbours is flagged (value kept) and left out of the lower-tilt mean."""
+    root = tmp_path / "p"
+    make_project(root)
+    ctx = run_ctf(root, max_defocus_deviation=2500.0)
+    t = read_star_table(ctx.path("TS01_ctffind.star"))
+    assert t["subtomoCtfFitFailed"].sum() == 0
+    # plant a wrong value by hand, then re-fit another image: the planted one is not re-checked
+    # (manual override, Step 10), but a fresh fit of it is compared with its neighbours
+    from subtomo.io.star import write_star
+
+    t.loc[3, ["rlnDefocusU", "rlnDefocusV"]] = [40000.0, 40000.0]
+    write_star(ctx.path("TS01_ctffind.star"), {"TS01": t})
+    ctx2 = run_ctf(root, update=ctx.name, tomo=["TS01"], image=[3], max_defocus_deviation=2500.0)
+    t2 = read_star_table(ctx2.path("TS01_ctffind.star"))
+    assert t2["subtomoCtfFitFailed"].sum() == 0 and t2["rlnDefocusU"][3] == 40000.0
+    from subtomo.ctf.series import apply_lower_tilt_defoci, flag_inconsistent_defoci
+
+    flagged, msgs = flag_inconsistent_defoci(t2, 2500.0)
+    assert flagged["subtomoCtfFitFailed"].tolist() == [0, 0, 0, 1, 0, 0, 0] and "image 4" in msgs[0]
+    out, _, _ = apply_lower_tilt_defoci(flagged, 20.0)
+    low_ok = [2, 4]  # |tilt| < 20 and not flagged
+    expect = ((t2["rlnDefocusU"] + t2["rlnDefocusV"]) / 2)[low_ok].mean()
+    assert abs((out["rlnDefocusU"][0] + out["rlnDefocusV"][0]) / 2 - expect) < 1.0
+    assert out["subtomoCtfFitFailed"][3] == 1 and out["rlnDefocusU"][3] == 40000.0

@@ -13,16 +13,22 @@ Method (a CTFFIND-like fit written for tilted, low-dose images):
    defocus ``D + x tan θ`` (docs/conventions.md: at positive tilt the right side is more
    underfocused). Every model evaluation uses each strip's own defocus, so the reported
    defocus ``D`` is the one at the image centre (the tilt axis).
-3. **1D exhaustive search.** Rotational averages of each strip (band ``res_min``..``res_max``)
-   are fitted for every candidate defocus by linear least squares with
-   ``y_j(s) = b(s) + e(s) CTF²(s; D + δ_j)`` (``b``, ``e`` low-order polynomials shared by
-   the strips). Score = fraction of the background-only residual explained by the CTF
-   term (negative when the envelope comes out negative, i.e. rings out of phase). The
-   best grid point is refined on a finer grid.
+3. **1D exhaustive search** (CTFFIND-like pre-processing). Rotational averages of each
+   strip (band ``res_min``..``res_max``; the default 30 Å keeps out the specimen's strong
+   low-resolution spectrum, which biases the first ring) lose a smooth background, a
+   running mean over one CTF period (a window of width 1 in ``u = -chi/pi``, so that it
+   adapts to the local ring spacing), and are divided by their running RMS (local ring
+   amplitude). Every candidate's CTF² gets the same filtering, and the score is the
+   weighted correlation of the two. The window is the same for all candidates (first the
+   period at the geometric mean of the range, then at the first pass's best defocus), so
+   candidates are compared on identical data; defoci with fewer than 1.5 ring periods in
+   the band are not searched (indistinguishable from a smooth background). The best grid
+   point is refined on a finer grid.
 4. **2D refinement** of mean defocus and astigmatism ``(D, a1, a2)`` with
    ``ΔD(φ) = a1 cos 2φ + a2 sin 2φ`` (so ``U, V = D ± |a|``, angle = ``atan2(a2, a1)/2``),
    by a batched coordinate pattern search maximising the correlation between the
-   background-subtracted 2D strip spectra and ``e(s)·CTF²``.
+   background-subtracted 2D strip spectra and ``e(s)·(CTF² - <CTF²>)`` (background, local
+   envelope e and running mean <CTF²> from the 1D search).
 5. **Fit statistics.** Figure of merit = that correlation. Fit resolution = the
    spacing up to which the windowed (two-period) correlation between the equiphase
    1D average and CTF² stays above ``cc_threshold`` (CTFFIND's "spacing up to which CTF
@@ -30,7 +36,8 @@ Method (a CTFFIND-like fit written for tilted, low-dose images):
    amplitude (the mean envelope in a least-squares fit of the equiphase average): about
    N(0, 1) when there are no Thon rings, since then in-phase and anti-phase models fit
    equally well. A fit is flagged as failed when it is below ``min_significance`` (or the
-   fitted rings come out in anti-phase).
+   fitted rings come out in anti-phase). The tilt-series consistency check (a defocus
+   far from the trend of the neighbouring tilts) is in ``subtomo.ctf.series``.
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ class CtfSearchParams:
     """Search options, named and defaulted like CTFFIND's (lengths in Å)."""
 
     box_px: int = 256
-    res_min_A: float = 50.0
+    res_min_A: float = 30.0
     res_max_A: float = 8.0
     defocus_min_A: float = 5000.0
     defocus_max_A: float = 50000.0
@@ -278,43 +285,52 @@ def _ctf2(s2: torch.Tensor, defocus_A: torch.Tensor, optics: Optics) -> torch.Te
     return 0.5 - 0.5 * torch.cos(two_chi)
 
 
-def _fit_1d(y: torch.Tensor, c: torch.Tensor, Bb: torch.Tensor, Be: torch.Tensor):
-    """Linear LSQ of y_j(r) = b(r) + e(r) c_j(r) per image and candidate.
+def _phase_periods(s2: torch.Tensor, defocus_A: torch.Tensor, optics: Optics) -> torch.Tensor:
+    """``u = -chi / pi``: CTF² = sin²(pi u + alpha) has period 1 in u (u grows with s)."""
+    lam = electron_wavelength_A(optics.voltage_kV)
+    return lam * defocus_A * s2 - (0.5 * optics.cs_mm * 1e7 * lam ** 3) * s2 * s2
 
-    y: (N, S, R) data; c: (N, C, S, R) CTF² per candidate; Bb (R, Kb), Be (R, Ke) bases.
-    Returns (score (N, C), coefficients (N, C, Kb+Ke), background-only RSS (N,)).
+
+def _window_matrix(u: torch.Tensor, width: float = 1.0) -> torch.Tensor:
+    """Running-mean operator (..., R, R) over the window ``[u - width/2, u + width/2]``.
+
+    Each bin covers the u-interval between the midpoints to its neighbours and enters a
+    window with its overlap, so the mean is an integral over u: one full period of CTF²
+    averages to exactly 1/2 whatever the bin spacing. Windows are clipped at the band edges.
     """
-    S = y.shape[1]
-    Kb = Bb.shape[1]
-    # background-only fit (shared b over strips)
-    G_bb = S * Bb.T @ Bb  # (Kb, Kb)
-    ysum = y.sum(1)  # (N, R)
-    h_b = ysum @ Bb  # (N, Kb)
-    yy = (y * y).sum(dim=(1, 2))  # (N,)
-    ridge = 1e-6 * torch.eye(Kb, device=y.device, dtype=y.dtype) * G_bb.diagonal().mean()
-    beta0 = torch.linalg.solve(G_bb + ridge, h_b.T).T
-    rss0 = yy - (beta0 * h_b).sum(-1)
-    # full fit: normal equations assembled from strip sums
-    csum = c.sum(2)  # (N, C, R)
-    c2sum = (c * c).sum(2)
-    cysum = (c * y[:, None]).sum(2)
-    G_be = torch.einsum("rk,rl,ncr->nckl", Bb, Be, csum)
-    G_ee = torch.einsum("rk,rl,ncr->nckl", Be, Be, c2sum)
-    n, C = c.shape[:2]
-    G = torch.empty(n, C, Kb + Be.shape[1], Kb + Be.shape[1], device=y.device, dtype=y.dtype)
-    G[..., :Kb, :Kb] = G_bb
-    G[..., :Kb, Kb:] = G_be
-    G[..., Kb:, :Kb] = G_be.transpose(-1, -2)
-    G[..., Kb:, Kb:] = G_ee
-    h = torch.cat([h_b[:, None].expand(n, C, Kb), cysum @ Be], dim=-1)
-    diag = G.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).clamp(min=1e-12)
-    eye = torch.eye(G.shape[-1], device=y.device, dtype=y.dtype)
-    beta = torch.linalg.solve(G + 1e-6 * diag[..., None] * eye, h.unsqueeze(-1)).squeeze(-1)
-    rss = yy[:, None] - (beta * h).sum(-1)
-    score = 1 - rss / rss0.clamp(min=1e-12)[:, None]
-    env = (beta[..., Kb:] @ Be.T).mean(-1)  # mean envelope over the band
-    score = torch.where(env > 0, score, -score.abs())
-    return score, beta, rss0
+    mid = 0.5 * (u[..., 1:] + u[..., :-1])
+    edges = torch.cat([2 * u[..., :1] - mid[..., :1], mid, 2 * u[..., -1:] - mid[..., -1:]], -1)  # (..., R+1)
+    lo = (u - width / 2)[..., :, None]
+    hi = (u + width / 2)[..., :, None]
+    ov = (torch.minimum(edges[..., None, 1:], hi) - torch.maximum(edges[..., None, :-1], lo)).clamp(min=0)
+    return ov / ov.sum(-1, keepdim=True).clamp(min=1e-12)
+
+
+def _apply(W: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Running mean: W (N, S, R, R), v (N, C, S, R) -> (N, C, S, R)."""
+    return torch.einsum("nsrk,ncsk->ncsr", W, v)
+
+
+def _period_scores(zn: torch.Tensor, c: torch.Tensor, W: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Weighted correlation of normalised data with each candidate's normalised CTF².
+
+    zn: (N, 1, S, R) data after background removal and local amplitude normalisation (with
+    the running mean W); c: (N, C, S, R) CTF² of the candidates, filtered the same way, so
+    that data and model are compared after identical processing. Returns (N, C).
+    """
+    m = c - _apply(W, c)
+    mn = m / _apply(W, m * m).clamp(min=1e-12).sqrt()
+    num = (w * zn * mn).sum(dim=(-2, -1))
+    den = torch.sqrt((w * zn * zn).sum(dim=(-2, -1)) * (w * mn * mn).sum(dim=(-2, -1))).clamp(min=1e-12)
+    return num / den
+
+
+def _normalised_data(y: torch.Tensor, W: torch.Tensor):
+    """(background (N,S,R), z (N,S,R), z / local RMS) of the profiles y with running mean W."""
+    bg = torch.einsum("nsrk,nsk->nsr", W, y)
+    z = y - bg
+    rms = torch.einsum("nsrk,nsk->nsr", W, z * z).clamp(min=1e-12).sqrt()
+    return bg, z, z / rms
 
 
 def _strip_offsets(strip_x_A: torch.Tensor, tilt_deg: torch.Tensor, use: bool) -> torch.Tensor:
@@ -324,43 +340,78 @@ def _strip_offsets(strip_x_A: torch.Tensor, tilt_deg: torch.Tensor, use: bool) -
     return strip_x_A[None, :] * torch.tan(torch.deg2rad(tilt_deg))[:, None]
 
 
-def _search_1d(y1: torch.Tensor, delta: torch.Tensor, grid: _Grid, optics: Optics, params: CtfSearchParams,
-               Bb: torch.Tensor, Be: torch.Tensor, chunk: int = 64):
-    """Exhaustive then fine 1D defocus search. Returns (D (N,), beta (N, K), score (N,))."""
-    dev = y1.device
-    cands = torch.arange(params.defocus_min_A, params.defocus_max_A + 0.5 * params.defocus_step_A,
-                         params.defocus_step_A, device=dev, dtype=torch.float32)
-    s2 = grid.s_bin ** 2
+def min_identifiable_defocus_A(band: Band, optics: Optics, min_periods: float = 1.5) -> float:
+    """Smallest defocus whose CTF² completes ``min_periods`` periods inside the fitting band.
 
-    def scores_for(cand: torch.Tensor):  # cand (N, C)
-        res_s, res_b = [], []
+    With fewer periods Thon rings cannot be told apart from a smooth background (any
+    running-mean background of one period then absorbs them), so such candidates are not
+    searched.
+    """
+    lam = electron_wavelength_A(optics.voltage_kV)
+    s_lo2, s_hi2 = (1.0 / band.res_min_A) ** 2, (1.0 / band.res_max_A) ** 2
+    return min_periods / (lam * (s_hi2 - s_lo2))
+
+
+def _search_1d(y1: torch.Tensor, delta: torch.Tensor, grid: _Grid, optics: Optics, params: CtfSearchParams,
+               d_min_A: float, chunk: int = 64):
+    """Exhaustive then fine 1D defocus search on the strip profiles y1 (N, S, R).
+
+    The background is a running mean over one CTF period (CTFFIND-like), the same for all
+    candidates so that they are compared on identical data: a first pass uses the period
+    at the geometric mean of the search range, a second the period at the first pass's
+    best defocus. Returns (D (N,), score (N,), background (N, S, R), envelope (N, S, R),
+    running mean of CTF² (N, S, R)), the last three for the best defocus.
+    """
+    dev = y1.device
+    n = y1.shape[0]
+    idx = torch.arange(n, device=dev)
+    lo = max(params.defocus_min_A, d_min_A)
+    hi = max(params.defocus_max_A, lo + params.defocus_step_A)
+    cands = torch.arange(lo, hi + 0.5 * params.defocus_step_A, params.defocus_step_A, device=dev, dtype=torch.float32)
+    s2 = grid.s_bin ** 2
+    w = grid.count_bin.sqrt()
+
+    def window(d_ref: torch.Tensor) -> torch.Tensor:  # d_ref (N,) -> W (N, S, R, R)
+        return _window_matrix(_phase_periods(s2, d_ref[:, None, None] + delta[:, :, None], optics))
+
+    def scores_for(cand: torch.Tensor, W: torch.Tensor) -> torch.Tensor:  # cand (N, C)
+        zn = _normalised_data(y1, W)[2][:, None]
+        res = []
         for j in range(0, cand.shape[1], chunk):
             d = cand[:, j:j + chunk, None, None] + delta[:, None, :, None]  # (N, c, S, 1)
-            c = _ctf2(s2, d, optics)  # (N, c, S, R)
-            sc, beta, _ = _fit_1d(y1, c, Bb, Be)
-            res_s.append(sc)
-            res_b.append(beta)
-        return torch.cat(res_s, 1), torch.cat(res_b, 1)
+            res.append(_period_scores(zn, _ctf2(s2, d, optics), W, w))
+        return torch.cat(res, 1)
 
-    n = y1.shape[0]
-    coarse, _ = scores_for(cands[None].expand(n, -1))
-    best = coarse.argmax(1)
-    # fine search: +-1 coarse step around the best grid point
+    d_ref = torch.full((n,), math.sqrt(lo * hi), device=dev)
+    best = None
+    for _ in range(2):
+        W = window(d_ref)
+        coarse = scores_for(cands[None].expand(n, -1), W)
+        best = cands[coarse.argmax(1)]
+        d_ref = best
+    # fine search: +-1 coarse step around the best grid point, window at the best point
     offs = torch.linspace(-1, 1, 41, device=dev) * params.defocus_step_A
-    fine = (cands[best][:, None] + offs[None]).clamp(min=1.0)
-    fs, fb = scores_for(fine)
+    fine = (best[:, None] + offs[None]).clamp(min=1.0)
+    fs = scores_for(fine, W)
     k = fs.argmax(1)
-    idx = torch.arange(n, device=dev)
-    return fine[idx, k], fb[idx, k], fs[idx, k]
+    D = fine[idx, k]
+    W = window(D)
+    bg, z, _ = _normalised_data(y1, W)
+    c = _ctf2(s2, D[:, None, None] + delta[:, :, None], optics)[:, None]
+    mc = _apply(W, c)
+    m = c - mc
+    env = (_apply(W, z[:, None] * m) / _apply(W, m * m).clamp(min=1e-12)).clamp(min=0)
+    return D, fs[idx, k], bg, env[:, 0], mc[:, 0]
 
 
 # ----------------------------------------------------------------------------- 2D refine
 
-def _refine_2d(z2: torch.Tensor, env: torch.Tensor, delta: torch.Tensor, grid: _Grid, optics: Optics,
-               D0: torch.Tensor, params: CtfSearchParams, max_iter: int = 60):
+def _refine_2d(z2: torch.Tensor, env: torch.Tensor, offset: torch.Tensor, delta: torch.Tensor, grid: _Grid,
+               optics: Optics, D0: torch.Tensor, params: CtfSearchParams, max_iter: int = 60):
     """Pattern search on (D, a1, a2) maximising the 2D correlation.
 
-    z2: (N, S, P) background-subtracted log power; env: (N, P) envelope.
+    z2: (N, S, P) background-subtracted log power; env, offset: (N, S, P) local ring
+    amplitude and running mean of CTF² (the model is ``env (CTF² - offset)``).
     Returns (D, a1, a2, cc) each (N,).
     """
     n = z2.shape[0]
@@ -386,7 +437,7 @@ def _refine_2d(z2: torch.Tensor, env: torch.Tensor, delta: torch.Tensor, grid: _
     def cc_of(params_: torch.Tensor) -> torch.Tensor:  # (N, M, 3) -> (N, M)
         d = (params_[..., 0:1] + params_[..., 1:2] * grid.cos2 + params_[..., 2:3] * grid.sin2)  # (N, M, P)
         d = d[:, :, None, :] + delta[:, None, :, None]  # (N, M, S, P)
-        m = _ctf2(grid.s2, d, optics) * env[:, None, None, :]
+        m = (_ctf2(grid.s2, d, optics) - offset[:, None]) * env[:, None]
         count = m.shape[2] * m.shape[3]
         num = (m * zc[:, None]).sum(dim=(2, 3))  # zc has zero mean: no need to centre m
         var = m.square().sum(dim=(2, 3)) - m.sum(dim=(2, 3)).square() / count
@@ -511,8 +562,8 @@ def _fit_statistics(logp: torch.Tensor, delta: torch.Tensor, D: torch.Tensor, a1
     return results
 
 
-def _display_spectrum(logp: torch.Tensor, delta: torch.Tensor, D: torch.Tensor, a1, a2, bg_coef,
-                      env_coef, grid: _Grid, optics: Optics, band: Band) -> tuple[np.ndarray, np.ndarray]:
+def _display_spectrum(logp: torch.Tensor, delta: torch.Tensor, D: torch.Tensor, a1, a2, bg_bin: torch.Tensor,
+                      env_bin: torch.Tensor, grid: _Grid, optics: Optics, band: Band) -> tuple[np.ndarray, np.ndarray]:
     """Centred (box, box) spectrum of one image (strips stretched onto the central defocus)
     and the fitted model, both background-subtracted and scaled alike (for plots)."""
     box = logp.shape[-2]
@@ -541,9 +592,13 @@ def _display_spectrum(logp: torch.Tensor, delta: torch.Tensor, D: torch.Tensor, 
     r = torch.sqrt(KX ** 2 + KY ** 2)
     s = r / (box * p)
     s_lo, s_hi = 1.0 / band.res_min_A, 1.0 / band.res_max_A
-    t = (2 * (s - s_lo) / (s_hi - s_lo) - 1).clamp(-1.0, 1.0)
-    bg = _poly_basis(t, len(bg_coef) - 1) @ bg_coef
-    env = (_poly_basis(t, len(env_coef) - 1) @ env_coef).clamp(min=0)
+    # background per radial bin, linearly interpolated at each pixel's radius (held beyond the band)
+    r_bin = grid.s_bin * box * p
+    pos = torch.from_numpy(np.interp(r.reshape(-1).cpu().numpy(), r_bin.cpu().numpy(),
+                                     np.arange(len(r_bin), dtype=np.float64))).to(dev, torch.float32)
+    lo_i = pos.floor().long().clamp(max=len(r_bin) - 2)
+    fr = pos - lo_i
+    bg = (bg_bin[lo_i] * (1 - fr) + bg_bin[lo_i + 1] * fr).reshape(box, box)
     phi = torch.atan2(KY, KX)
     d = D + a1 * torch.cos(2 * phi) + a2 * torch.sin(2 * phi)
     # data: background removed, lightly smoothed, scaled to unit spread on every ring
@@ -608,21 +663,15 @@ def estimate_ctf(images: torch.Tensor, tilt_deg, optics: Optics, params: CtfSear
     y2 = logp.reshape(n, S, -1)[..., grid.flat_index]  # (N, S, P)
     y1 = _radial_profiles(y2, grid)  # (N, S, R)
     delta = _strip_offsets(strip_x, tilt, params.tilt_gradient)
-    kb, ke = model_degrees(1.0 / band.res_min_A, 1.0 / band.res_max_A,
-                           0.5 * (params.defocus_min_A + params.defocus_max_A), optics)
-    Bb = _poly_basis(grid.t_bin, kb)
-    Be = _poly_basis(grid.t_bin, ke)
-    D1, beta, score1 = _search_1d(y1, delta, grid, optics, params, Bb, Be)
-    Kb = Bb.shape[1]
-    Pb = _poly_basis(grid.t_pixel, kb)
-    Pe = _poly_basis(grid.t_pixel, ke)
-    bg = beta[:, :Kb] @ Pb.T  # (N, P)
-    env = (beta[:, Kb:] @ Pe.T).clamp(min=0)
-    z2 = y2 - bg[:, None, :]
+    d_min = min_identifiable_defocus_A(band, optics)
+    D1, score1, bg1, env1, mc1 = _search_1d(y1, delta, grid, optics, params, d_min)
+    pix = grid.bin_of_pixel
+    z2 = y2 - bg1[..., pix]
     # the 2D refinement needs the ring shapes, not every pixel: at most ~6000 band pixels per strip
     stride = max(1, int(math.ceil(z2.shape[-1] / 6000)))
     sub = replace(grid, s2=grid.s2[::stride], cos2=grid.cos2[::stride], sin2=grid.sin2[::stride])
-    D, a1, a2, cc = _refine_2d(z2[..., ::stride], env[:, ::stride], delta, sub, optics, D1, params)
+    ps = pix[::stride]
+    D, a1, a2, cc = _refine_2d(z2[..., ::stride], env1[..., ps], mc1[..., ps], delta, sub, optics, D1, params)
     stats = _fit_statistics(logp, delta, D, a1, a2, optics, band, params, diagnostics)
     Dn, a1n, a2n = (t.detach().cpu().numpy().astype(np.float64) for t in (D, a1, a2))
     u, v, ang = uv_angle(Dn, a1n, a2n)
@@ -642,8 +691,8 @@ def estimate_ctf(images: torch.Tensor, tilt_deg, optics: Optics, params: CtfSear
     if diagnostics:
         diags = []
         for i in range(n):
-            data2d, model2d = _display_spectrum(logp[i], delta[i], D[i], a1[i], a2[i], beta[i, :Kb], beta[i, Kb:],
-                                                grid, optics, band)
+            data2d, model2d = _display_spectrum(logp[i], delta[i], D[i], a1[i], a2[i], bg1[i].mean(0),
+                                                env1[i].mean(0), grid, optics, band)
             d = dict(stats[i]["diag"])
             d.update({"spectrum": data2d, "model2d": model2d, "band": band, "pixel_size_A": optics.pixel_size_A,
                       "fit_res_A": float(fit_res[i]), "significance": float(signif[i]),

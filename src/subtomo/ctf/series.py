@@ -172,3 +172,41 @@ def apply_lower_tilt_defoci(table: pd.DataFrame, threshold_deg: float, where: st
     t.loc[higher, "subtomoCtfFitFailed"] = 0
     t.loc[higher, "subtomoCtfSource"] = "lower_tilts"
     return t, int(higher.sum()), notes
+
+
+def flag_inconsistent_defoci(table: pd.DataFrame, max_deviation_A: float, rows: Iterable[int] | None = None,
+                             neighbours: int = 6) -> tuple[pd.DataFrame, list[str]]:
+    """Tilt-series consistency check: flag fits far from the series' robust defocus trend.
+
+    Defocus changes little between neighbouring tilts (autofocus, eucentric height), so a
+    fitted mean defocus farther than ``max_deviation_A`` from the median of its
+    ``neighbours`` nearest tilts (by tilt angle; the image itself and failed fits left
+    out) is almost surely a wrong fit (a neighbouring ring order, a background feature).
+    Such images keep their fitted values but get ``subtomoCtfFitFailed = 1``; later
+    stages then treat them like any failed fit. ``rows`` (0-based) limits the check to
+    those images (e.g. the re-estimated ones); the others still define the trend.
+    Returns (new table, one message per flagged image).
+    """
+    t = table.copy()
+    if max_deviation_A <= 0 or len(t) < 3:
+        return t, []
+    tilt = t["rlnTomoNominalStageTiltAngle"].to_numpy(float)
+    dmean = (t["rlnDefocusU"].to_numpy(float) + t["rlnDefocusV"].to_numpy(float)) / 2
+    failed = t["subtomoCtfFitFailed"].to_numpy(int) > 0
+    check = np.zeros(len(t), bool)
+    check[list(range(len(t))) if rows is None else list(rows)] = True
+    new_fail = failed.copy()
+    messages = []
+    for i in np.flatnonzero(check & ~failed):
+        others = np.flatnonzero(~failed & (np.arange(len(t)) != i))
+        if len(others) < 3:
+            continue
+        near = others[np.argsort(np.abs(tilt[others] - tilt[i]), kind="stable")[:neighbours]]
+        trend = float(np.median(dmean[near]))
+        if abs(dmean[i] - trend) > max_deviation_A:
+            new_fail[i] = True
+            messages.append(f"image {i + 1} (tilt {tilt[i]:.1f} deg): defocus {dmean[i]:.0f} A is "
+                            f"{abs(dmean[i] - trend):.0f} A from the series trend {trend:.0f} A (neighbouring tilts); "
+                            f"flagged as a failed fit")
+    t["subtomoCtfFitFailed"] = new_fail.astype(int)
+    return t, messages

@@ -23,7 +23,7 @@ from pydantic import Field
 from subtomo.ctf.estimate import CtfFit, CtfSearchParams, Optics, effective_band
 from subtomo.ctf.importers import ctffind_to_table, find_result_file, read_ctffind4, read_imod_defocus
 from subtomo.ctf.series import (RESULT_COLUMNS, apply_lower_tilt_defoci, estimate_stack, estimate_trials,
-                                results_table, skip_ctf_table)
+                                flag_inconsistent_defoci, results_table, skip_ctf_table)
 from subtomo.errors import SubtomoError
 from subtomo.io.mrc import read_mrc_header
 from subtomo.io.star import read_star_table, write_star
@@ -35,7 +35,7 @@ RESULTS_NODE = "ctf_tomograms.star"
 class CtfParams(ComputeParams):
     i: str | None = Field(None, description="Input all_tomograms.star (default: the latest Import job's).")
     box: int = Field(256, ge=32, description="Tile box of the power spectra [px] (reduced for small images).")
-    res_min: float = Field(50.0, gt=0, description="Lowest resolution used in the fit [Å].")
+    res_min: float = Field(30.0, gt=0, description="Lowest resolution used in the fit [Å] (CTFFIND default; lower resolutions are dominated by the specimen, not Thon rings).")
     res_max: float = Field(8.0, gt=0, description="Highest resolution used in the fit [Å] (kept inside Nyquist).")
     defocus_min: float = Field(5000.0, gt=0, description="Lowest defocus searched [Å] (underfocus positive).")
     defocus_max: float = Field(50000.0, gt=0, description="Highest defocus searched [Å].")
@@ -53,6 +53,7 @@ class CtfParams(ComputeParams):
     plots: bool = Field(True, description="Write the diagnostic PNGs.")
     batch: int = Field(8, ge=1, description="Images fitted together (memory vs speed).")
     min_significance: float = Field(6.0, ge=0, description="Fits whose Thon-ring amplitude t statistic is below this are flagged as failed.")
+    max_defocus_deviation: float = Field(10000.0, ge=0, description="Fits whose defocus is farther than this from the median of the neighbouring tilts are flagged as failed (0: no check) [Å].")
     cc_threshold: float = Field(0.5, gt=0, lt=1, description="Windowed correlation defining the fit resolution.")
 
 
@@ -118,7 +119,8 @@ def _rerun_command(ctx: JobContext, p: CtfParams, inp: Path, name: str, image: i
     opts = [f"--i {ctx.rel(inp)}", f"--update {ctx.name}", f"--tomo {name}", f"--image {image}",
             f"--box {p.box}", f"--res-min {p.res_min:g}", f"--res-max {p.res_max:g}",
             f"--defocus-min {p.defocus_min:g}", f"--defocus-max {p.defocus_max:g}",
-            f"--defocus-step {p.defocus_step:g}", f"--astigmatism {p.astigmatism:g}"]
+            f"--defocus-step {p.defocus_step:g}", f"--astigmatism {p.astigmatism:g}",
+            f"--min-significance {p.min_significance:g}", f"--max-defocus-deviation {p.max_defocus_deviation:g}"]
     if not p.tilt_gradient:
         opts.append("--no-tilt-gradient")
     if p.use_trials:
@@ -201,6 +203,12 @@ def _tomogram_table(ctx: JobContext, row: pd.Series, prev_path: Path | None) -> 
             table.loc[table.index[sel], col] = new[col].to_numpy()
     else:
         table = new
+    # consistency along the series (before any --lower-tilt-defoci replacement, so that
+    # outliers neither enter the lower-tilt mean nor hide behind it)
+    table, messages = flag_inconsistent_defoci(table, p.max_defocus_deviation, sel)
+    for msg in messages:
+        ctx.warn(f"{name}: {msg}. Check its diagnostic plot; prepare replaces failed tilts by the mean of the "
+                 "successful ones unless you fix the value (edit the STAR file or re-run the image).")
     if p.plots and diag_fit.diagnostics:
         from subtomo.plot.ctf import plot_image_fit
 
