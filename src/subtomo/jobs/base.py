@@ -158,6 +158,9 @@ class JobSpec:
     run: Callable[[JobContext], None]
     summary: str
     check: Callable[[JobParams, Path], Any] | None = None  # validation before anything is written
+    # name of a parameter holding the project directory the job creates (``simulate``): the
+    # job then runs in that directory (relative to ``project``) instead of ``project`` itself
+    project_param: str | None = None
 
 
 def _job_dir_for(spec: JobSpec, params: JobParams, project: Path, pipeline: Pipeline) -> tuple[Path, str]:
@@ -185,8 +188,12 @@ def _job_dir_for(spec: JobSpec, params: JobParams, project: Path, pipeline: Pipe
 def execute(spec: JobSpec, params: JobParams, project: str | Path = ".", argv: list[str] | None = None,
             quiet: bool = False) -> JobContext:
     """Run one job in ``project``; returns its context. Raises SubtomoError on failure."""
+    if spec.project_param:
+        project = Path(project) / str(getattr(params, spec.project_param))
     project = Path(project).resolve()
     state = spec.check(params, project) if spec.check else None
+    if spec.project_param:
+        project.mkdir(parents=True, exist_ok=True)
     pipeline = Pipeline(project)
     job_dir, name = _job_dir_for(spec, params, project, pipeline)
     for sentinel in (SUCCESS_SENTINEL, FAILURE_SENTINEL):
