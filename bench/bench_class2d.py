@@ -95,7 +95,7 @@ def simulated_project(project: str, k: int, iterations: int, threads: int) -> No
 
     root = Path(project).resolve()
     t0 = time.time()
-    ctx = execute(SPEC, Class2DParams(K=k, iterations=iterations, threads=threads, device="cpu"), root, quiet=True)
+    ctx = execute(SPEC, Class2DParams(K=k, iter=iterations, threads=threads, device="cpu"), root, quiet=True)
     print(f"class2d: {time.time() - t0:.1f} s for {iterations} iterations, K={k}; gallery {ctx.dir / f'run_it{iterations:03d}_classes.png'}")
     data = read_star(ctx.dir / f"run_it{iterations:03d}_data.star")["particles"]
     truth = read_star(root / "GroundTruth/picks.star")

@@ -192,7 +192,7 @@ def test_class2d_job_separates_patterns_and_continues(tmp_path):
     imgs, truth = dataset(n_per=20, noise=0.5, seed=0)
     star = _project(tmp_path, imgs)
     common = dict(i=str(star), K=3, particle_diameter=150.0, highres_limit=None, seed=1, device="cpu")
-    full = execute(SPEC, Class2DParams(iterations=8, output="Class2D/full", **common), tmp_path, quiet=True)
+    full = execute(SPEC, Class2DParams(iter=8, output="Class2D/full", **common), tmp_path, quiet=True)
     data = read_star(full.dir / "run_it008_data.star")
     got = data["particles"]
     assert list(got["rlnImageName"]) == list(read_star(star)["particles"]["rlnImageName"])
@@ -212,9 +212,9 @@ def test_class2d_job_separates_patterns_and_continues(tmp_path):
                 "rlnLogLikeliContribution", "rlnNrOfSignificantSamples"):
         assert col in got.columns
     # interrupted after 4 iterations, then continued: the same result
-    part = execute(SPEC, Class2DParams(iterations=4, output="Class2D/part", **common), tmp_path, quiet=True)
+    part = execute(SPEC, Class2DParams(iter=4, output="Class2D/part", **common), tmp_path, quiet=True)
     assert (part.dir / "run_it004_optimiser.pt").exists() and not (part.dir / "run_it005_data.star").exists()
-    cont = execute(SPEC, Class2DParams(iterations=8, continue_job="Class2D/part", **common), tmp_path, quiet=True)
+    cont = execute(SPEC, Class2DParams(iter=8, continue_job="Class2D/part", **common), tmp_path, quiet=True)
     a = read_star(full.dir / "run_it008_data.star")["particles"]
     b = read_star(cont.dir / "run_it008_data.star")["particles"]
     pd.testing.assert_frame_equal(a, b)

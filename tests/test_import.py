@@ -149,15 +149,23 @@ def test_cli_exits_nonzero_with_message(tmp_path):
 
 
 def test_cli_help_lists_jobs_in_workflow_order():
-    proc = subprocess.run([sys.executable, "-m", "subtomo", "--help"], capture_output=True, text=True)
-    assert proc.returncode == 0
+    from click.testing import CliRunner
+
+    from subtomo.cli.main import build_cli
     from subtomo.jobs.registry import all_specs
 
+    proc = subprocess.run([sys.executable, "-m", "subtomo", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
     names = [s.command for s in all_specs()]
     positions = [proc.stdout.index(f"  {n} ") for n in names]
     assert positions == sorted(positions)
+    cli = build_cli()
     for spec in all_specs():
-        sub = subprocess.run([sys.executable, "-m", "subtomo", spec.command, "--help"], capture_output=True, text=True)
-        assert sub.returncode == 0, sub.stderr
+        result = CliRunner().invoke(cli, [spec.command, "--help"])
+        assert result.exit_code == 0, result.output
         for field in spec.params.model_fields.values():
             assert field.description, f"{spec.command}: an option has no help text"
+        for name in spec.params.model_fields:
+            extra = spec.params.model_fields[name].json_schema_extra or {}
+            if not extra.get("positional"):
+                assert "--" + name.replace("_", "-") in result.output, f"{spec.command}: --{name} not in --help"

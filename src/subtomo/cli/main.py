@@ -82,6 +82,12 @@ def _make_command(spec: JobSpec) -> click.Command:
         except SubtomoError as exc:
             click.secho(f"ERROR: {exc}", fg="red", err=True)
             sys.exit(1)
+        except Exception as exc:  # a bug, not bad input: short message, traceback kept in run.err
+            job = getattr(exc, "subtomo_job", None)
+            where = f"; the traceback is in {job}run.err" if job else ""
+            click.secho(f"ERROR: internal error in subtomo {spec.command}: {type(exc).__name__}: {exc}{where}. "
+                        f"Please report it with that file.", fg="red", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.secho("interrupted; the job is marked as failed and can be continued where supported", err=True)
             sys.exit(130)

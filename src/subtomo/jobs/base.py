@@ -223,6 +223,11 @@ def execute(spec: JobSpec, params: JobParams, project: str | Path = ".", argv: l
             if not isinstance(exc, SubtomoError):
                 fh.write(traceback.format_exc())
         (job_dir / FAILURE_SENTINEL).touch()
+        if not hasattr(exc, "subtomo_job"):
+            try:
+                exc.subtomo_job = name  # the innermost failing job, for the CLI's message
+            except AttributeError:
+                pass
         pipeline = Pipeline(project)
         pipeline.add(proc)
         pipeline.save()

@@ -35,8 +35,8 @@ _OPT_RE = re.compile(r"run_it(\d{3})_optimiser\.pt$")
 class Class2DParams(ComputeParams):
     i: str | None = Field(None, description="2D particles STAR (default: the latest Extract job's subtomo_proj2d.star).")
     K: int | None = Field(None, ge=1, description="Number of classes (default: about one per 30 particles, 2 to 50).")
-    iterations: int = Field(25, ge=1, description="Number of iterations.")
-    T: float = Field(2.0, gt=0, description="Regularisation parameter T (tau2 fudge); RELION's 2D default is 2.")
+    iter: int = Field(25, ge=1, description="Number of iterations.")
+    tau2_fudge: float = Field(2.0, gt=0, description="Regularisation parameter T; RELION's 2D default is 2.")
     particle_diameter: float | None = Field(None, gt=0, description="Mask diameter: images are zero outside a soft circle of this diameter [Å] (default: 80 % of the box).")
     highres_limit: float | None = Field(15.0, gt=0, description="Highest resolution used in the E-step [Å] (protocol: 10-15 Å).")
     psi_step: float = Field(6.0, gt=0, le=90, description="In-plane angular sampling [deg] (the coarse pass uses twice this).")
@@ -164,7 +164,7 @@ def _run(ctx: JobContext) -> None:
     diameter = p.particle_diameter or 0.8 * box * px
     if diameter / px > box:
         raise SubtomoError(f"--particle-diameter {diameter:g} Å is larger than the box ({box} px x {px:g} Å = {box * px:g} Å).")
-    settings = Class2DSettings(n_classes=k, pixel_size_A=px, particle_diameter_A=diameter, tau2_fudge=p.T,
+    settings = Class2DSettings(n_classes=k, pixel_size_A=px, particle_diameter_A=diameter, tau2_fudge=p.tau2_fudge,
                                psi_step_deg=p.psi_step, offset_range_px=p.offset_range, offset_step_px=p.offset_step,
                                highres_limit_A=p.highres_limit, batch_size=p.batch_size, seed=p.seed)
     device = ctx.device
@@ -186,20 +186,20 @@ def _run(ctx: JobContext) -> None:
         start = last + 1
         ctx.log(f"continuing after iteration {last}")
     else:
-        ctx.log(f"{n_img} images of {box}x{box} px at {px:g} Å; K = {k}, T = {p.T:g}, mask diameter {diameter:.0f} Å, "
+        ctx.log(f"{n_img} images of {box}x{box} px at {px:g} Å; K = {k}, T = {p.tau2_fudge:g}, mask diameter {diameter:.0f} Å, "
                 f"E-step limit {p.highres_limit or 'none'} Å, psi step {p.psi_step:g} deg, offsets {p.offset_range:g}/{p.offset_step:g} px")
         model, poses = initialise(images, settings, origin)
         _write_iteration(ctx, 0, model, poses, None, blocks, block_name, particles, settings, final=False)
     outputs: dict[str, Path] = {}
-    if start > p.iterations:
-        ctx.log(f"nothing to do: {start - 1} iterations already done (--iterations {p.iterations})")
+    if start > p.iter:
+        ctx.log(f"nothing to do: {start - 1} iterations already done (--iter {p.iter})")
         outputs = {"data": ctx.path(f"run_it{start - 1:03d}_data.star"), "model": ctx.path(f"run_it{start - 1:03d}_model.star"),
                    "classes": ctx.path(f"run_it{start - 1:03d}_classes.mrcs")}
-    for it in range(start, p.iterations + 1):
+    for it in range(start, p.iter + 1):
         model, poses, info = iterate(images, model, poses, settings, it,
                                      progress=lambda b, it=it: ctx.progress(b, description=f"iteration {it}"))
         outputs = _write_iteration(ctx, it, model, poses, info, blocks, block_name, particles, settings,
-                                   final=it == p.iterations)
+                                   final=it == p.iter)
         sizes = np.sort(model.class_priors.cpu().numpy())[::-1]
         ctx.log(f"iteration {it:3d}: {info.seconds:6.1f} s, resolution {info.resolution_A:6.1f} Å (size {info.current_size}), "
                 f"class changes {100 * info.class_change:5.1f} %, psi change {info.psi_change_deg:5.1f} deg, "

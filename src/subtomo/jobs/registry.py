@@ -11,7 +11,19 @@ import importlib
 from subtomo.jobs.base import JobSpec
 
 JOB_MODULES: tuple[str, ...] = (
+    "simulate",
     "import_tomograms",
+    "ctf",
+    "prepare",
+    "extract",
+    "class2d",
+    "select",
+    "refine3d",
+    "class3d",
+    "mask",
+    "postprocess",
+    "localres",
+    "demo",
 )
 
 
