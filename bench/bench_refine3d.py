@@ -1,103 +1,291 @@
 """Benchmark of 3D auto-refine from random orientations against the oracle (true poses).
 
-Default: synthetic subtomograms made by the engine's own simulator (subtomo.em.synthetic:
-known reference and poses, missing wedge +-60 deg x CTF, white noise). With
-``--project DIR`` it runs on a simulated pipeline project instead (simulate -> import ->
-ctf -> prepare -> extract, ground truth in DIR/GroundTruth) through the refine3d job.
+Default (``--preset benchmark``): the real pipeline on a simulated project
+(``subtomo simulate --preset P`` -> import -> CTF -> prepare -> extract -> refine3d), with the
+ground truth of ``DIR/GroundTruth``. The CTF step uses the true per-tilt defoci
+(``GroundTruth/tilts.star`` written as a CtfFind-like node) unless ``--estimate-ctf`` runs
+``subtomo ctf``; the particle set is the true particles only (a perfect Select step: fiducials
+and junk removed).
 
-Prints: gold-standard resolution, oracle resolution and their ratio, FSC(map, truth) at
-0.5 after aligning the map to the truth (global rotation from the poses), median angular
-error after removing the global rotation, wall time, time per iteration, peak memory, and
-the same refinement with the CTF model off. ``--scaling`` adds time per iteration vs
-number of particles and box size.
+Prints: final gold-standard resolution, oracle resolution (true poses, same CTF model and
+halves) and their ratio; FSC(final map, true map) = 0.5 after aligning the true map to the
+refined frame (global rotation from the poses, symmetry-aware; global shift by
+cross-correlation; handedness check); the median angular error vs the true poses after
+removing the global rotation (minimum over the structure's point group); wall time, time
+per iteration, peak memory (RSS of the refine3d process); and the same run with CTF
+correction off (``--ctf false``). ``--scaling`` adds time per iteration vs particles and box.
 
-    python bench/bench_refine3d.py --n 400 --box 64 --px 5
+    python bench/bench_refine3d.py --preset benchmark --dir /tmp/bench_refine --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
-import tempfile
+import glob
+import json
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from subtomo.em.iteration import InMemorySource
-from subtomo.em.refine import RefineOptions, auto_refine, oracle, rotate_map
-from subtomo.em.synthetic import align_to_reference, make_set
-from subtomo.fourier import fsc_maps
+from subtomo.fourier import fft_centered, fsc_maps, ifft_centered, phase_shift
+from subtomo.geometry.euler import euler_to_matrix
+from subtomo.geometry.symmetry import symmetry_matrices
+from subtomo.io.mrc import read_mrc
+from subtomo.io.star import read_particles, read_star_table, write_particles, write_star
+
+RSS_WRAPPER = ("import resource, sys; from subtomo.cli.main import build_cli\n"
+               "try:\n    build_cli()(args=sys.argv[1:], prog_name='subtomo')\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
+               "print(f'PEAK_RSS_MB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}', flush=True)\n"
+               "sys.exit(code or 0)\n")
 
 
-def fsc_threshold_A(curve, box, px, thr):
-    c = np.asarray(curve)
-    below = np.nonzero(c[1:] < thr)[0]
-    last = int(below[0]) if len(below) else len(c) - 1
+def sh(args: list[str], cwd: Path, log: Path | None = None) -> str:
+    """Run ``subtomo ARGS`` in ``cwd`` in its own process (peak RSS printed at the end)."""
+    cmd = [sys.executable, "-c", RSS_WRAPPER, *args]
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    out = r.stdout + r.stderr
+    if log is not None:
+        log.write_text(out)
+    if r.returncode != 0:
+        raise RuntimeError(f"subtomo {' '.join(args)} failed:\n{out[-3000:]}")
+    return out
+
+
+def latest(project: Path, pattern: str) -> Path:
+    files = sorted(glob.glob(str(project / pattern)))
+    if not files:
+        raise FileNotFoundError(pattern)
+    return Path(files[-1])
+
+
+def truth_ctf_node(project: Path) -> Path:
+    """A CtfFind-like node (per-tomogram <t>_ctffind.star + ctf_tomograms.star) from the true defoci."""
+    tomos = read_star_table(latest(project, "Import/job*/all_tomograms.star"))
+    gt = read_star_table(project / "GroundTruth" / "tilts.star")
+    out = project / "CtfTruth"
+    out.mkdir(exist_ok=True)
+    paths = []
+    for t in tomos["rlnTomoName"]:
+        g = gt[gt.rlnTomoName == t]
+        tab = g[["rlnMicrographName", "rlnTomoNominalStageTiltAngle", "rlnMicrographPreExposure",
+                 "rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]].reset_index(drop=True)
+        tab["rlnCtfFigureOfMerit"] = 1.0
+        tab["rlnCtfMaxResolution"] = 10.0
+        tab["subtomoCtfFitFailed"] = 0
+        write_star(out / f"{t}_ctffind.star", {t: tab})
+        paths.append(f"CtfTruth/{t}_ctffind.star")
+    tomos = tomos.copy()
+    tomos["rlnCtfFindResultsStar"] = paths
+    return write_star(out / "ctf_tomograms.star", {"global": tomos})
+
+
+def true_particles_star(project: Path) -> Path:
+    """The extracted particles that are real particles (a perfect Select step)."""
+    df, optics = read_particles(latest(project, "Extract/job*/particles_subtomo.star"))
+    gt = read_star_table(project / "GroundTruth" / "picks.star")
+    key = ["rlnTomoName", "rlnTomoParticleId"]
+    m = df[key].merge(gt[key + ["subtomoKind"]], on=key, how="left")
+    df = df[(m["subtomoKind"] == "particle").to_numpy()].reset_index(drop=True)
+    df = df.drop(columns=[c for c in optics.columns if c in df.columns and c != "rlnOpticsGroup"])
+    return write_particles(project / "particles_true.star", df, optics)
+
+
+def prepare_project(project: Path, preset: str, seed: int, threads: int, estimate_ctf: bool, extra_sim: list[str]) -> dict:
+    project = project.resolve()
+    t = time.time()
+    if not (project / "GroundTruth").exists():
+        sh(["simulate", str(project), "--preset", preset, "--seed", str(seed), "--threads", str(threads), *extra_sim],
+           project.parent)
+    sim = json.loads((project / "GroundTruth" / "simulation.json").read_text())
+    if not glob.glob(str(project / "Extract/job*/particles_subtomo.star")):
+        sh(["import"], project)
+        if estimate_ctf:
+            sh(["ctf", "--threads", str(threads)], project)
+            prep = ["prepare", "--threads", str(threads)]
+        else:
+            truth_ctf_node(project)
+            prep = ["prepare", "--i", "CtfTruth/ctf_tomograms.star", "--threads", str(threads)]
+        sh(prep, project)
+        truth, _ = read_mrc(project / "GroundTruth" / "class001.mrc")
+        sh(["extract", "--box", str(truth.shape[-1]), "--threads", str(threads)], project)
+    true_particles_star(project)
+    return {"seconds": time.time() - t, "sim": sim}
+
+
+# ------------------------------------------------------------------ evaluation against the truth
+def rot_angle_deg(m: np.ndarray) -> np.ndarray:
+    return np.rad2deg(np.arccos(np.clip((np.trace(m, axis1=-2, axis2=-1) - 1) / 2, -1, 1)))
+
+
+def global_rotation(est: np.ndarray, true: np.ndarray, sym: np.ndarray, tol_deg: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+    """G with est_i ~ true_i g_i G (g_i in the point group), robust to symmetry flips and outliers.
+
+    Candidates G = g^T true_i^T est_i from a subset of particles; the one with the most particles
+    within ``tol_deg`` (minimum over g) is refined by the chordal mean. Returns (G, errors deg).
+    """
+    rel = np.einsum("nji,njk->nik", true, est)  # true_i^T est_i = g_i G
+    cand = rel[:: max(1, len(rel) // 60)]
+
+    def errors(g_mat):
+        pred = np.einsum("gij,jk->gik", sym, g_mat)  # g G
+        d = np.einsum("nij,gkj->ngik", rel, pred)  # rel (g G)^T
+        return rot_angle_deg(d).min(1), rot_angle_deg(d).argmin(1)
+
+    best, best_n = None, -1
+    for c in cand:
+        e, _ = errors(c)
+        n_in = int((e < tol_deg).sum())
+        if n_in > best_n:
+            best, best_n = c, n_in
+    e, gi = errors(best)
+    ok = e < 3 * tol_deg
+    m = np.einsum("nji,njk->ik", sym[gi[ok]], rel[ok])  # sum g_i^T rel_i ~ G
+    u, _, vt = np.linalg.svd(m)
+    g_mat = u @ np.diag([1, 1, np.sign(np.linalg.det(u @ vt))]) @ vt
+    return g_mat, errors(g_mat)[0]
+
+
+def rotate_map(vol: torch.Tensor, a: np.ndarray) -> torch.Tensor:
+    """out(r) = vol(A^T r) (particle convention) by trilinear interpolation about the box centre."""
+    n = vol.shape[-1]
+    ax = torch.arange(n, dtype=torch.float32) - n // 2
+    z, y, x = torch.meshgrid(ax, ax, ax, indexing="ij")
+    r = torch.stack([x, y, z], -1).reshape(-1, 3)
+    src = r @ torch.as_tensor(a, dtype=torch.float32)  # (A^T r)^T = r^T A
+    grid = ((src + n // 2) * 2.0 / (n - 1) - 1.0).reshape(1, n, n, n, 3)
+    out = torch.nn.functional.grid_sample(vol[None, None].float(), grid, mode="bilinear", align_corners=True)
+    return out[0, 0]
+
+
+def align_shift(moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``moving`` shifted (integer voxels) to its cross-correlation peak with ``fixed``; also the peak CC."""
+    shape = tuple(fixed.shape)
+    cc = ifft_centered(fft_centered(fixed, 3) * fft_centered(moving, 3).conj(), shape)
+    j = int(torch.argmax(cc))
+    idx = np.unravel_index(j, shape)
+    shift = [float(i - s // 2) for i, s in zip(idx[::-1], shape[::-1])]  # x, y, z
+    out = ifft_centered(phase_shift(fft_centered(moving, 3), torch.tensor(shift), shape), shape)
+    den = float(moving.norm() * fixed.norm()) or 1.0
+    return out, float((out * fixed).sum()) / den
+
+
+def fsc_at(curve: np.ndarray, box: int, px: float, thr: float) -> float:
+    below = np.nonzero(np.asarray(curve)[1:] < thr)[0]
+    last = int(below[0]) if len(below) else len(curve) - 1
     return box * px / max(last, 1)
 
 
-def run(ds, args, use_ctf: bool, out: Path) -> dict:
-    src = InMemorySource(ds.volumes, ds.pixel_size_A, ds.ctfs if use_ctf else None)
-    opts = RefineOptions(particle_diameter_A=ds.diameter_A, healpix_order=args.order, offset_range_px=args.offset_range,
-                         offset_step_px=2, max_iter=args.max_iter, batch_size=args.batch, use_ctf=use_ctf, seed=args.seed,
-                         auto_local_order=args.order + 2)
+def evaluate(project: Path, job: Path, sym_name: str, diameter_A: float, use_ctf: bool, threads: int) -> dict:
+    from subtomo.em.refine import oracle
+    from subtomo.jobs.refine3d import StarParticleSource, oracle_poses
+
+    torch.set_num_threads(threads)
+    df, _ = read_particles(job / "run_data.star")
+    truth, px = read_mrc(project / "GroundTruth" / "class001.mrc")
+    truth = torch.from_numpy(truth.astype(np.float32))
+    box = truth.shape[-1]
+    final, _ = read_mrc(job / "run_class001.mrc")
+    final = torch.from_numpy(final.astype(np.float32))
+    true_rot, true_off = oracle_poses(df, "GroundTruth/picks.star", project, px)
+    est = euler_to_matrix(df["rlnAngleRot"].to_numpy(), df["rlnAngleTilt"].to_numpy(), df["rlnAnglePsi"].to_numpy())
+    sym = symmetry_matrices(sym_name)
+    g_mat, err = global_rotation(est, true_rot, sym)
+    # truth in the refined frame: ref_est(v) = ref_true(G v), i.e. the truth rotated by G^T
+    best = None
+    for hand, t in (("as is", truth), ("mirrored", torch.flip(truth, dims=(0,)))):
+        moved, cc = align_shift(rotate_map(t, g_mat.T), final)
+        f = fsc_maps(final, moved).numpy()
+        if best is None or cc > best["cc"]:
+            best = {"cc": cc, "hand": hand, "fsc": f}
+    src = StarParticleSource(df, project, use_ctf)
+    orc = oracle(src, true_rot, true_off, df["rlnRandomSubset"].to_numpy(), use_ctf=use_ctf, diameter_A=diameter_A)
+    f_or = fsc_maps(orc["map"], truth).numpy()
+    model = read_star_table(job / "run_model.star", "model_class_1")
+    gs = model["rlnGoldStandardFsc"].to_numpy()
+    return {"gold_A": fsc_at(gs, box, px, 0.143), "oracle_A": orc["resolution_A"],
+            "fsc_truth_05_A": fsc_at(best["fsc"], box, px, 0.5), "hand": best["hand"],
+            "oracle_fsc_truth_05_A": fsc_at(f_or, box, px, 0.5),
+            "median_err_deg": float(np.median(err)), "frac_err_lt_10": float((err < 10).mean())}
+
+
+def run_refine(project: Path, star: Path, args, use_ctf: bool, tag: str) -> dict:
+    before = set(glob.glob(str(project / "Refine3D/job*")))
+    cmd = ["refine3d", "--i", str(star.relative_to(project)), "--particle-diameter", str(args.diameter),
+           "--threads", str(args.threads), "--seed", str(args.seed), "--max-iter", str(args.max_iter),
+           "--offset-range", str(args.offset_range), "--healpix-step", str(args.healpix_step)]
+    if not use_ctf:
+        cmd.append("--no-ctf")
     t = time.time()
-    res = auto_refine(src, opts, out, log=print if args.verbose else (lambda m: None))
+    out = sh(cmd, project, project / f"refine_{tag}.log")
     wall = time.time() - t
-    orc = oracle(src, ds.rot, ds.offset_px, res["halves"], use_ctf=use_ctf, diameter_A=ds.diameter_A)
-    g, err = align_to_reference(res["poses"].rot, ds.rot)
-    truth = rotate_map(ds.reference, g.T)
-    f_truth = fsc_maps(res["final_map"], truth).numpy()
-    f_or = fsc_maps(orc["map"], ds.reference).numpy()
-    n_it = len(res["history"])
-    return {"res": res["resolution_A"], "oracle": orc["resolution_A"], "ratio": res["resolution_A"] / orc["resolution_A"],
-            "fsc_truth_05": fsc_threshold_A(f_truth, ds.volumes.shape[-1], ds.pixel_size_A, 0.5),
-            "oracle_fsc_truth_05": fsc_threshold_A(f_or, ds.volumes.shape[-1], ds.pixel_size_A, 0.5),
-            "median_err": float(np.median(err)), "wall": wall, "iters": n_it,
-            "per_iter": [h["seconds"] for h in res["history"]]}
+    job = Path(sorted(set(glob.glob(str(project / "Refine3D/job*"))) - before)[-1])
+    iters = [float(x) for x in re.findall(r"iteration +\d+.*?, ([0-9.]+) s\n", out)]
+    peak = re.findall(r"PEAK_RSS_MB (\d+)", out)
+    res = evaluate(project, job, args.sym_eval, args.diameter, use_ctf, args.threads)
+    res.update({"wall_s": wall, "iterations": len(iters), "s_per_iter": float(np.mean(iters)) if iters else 0.0,
+                "max_s_per_iter": float(np.max(iters)) if iters else 0.0, "peak_rss_mb": int(peak[-1]) if peak else -1,
+                "job": str(job.relative_to(project))})
+    return res
 
 
-def report(tag, r):
-    print(f"[{tag}] gold-standard {r['res']:.1f} A | oracle {r['oracle']:.1f} A | ratio {r['ratio']:.3f} | "
-          f"FSC(map, truth)=0.5 at {r['fsc_truth_05']:.1f} A (oracle {r['oracle_fsc_truth_05']:.1f} A) | "
-          f"median angular error {r['median_err']:.2f} deg | {r['iters']} iterations, {r['wall']:.0f} s "
-          f"({np.mean(r['per_iter']):.1f} s/iteration, max {np.max(r['per_iter']):.1f})")
+def report(tag: str, r: dict) -> None:
+    print(f"[{tag}] gold-standard {r['gold_A']:.1f} A | oracle {r['oracle_A']:.1f} A | ratio {r['gold_A'] / r['oracle_A']:.3f} | "
+          f"FSC(map, truth)=0.5 at {r['fsc_truth_05_A']:.1f} A (truth {r['hand']}; oracle map {r['oracle_fsc_truth_05_A']:.1f} A) | "
+          f"median angular error {r['median_err_deg']:.2f} deg ({100 * r['frac_err_lt_10']:.0f} % < 10 deg) | "
+          f"{r['iterations']} iterations, wall {r['wall_s']:.0f} s ({r['s_per_iter']:.1f} s/iteration, max "
+          f"{r['max_s_per_iter']:.1f}) | peak RSS {r['peak_rss_mb']} MB | {r['job']}", flush=True)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=400)
-    ap.add_argument("--box", type=int, default=64)
-    ap.add_argument("--px", type=float, default=5.0)
-    ap.add_argument("--snr", type=float, default=0.5)
-    ap.add_argument("--order", type=int, default=2)
-    ap.add_argument("--offset-range", type=float, default=3.0)
-    ap.add_argument("--max-iter", type=int, default=25)
-    ap.add_argument("--batch", type=int, default=16)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="benchmark", choices=["tiny", "demo", "benchmark"])
+    ap.add_argument("--dir", default=None, help="project directory (reused if it exists; default: /tmp/bench_refine3d_<preset>)")
+    ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--diameter", type=float, default=190.0, help="particle diameter [A] (the proteasome: 182 A)")
+    ap.add_argument("--offset-range", type=float, default=3.0)
+    ap.add_argument("--healpix-step", type=float, default=7.5)
+    ap.add_argument("--max-iter", type=int, default=25)
+    ap.add_argument("--sym-eval", default="D7", help="point group of the true structure, for the pose errors only")
+    ap.add_argument("--estimate-ctf", action="store_true", help="run subtomo ctf instead of using the true defoci")
+    ap.add_argument("--single-class", action="store_true", help="simulate one class only (no variant)")
     ap.add_argument("--no-ctf-run", action="store_true", help="skip the --no-ctf comparison")
-    ap.add_argument("--scaling", action="store_true")
-    ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--scaling", action="store_true", help="time per iteration vs particles and box (3 iterations each)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ds = make_set(n=args.n, box=args.box, pixel_size_A=args.px, snr=args.snr, seed=args.seed, max_offset_px=1.5)
-    print(f"{args.n} particles, box {args.box}, {args.px} A/px, SNR {args.snr}, wedge +-60 deg, CTF; {args.threads} threads")
-    with tempfile.TemporaryDirectory() as tmp:
-        r = run(ds, args, True, Path(tmp) / "ctf")
-        report("CTF on", r)
-        if not args.no_ctf_run:
-            r2 = run(ds, args, False, Path(tmp) / "noctf")
-            report("CTF off", r2)
-        if args.scaling:
-            for n, box in ((args.n // 4, args.box), (args.n // 2, args.box), (args.n // 4, args.box // 2)):
-                a = argparse.Namespace(**{**vars(args), "max_iter": 3})
-                d = make_set(n=n, box=box, pixel_size_A=args.px * args.box / box, snr=args.snr, seed=1)
-                rr = run(d, a, True, Path(tmp) / f"s{n}_{box}")
-                print(f"[scaling] n={n} box={box}: {np.mean(rr['per_iter']):.1f} s/iteration")
-    print(f"peak memory (RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    project = Path(args.dir or f"/tmp/bench_refine3d_{args.preset}")
+    extra = ["--class-fractions", "1.0"] if args.single_class else []
+    info = prepare_project(project, args.preset, args.seed, args.threads, args.estimate_ctf, extra)
+    star = project / "particles_true.star"
+    df, optics = read_particles(star)
+    print(f"preset {args.preset} (seed {args.seed}): {len(df)} particles, box {int(optics['rlnImageSize'].iloc[0])}, "
+          f"{float(optics['rlnImagePixelSize'].iloc[0]):.2f} A/px; CTF from "
+          f"{'subtomo ctf' if args.estimate_ctf else 'the true defoci'}; {args.threads} threads; "
+          f"project ready in {info['seconds']:.0f} s", flush=True)
+    r = run_refine(project, star, args, True, "ctf")
+    report("CTF on", r)
+    if not args.no_ctf_run:
+        r2 = run_refine(project, star, args, False, "noctf")
+        report("CTF off", r2)
+        print(f"CTF on vs off: FSC(map, truth)=0.5 at {r['fsc_truth_05_A']:.1f} vs {r2['fsc_truth_05_A']:.1f} A; "
+              f"gold-standard {r['gold_A']:.1f} vs {r2['gold_A']:.1f} A", flush=True)
+    if args.scaling:
+        for frac in (0.25, 0.5, 1.0):
+            sub = df.iloc[: max(8, int(len(df) * frac))].reset_index(drop=True)
+            sub = sub.drop(columns=[c for c in optics.columns if c in sub.columns and c != "rlnOpticsGroup"])
+            p = write_particles(project / f"particles_scaling_{frac}.star", sub, optics)
+            t = time.time()
+            out = sh(["refine3d", "--i", p.name, "--particle-diameter", str(args.diameter), "--threads", str(args.threads),
+                      "--max-iter", "3", "--offset-range", str(args.offset_range)], project)
+            iters = [float(x) for x in re.findall(r"iteration +\d+.*?, ([0-9.]+) s\n", out)]
+            print(f"[scaling] {len(sub)} particles, box {int(optics['rlnImageSize'].iloc[0])}: "
+                  f"{np.mean(iters):.1f} s/iteration (iterations {', '.join(f'{x:.0f}' for x in iters)}; "
+                  f"wall {time.time() - t:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":

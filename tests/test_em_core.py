@@ -217,3 +217,74 @@ def test_symmetric_reconstruction_is_invariant():
     # and an asymmetric map is not invariant (the test can fail)
     err0 = ((rotate_real(vol, a) - vol) * inner).norm() / (vol * inner).norm()
     assert err0 > 0.3
+
+
+def test_insert3d_matches_brute_force_trilinear_splat():
+    rng = np.random.default_rng(11)
+    n = 12
+    comps = fourier_components(n, n, 3)
+    rot = torch.as_tensor(random_rotations(2, rng), dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    vals = torch.randn(2, comps.m, dtype=torch.complex64, generator=g)
+    wts = torch.rand(2, comps.m, generator=g)
+    data = torch.zeros(n, n, n, dtype=torch.complex64)
+    weight = torch.zeros(n, n, n)
+    insert3d(data, weight, rot, comps.k, vals, wts)
+    ref_d = np.zeros((n, n, n), dtype=np.complex128)
+    ref_w = np.zeros((n, n, n))
+    q = (torch.matmul(comps.k[None], rot) + n // 2).reshape(-1, 3).double().numpy()
+    for (x, y, z), v, w in zip(q, vals.reshape(-1).numpy(), wts.reshape(-1).numpy()):
+        x0, y0, z0 = int(np.floor(x)), int(np.floor(y)), int(np.floor(z))
+        for dz in (0, 1):
+            for dy in (0, 1):
+                for dx in (0, 1):
+                    ix, iy, iz = x0 + dx, y0 + dy, z0 + dz
+                    if 0 <= ix < n and 0 <= iy < n and 0 <= iz < n:
+                        f = (1 - abs(x - ix)) * (1 - abs(y - iy)) * (1 - abs(z - iz))
+                        ref_d[iz, iy, ix] += f * v
+                        ref_w[iz, iy, ix] += f * w
+    np.testing.assert_allclose(data.numpy(), ref_d, atol=1e-4)
+    np.testing.assert_allclose(weight.numpy(), ref_w, atol=1e-4)
+
+
+def test_noise_stats_ignore_components_without_data():
+    """Residuals where the CTF is zero (missing wedge) must not inflate sigma^2 (den counts only CTF != 0)."""
+    rng = np.random.default_rng(12)
+    n = 16
+    comps = fourier_components(n, n, 3)
+    proj = [Projector3D(blob_reference(n, rng))]
+    a = proj[0].project(torch.eye(3)[None], comps.k)
+    ctf = (comps.k[:, 2].abs() <= comps.k[:, 0].abs()).float()[None]  # a wedge
+    x = ctf * a + 1000.0 * (1 - ctf)  # garbage where nothing was measured
+    s = SufficientStats.zeros(1, n, 3)
+    accumulate(s, _posterior_for(np.eye(3)[None], np.zeros((1, 3))), x, x, ctf, torch.ones(comps.m), comps, proj,
+               insert3d, torch.zeros(1, 3))
+    assert float(s.sigma2_num.sum()) < 1e-6
+    assert float(s.sigma2_den.sum()) == float(ctf.sum())
+
+
+def test_fine_mask_outside_reference_support_keeps_the_posterior():
+    """Components where the reference is (nearly) zero add (almost) nothing: the fine pass may skip them."""
+    from subtomo.em.expectation import BatchData, EStepOptions, Orientations, expectation_batch
+    from subtomo.fourier import lowpass
+
+    rng = np.random.default_rng(13)
+    n = 16
+    ref = lowpass(blob_reference(n, rng), 4 * 10.0, 10.0)  # shell 4 (+1 edge)
+    comps = fourier_components(n, n, 3)
+    proj = [Projector3D(ref)]
+    rot = random_rotations(3, rng)
+    x = proj[0].project(torch.as_tensor(rot, dtype=torch.float32), comps.k)
+    x = x + 0.3 * torch.randn(x.shape, dtype=torch.complex64, generator=torch.Generator().manual_seed(0))
+    rs = sampling.global_rotations(1, rng=np.random.default_rng(0))
+    tr = sampling.translation_grid(1, 1, 3)
+    batch = BatchData(x, torch.ones(x.shape), torch.zeros(3, 3), torch.zeros(3, 3))
+    orient = Orientations(rs.matrices, rs.children, rs.log_prior, rs.child_log_prior)
+    args = (batch, comps, comps.shell < 6, torch.ones(comps.m) * 4, proj, orient, tr.points, tr.children,
+            torch.zeros(1), EStepOptions())
+    full = expectation_batch(*args)
+    cut = expectation_batch(*args, fine_mask=comps.shell < 7)
+    torch.testing.assert_close(cut.weight, full.weight, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(cut.rot, full.rot)
+    # only the projector's interpolation leakage beyond the support is dropped
+    torch.testing.assert_close(cut.log_lik, full.log_lik, atol=1.0, rtol=1e-2)

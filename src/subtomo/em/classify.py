@@ -114,7 +114,7 @@ def classify3d(src: ParticleSource, opts: ClassifyOptions, out_dir: Path, *, par
         sig0 = initial_sigma2(src, all_idx, emask, device, opts.use_ctf)
         ini_shell = max(1, int(round(box * px / opts.ini_high_A)))
         if initial_ref is not None:
-            maps = _lowpass_map(initial_ref.to(device).float(), ini_shell)[None].repeat(kc, 1, 1, 1) * solvent
+            maps = _lowpass_map(initial_ref.to(device).float() * solvent, ini_shell)[None].repeat(kc, 1, 1, 1)
             random_first = kc > 1
         else:
             comps = fourier_components(box, box, 3, device=device)
@@ -123,7 +123,7 @@ def classify3d(src: ParticleSource, opts: ClassifyOptions, out_dir: Path, *, par
             for k in range(kc):
                 d, w = rc.hermitian_symmetrise(st0.data[k], st0.weight[k], 3)
                 d, w = symmetrise3d(d, w, sym_mats)
-                maps.append(_lowpass_map(rc.reconstruct(d, w, 3), ini_shell) * solvent)
+                maps.append(_lowpass_map(rc.reconstruct(d, w, 3) * solvent, ini_shell))
             maps = torch.stack(maps)
         tau2 = torch.stack([rc.tau2_from_power(m, 3) for m in maps])
         model = EMModel(maps, sig0, tau2, torch.zeros(kc, n_shells), torch.zeros(kc, n_shells),

@@ -50,6 +50,10 @@ class FourierComponents:
         sub = FourierComponents(self.box, self.size, self.ndim, self.idx[keep], self.k[keep], self.shell[keep])
         return sub, keep
 
+    def select(self, keep: torch.Tensor) -> "FourierComponents":
+        """The components where the (M,) bool ``keep`` is true (e.g. outside the missing wedge)."""
+        return FourierComponents(self.box, self.size, self.ndim, self.idx[keep], self.k[keep], self.shell[keep])
+
     def phase_ramps(self, shifts_px: torch.Tensor) -> torch.Tensor:
         """exp(-2 pi i k.t / box) for shifts (..., ndim) px -> (..., M) complex.
 

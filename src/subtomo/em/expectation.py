@@ -46,11 +46,12 @@ def _stack_real(z: torch.Tensor) -> torch.Tensor:
 
 
 def score_terms(x: torch.Tensor, ctf: torch.Tensor, inv_sigma2: torch.Tensor, phases: torch.Tensor,
-                refs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                refs) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross and norm terms of the likelihood.
 
     x (B, M) complex, ctf (B, M) real, inv_sigma2 (M,) or (B, M), phases (T, M) or (B, T, M),
-    refs (R, M) shared by all particles or (B, R, M) per particle.
+    refs (R, M) shared by all particles or (B, R, M) per particle (complex), or a pair
+    (stacked [Re, Im] (R, 2M), power |A|^2 (R, M)) prepared once by :func:`prepare_refs`.
     Returns cross (B, T, R) = Re sum conj(x phi) C w A and norm (B, R) = sum C^2 w |A|^2.
     """
     b, m = x.shape
@@ -59,16 +60,23 @@ def score_terms(x: torch.Tensor, ctf: torch.Tensor, inv_sigma2: torch.Tensor, ph
     t = xs.shape[1]
     y = torch.cat([xs.real * cs[:, None], xs.imag * cs[:, None]], dim=-1)  # (B, T, 2M)
     c2 = ctf * ctf * inv_sigma2  # (B, M)
-    a2 = refs.real ** 2 + refs.imag ** 2
-    if refs.ndim == 2:
-        ar = _stack_real(refs)  # (R, 2M)
+    if isinstance(refs, tuple):
+        ar, a2 = refs
+    else:
+        a2 = refs.real ** 2 + refs.imag ** 2
+        ar = _stack_real(refs)  # (R, 2M) or (B, R, 2M)
+    if ar.ndim == 2:
         cross = (y.reshape(b * t, 2 * m) @ ar.T).reshape(b, t, -1)
         norm = c2 @ a2.T
     else:
-        ar = _stack_real(refs)  # (B, R, 2M)
         cross = torch.bmm(y, ar.transpose(1, 2))
         norm = torch.bmm(c2[:, None, :], a2.transpose(1, 2))[:, 0]
     return cross, norm
+
+
+def prepare_refs(refs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stacked [Re, Im] (..., 2M), power (..., M)) of complex references, for repeated scoring."""
+    return _stack_real(refs).contiguous(), (refs.real ** 2 + refs.imag ** 2).contiguous()
 
 
 def log_likelihood(x, ctf, inv_sigma2, phases, refs) -> torch.Tensor:
@@ -160,7 +168,7 @@ class BatchPosterior:
     weight: torch.Tensor  # (B, P), rows sum to 1
     max_prob: torch.Tensor  # (B,) rlnMaxValueProbDistribution
     log_lik: torch.Tensor  # (B,) rlnLogLikeliContribution (up to the Gaussian normalisation)
-    n_significant: torch.Tensor  # (B,) rlnNrOfSignificantSamples (coarse points)
+    n_significant: torch.Tensor  # (B,) rlnNrOfSignificantSamples (coarse points; at most max_significant)
 
     def best(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotation (B, d, d), offset (B, d), class (B,) of the largest weight."""
@@ -183,13 +191,15 @@ def _chunks(n: int, size: int):
 def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: torch.Tensor,
                       inv_sigma2: torch.Tensor, projectors: Sequence[Projector], orient: Orientations,
                       trans_points: torch.Tensor, trans_children: torch.Tensor, log_class_prior: torch.Tensor,
-                      opts: EStepOptions, coarse_refs: torch.Tensor | None = None) -> BatchPosterior:
+                      opts: EStepOptions, coarse_refs=None, fine_mask: torch.Tensor | None = None) -> BatchPosterior:
     """Two-pass E-step of one batch; see the module docstring.
 
     comps: current-size components (M); coarse_mask (M,) bool selects the coarse-pass ones;
     inv_sigma2 (M,); trans_points (T, d), trans_children (T, Ct, d) px relative to
-    ``batch.prev_offset_px``; log_class_prior (K,); coarse_refs (K, R, Mc) from
-    :func:`precompute_refs` for shared orientations (computed here when None).
+    ``batch.prev_offset_px``; log_class_prior (K,); coarse_refs (K, R, Mc) complex from
+    :func:`precompute_refs`, or that passed through :func:`prepare_refs`, for shared
+    orientations (computed here when None); fine_mask (M,) bool: the components scored in
+    the fine pass (default all; components where every reference is zero add nothing).
     """
     x, ctf = batch.x, batch.ctf
     dev = x.device
@@ -209,16 +219,35 @@ def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: t
     scores = torch.empty(b, n_t, kcls, n_r, device=dev)
     per_elem = 4 * (2 * mc * max(n_t * (b if not orient.shared else 1), 1) + b * n_t) + 16 * mc
     r_chunk = max(1, opts.memory_bytes // max(per_elem, 1))
+    if not opts.cc:
+        # the translated, CTF- and noise-weighted particles once per batch: (B*T, 2Mc) for every chunk's GEMM
+        cs = cc_ * wc
+        xs = xc_pre[:, None, :] * ph_c  # (B, T, Mc)
+        y = torch.cat([xs.real * cs[:, None], xs.imag * cs[:, None]], dim=-1)
+        del xs
+        c2 = cc_ * cc_ * wc
     for kc in range(kcls):
         for s, e in _chunks(n_r, r_chunk):
             if orient.shared:
-                refs = coarse_refs[kc, s:e] if coarse_refs is not None else projectors[kc].project(orient.coarse[s:e], k_c)
+                if isinstance(coarse_refs, tuple):
+                    refs = (coarse_refs[0][kc, s:e], coarse_refs[1][kc, s:e])
+                elif coarse_refs is not None:
+                    refs = coarse_refs[kc, s:e]
+                else:
+                    refs = projectors[kc].project(orient.coarse[s:e], k_c)
             else:
                 refs = projectors[kc].project(orient.coarse[:, s:e], k_c)
             if opts.cc:
                 scores[:, :, kc, s:e] = normalised_cc(xc_pre, cc_, ph_c, refs)
+                continue
+            ar, a2 = refs if isinstance(refs, tuple) else prepare_refs(refs)
+            if ar.ndim == 2:
+                cross = (y.reshape(b * n_t, 2 * mc) @ ar.T).reshape(b, n_t, -1)
+                norm = c2 @ a2.T  # (B, r)
             else:
-                scores[:, :, kc, s:e] = log_likelihood(xc_pre, cc_, wc, ph_c, refs)
+                cross = torch.bmm(y, ar.transpose(1, 2))
+                norm = torch.bmm(c2[:, None, :], a2.transpose(1, 2))[:, 0]
+            scores[:, :, kc, s:e] = cross - 0.5 * norm[:, None, :]
     abs_t = batch.prev_offset_px[:, None, :] + trans_points[None]  # (B, T, d)
     lp_t = offset_log_prior(abs_t, batch.prior_offset_px[:, None, :], opts.sigma_offset_px)  # (B, T)
     if opts.cc:
@@ -227,8 +256,11 @@ def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: t
         log_w = scores + lp_t[:, :, None, None] + log_class_prior[None, None, :, None] + orient.log_prior[None, None, None, :]
     w_c, _ = posterior(log_w)
     w_flat = w_c.reshape(b, -1)
-    count, order = significant_count(w_flat, opts.fraction)
-    p = int(min(int(count.max()), opts.max_significant, w_flat.shape[1]))
+    # the largest max_significant points suffice (a full sort of T*K*R points per particle is slow)
+    n_top = int(min(opts.max_significant, w_flat.shape[1]))
+    w_top, order = torch.topk(w_flat, n_top, dim=1)
+    count = ((torch.cumsum(w_top, dim=1) < opts.fraction).sum(1) + 1).clamp(max=n_top)
+    p = int(count.max())
     top = order[:, :p]  # (B, P) flat index over (T, K, R)
     valid = torch.arange(p, device=dev)[None, :] < count[:, None]
     t_idx = top // (kcls * n_r)
@@ -236,6 +268,12 @@ def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: t
     r_idx = top % n_r
 
     # ---- fine pass on the oversampled children of the significant coarse points
+    x_all, inv_s2_all = x, inv_sigma2
+    if fine_mask is not None and not bool(fine_mask.all()):
+        comps = comps.select(fine_mask)
+        x, ctf, inv_sigma2 = x[:, fine_mask], ctf[:, fine_mask], inv_sigma2[fine_mask]
+        k_all = comps.k
+        m = comps.m
     n_ct = trans_children.shape[1]
     n_cr = orient.children.shape[-3]
     bi = torch.arange(b, device=dev)[:, None].expand(b, p)
@@ -255,19 +293,49 @@ def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: t
     rot_flat = child_rot.reshape(b * p, n_cr, *child_rot.shape[-2:])
     t_flat = child_t.reshape(b * p, n_ct, -1)
     fine_flat = fine.view(b * p, n_ct, n_cr)
+    # translation = previous offset + child offset: ramps factorise, so the children's ramps
+    # are computed once per batch and the particles pre-shifted once
+    ramps_c = None
+    if n_t * n_ct * m * 8 <= opts.memory_bytes:
+        ramps_c = comps.phase_ramps(trans_children)  # (T, Ct, M)
+        x_pre = x * comps.phase_ramps(batch.prev_offset_px)
+        t_pair = t_idx.reshape(-1)
+    uniq_refs = None
+    if orient.shared:
+        # the children of one coarse rotation are the same for every particle and translation:
+        # project each distinct (class, rotation) of the batch once
+        key = (flat_k * n_r + r_idx.reshape(-1))[pairs]
+        ukey, inv = torch.unique(key, return_inverse=True)
+        if len(ukey) * n_cr * m * 8 <= 4 * opts.memory_bytes:
+            uniq_refs = torch.empty(len(ukey), n_cr, m, dtype=torch.complex64, device=dev)
+            uk, ur = ukey // n_r, ukey % n_r
+            for kc in range(kcls):
+                sel = torch.nonzero(uk == kc).squeeze(1)
+                if len(sel):
+                    uniq_refs[sel] = projectors[kc].project(orient.children[ur[sel]], k_all)
+            pair_ref = torch.full((b * p,), -1, dtype=torch.long, device=dev)
+            pair_ref[pairs] = inv
+            uniq_refs = prepare_refs(uniq_refs)
     for s, e in _chunks(len(pairs), pair_chunk):
         pr = pairs[s:e]
         pb = flat_b[pr]
-        refs = torch.zeros(len(pr), n_cr, m, dtype=torch.complex64, device=dev)
-        for kc in range(kcls):
-            sel = torch.nonzero(flat_k[pr] == kc).squeeze(1)
-            if len(sel):
-                refs[sel] = projectors[kc].project(rot_flat[pr[sel]], k_all)
-        ph = comps.phase_ramps(t_flat[pr])  # (n, Ct, M)
-        if opts.cc:
-            sc = normalised_cc(x[pb], ctf[pb], ph, refs) * 1e4
+        if uniq_refs is not None:
+            j = pair_ref[pr]
+            refs = (uniq_refs[0][j], uniq_refs[1][j])
         else:
-            sc = log_likelihood(x[pb], ctf[pb], inv_sigma2, ph, refs)
+            refs = torch.zeros(len(pr), n_cr, m, dtype=torch.complex64, device=dev)
+            for kc in range(kcls):
+                sel = torch.nonzero(flat_k[pr] == kc).squeeze(1)
+                if len(sel):
+                    refs[sel] = projectors[kc].project(rot_flat[pr[sel]], k_all)
+        if ramps_c is not None:
+            xb, ph = x_pre[pb], ramps_c[t_pair[pr]]
+        else:
+            xb, ph = x[pb], comps.phase_ramps(t_flat[pr])  # (n, Ct, M)
+        if opts.cc:
+            sc = normalised_cc(xb, ctf[pb], ph, refs) * 1e4
+        else:
+            sc = log_likelihood(xb, ctf[pb], inv_sigma2, ph, refs)
         fine_flat[pr] = sc
     if not opts.cc:
         fine = (fine + child_lp_t[:, :, :, None] + child_lp_rot[:, :, None, :]
@@ -288,5 +356,5 @@ def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: t
     rot_out = child_rot[bq, pi, ri]
     off_out = child_t[bq, pi, ti]
     cls_out = k_idx[bq, pi]
-    log_lik = lse + constant_term(x, inv_sigma2) if not opts.cc else lse * 0
+    log_lik = lse + constant_term(x_all, inv_s2_all) if not opts.cc else lse * 0
     return BatchPosterior(rot_out, off_out, cls_out, wk, max_prob, log_lik, count)

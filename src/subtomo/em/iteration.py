@@ -16,7 +16,8 @@ import torch
 
 from subtomo.em import sampling
 from subtomo.em.components import FourierComponents
-from subtomo.em.expectation import BatchData, EStepOptions, Orientations, expectation_batch, precompute_refs
+from subtomo.em.expectation import (BatchData, EStepOptions, Orientations, expectation_batch, precompute_refs,
+                                    prepare_refs)
 from subtomo.em.maximisation import SufficientStats, accumulate
 from subtomo.em.projector3d import Projector3D, insert3d
 from subtomo.fourier import fft_centered
@@ -117,8 +118,14 @@ def estep_pass(src: ParticleSource, idx: np.ndarray, poses: PoseTable, maps: tor
     n = maps.shape[-1]
     projectors = [Projector3D(maps[k].to(device), pad=pad) for k in range(k_cls)]
     stats = SufficientStats.zeros(k_cls, n, 3, device=device)
+    if use_ctf:
+        # components with no data in any particle (missing wedge) add nothing to scores or sums
+        comps = comps.select(measured_components(src, idx, comps, device, cfg.batch_size))
     inv_s2 = 1.0 / sigma2.to(device).float().clamp(min=1e-30)[comps.shell.clamp(max=len(sigma2) - 1)]
-    coarse_mask = comps.shell < cfg.coarse_size / 2
+    # coarse pass: the coarse size, and no shells where every reference is (numerically) zero
+    support = reference_support_shell(maps)
+    coarse_mask = (comps.shell < cfg.coarse_size / 2) & (comps.shell < support)
+    fine_mask = comps.shell < support
     prior = cfg.class_prior if cfg.class_prior is not None else torch.full((k_cls,), 1.0 / k_cls)
     log_cls = torch.log(prior.to(device).float().clamp(min=1e-30))
     coarse_refs = None
@@ -126,7 +133,7 @@ def estep_pass(src: ParticleSource, idx: np.ndarray, poses: PoseTable, maps: tor
         rot_set = None
     elif not cfg.local:
         rot_set = cfg.rotations
-        coarse_refs = precompute_refs(projectors, rot_set.matrices.to(device), comps.k[coarse_mask])
+        coarse_refs = prepare_refs(precompute_refs(projectors, rot_set.matrices.to(device), comps.k[coarse_mask]))
     tr = cfg.translations
     changes_ang, changes_off, pmax = [], [], []
     batches = [idx[s:s + cfg.batch_size] for s in range(0, len(idx), cfg.batch_size)]
@@ -153,7 +160,7 @@ def estep_pass(src: ParticleSource, idx: np.ndarray, poses: PoseTable, maps: tor
                                   rot_set.log_prior.to(device), rot_set.child_log_prior.to(device))
             tpts, tch = tr.points.to(device), tr.children.to(device)
         post = expectation_batch(batch, comps, coarse_mask, inv_s2, projectors, orient, tpts, tch, log_cls,
-                                 cfg.estep, coarse_refs=coarse_refs)
+                                 cfg.estep, coarse_refs=coarse_refs, fine_mask=fine_mask)
         accumulate(stats, post, xu, xm, ctf, inv_s2, comps, projectors, insert3d, prior_off,
                    noise_stats=cfg.noise_stats)
         br, bo, bc = post.best()
@@ -175,6 +182,32 @@ def estep_pass(src: ParticleSource, idx: np.ndarray, poses: PoseTable, maps: tor
                "off_change_px": float(np.sqrt(np.mean(co_ ** 2))) if len(co_) else 0.0,
                "pmax": float(np.mean(np.concatenate(pmax))) if pmax else 0.0}
     return stats, summary
+
+
+def measured_components(src: ParticleSource, idx: np.ndarray, comps: FourierComponents, device,
+                        batch_size: int = 64) -> torch.Tensor:
+    """(M,) bool: components where at least one particle's 3D CTF is non-zero (outside the wedge)."""
+    keep = torch.zeros(comps.m, dtype=torch.bool, device=device)
+    for s in range(0, len(idx), max(batch_size, 64)):
+        c = src.ctf(idx[s:s + max(batch_size, 64)], device)
+        if c is None:
+            return torch.ones(comps.m, dtype=torch.bool, device=device)
+        keep |= (comps.extract(c).abs() > 1e-4).any(0)
+    return keep
+
+
+def reference_support_shell(maps: torch.Tensor, rel: float = 1e-7) -> int:
+    """1 + the last shell where some reference has power above ``rel`` x its largest non-DC shell power."""
+    from subtomo.em import reconstruct as rc
+
+    n = maps.shape[-1]
+    ndim = maps.ndim - 1
+    pw = torch.stack([rc.shell_mean(rc.fourier_from_map(m.float(), ndim).abs() ** 2, rc.full_shells(n, ndim, maps.device),
+                                    n // 2 + 1) for m in maps])
+    pw[:, 0] = 0
+    top = pw.max(1, keepdim=True).values.clamp(min=1e-30)
+    live = torch.nonzero((pw > rel * top).any(0))
+    return int(live.max()) + 1 if len(live) else n // 2
 
 
 def _to(rs: sampling.RotationSet, device) -> sampling.RotationSet:

@@ -98,6 +98,7 @@ def accumulate(stats: SufficientStats, post: BatchPosterior, x_unmasked: torch.T
             a = projectors[kc].project(rot[sel], comps.k)
             res = x_masked[bi[sel]] * ph[sel] - c[sel] * a
             r2 = (res.real ** 2 + res.imag ** 2) * w[sel, None]
+            r2 = r2 * (c[sel].abs() > 1e-4)  # only components with data (sigma2_den counts the same set)
             stats.sigma2_num.index_add_(0, shell, r2.sum(0).double())
     if noise_stats:
         nonzero = (ctf.abs() > 1e-4).double().sum(0)  # (M,) particles with data at each component

@@ -79,26 +79,29 @@ def insert3d(data: torch.Tensor, weight: torch.Tensor, rotations: torch.Tensor, 
     """
     n = data.shape[-1]
     c = n // 2
-    q = torch.matmul(k[None], rotations.to(k.dtype)) + c  # (n, M, 3) x, y, z index
-    q = q.reshape(-1, 3)
+    q = (torch.matmul(k[None], rotations.to(k.dtype)) + c).reshape(-1, 3)  # (P, 3) x, y, z index
     base = torch.floor(q)
     frac = q - base
     base = base.long()
-    vals = torch.view_as_real(values.reshape(-1).to(torch.complex64))  # (P, 2)
-    wts = weights.reshape(-1).to(torch.float32)
-    data_flat = torch.view_as_real(data).reshape(-1, 2)
-    weight_flat = weight.reshape(-1)
+    # data (Re, Im) and weight splatted together: one (P, 3) source per corner, into a grid
+    # padded by 2 on each side so that no corner of a component (|k| < N/2 + 1/2) is out of range
+    src = torch.cat([torch.view_as_real(values.reshape(-1).to(torch.complex64)),
+                     weights.reshape(-1, 1).to(torch.float32)], dim=1)
+    m = n + 4
+    acc = torch.zeros(m * m * m, 3, dtype=torch.float32, device=data.device)
+    fx, fy, fz = frac.unbind(1)
+    base = (base + 2).clamp(0, m - 2)
+    lin0 = (base[:, 2] * m + base[:, 1]) * m + base[:, 0]
+    wx, wy, wz = (1 - fx, fx), (1 - fy, fy), (1 - fz, fz)
     for dz in (0, 1):
         for dy in (0, 1):
+            w_zy = wz[dz] * wy[dy]
+            lin_zy = lin0 + (dz * m + dy) * m
             for dx in (0, 1):
-                ix, iy, iz = base[:, 0] + dx, base[:, 1] + dy, base[:, 2] + dz
-                w = ((frac[:, 0] if dx else 1 - frac[:, 0]) * (frac[:, 1] if dy else 1 - frac[:, 1])
-                     * (frac[:, 2] if dz else 1 - frac[:, 2]))
-                ok = (ix >= 0) & (ix < n) & (iy >= 0) & (iy < n) & (iz >= 0) & (iz < n) & (w > 0)
-                lin = (iz * n + iy) * n + ix
-                lin, w = lin[ok], w[ok]
-                data_flat.index_add_(0, lin, vals[ok] * w[:, None])
-                weight_flat.index_add_(0, lin, wts[ok] * w)
+                acc.index_add_(0, lin_zy + dx, src * (w_zy * wx[dx])[:, None])
+    acc = acc.reshape(m, m, m, 3)[2:n + 2, 2:n + 2, 2:n + 2]
+    torch.view_as_real(data).add_(acc[..., :2])
+    weight.add_(acc[..., 2])
 
 
 def symmetrise3d(data: torch.Tensor, weight: torch.Tensor, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

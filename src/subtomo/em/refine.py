@@ -49,16 +49,16 @@ from subtomo.io.star import write_star
 class RefineOptions:
     particle_diameter_A: float
     healpix_order: int = 2  # coarse order; the oversampled step is half of it (7.5 deg for order 2)
-    offset_range_px: float = 5.0
+    offset_range_px: float = 3.0
     offset_step_px: float = 2.0
     sym: str = "C1"
-    auto_local_order: int = 4
+    auto_local_order: int = 3  # local searches from the 3.75 deg step (RELION GUI: 1.8 deg)
     max_iter: int = 50
     ini_high_A: float = 60.0
     firstiter_cc: bool = False
     ref_ctf_corrected: bool = True
     pad: int = 2
-    batch_size: int = 16
+    batch_size: int = 32
     use_ctf: bool = True
     seed: int = 0
     low_resol_join_halves_A: float = 40.0
@@ -68,6 +68,9 @@ class RefineOptions:
     max_keep: int = 12
     sigma_offset_px: float = 3.0
     max_order: int = 6
+    # poses count as settled at average Pmax >= 0.8 even if orientations keep changing (in the spirit of
+    # RELION's --auto_ignore_angles: pseudo-symmetric particles refined in C1 jump between equivalent poses)
+    auto_ignore_angles: bool = False
     memory_bytes: int = 512 * 2 ** 20
     solvent_mask: torch.Tensor | None = field(default=None, repr=False)
 
@@ -212,15 +215,17 @@ def auto_refine(src: ParticleSource, opts: RefineOptions, out_dir: Path, *, part
         sig0 = initial_sigma2(src, np.arange(n), mask, device, opts.use_ctf)
         ini_shell = max(1, int(round(box * px / opts.ini_high_A)))
         models = []
+        if initial_ref is not None:
+            ref0 = initial_ref.to(device).float()
+        else:
+            # one reference from all particles in random orientations, shared by both halves (as a
+            # given --ref is): halves started from their own random maps converge in different frames
+            comps = fourier_components(box, box, 3, device=device)
+            st0 = delta_stats(src, np.arange(n), poses, 1, sig0, comps, device, opts.batch_size, opts.use_ctf)
+            d, w = _sym_stats(st0, sym_mats)
+            ref0 = rc.reconstruct(d, w, 3)
         for h in range(2):
-            if initial_ref is not None:
-                ref = initial_ref.to(device).float()
-            else:
-                comps = fourier_components(box, box, 3, device=device)
-                st0 = delta_stats(src, idx_h[h], poses, 1, sig0, comps, device, opts.batch_size, opts.use_ctf)
-                d, w = _sym_stats(st0, sym_mats)
-                ref = rc.reconstruct(d, w, 3)
-            ref = _lowpass_map(ref, ini_shell) * solvent
+            ref = _lowpass_map(ref0 * solvent, ini_shell)  # low-pass last: no leakage above ini_high
             models.append(EMModel(ref[None], sig0.clone(), torch.zeros(1, n_shells), torch.zeros(1, n_shells),
                                   torch.zeros(1, n_shells), torch.ones(1), px, 1.0, opts.sigma_offset_px,
                                   ini_shell, min(box, even(2 * (ini_shell + opts.incr_size)))))
@@ -262,13 +267,16 @@ def auto_refine(src: ParticleSource, opts: RefineOptions, out_dir: Path, *, part
             summaries.append(summ)
         first_cc = False
         cur_shell_data = size // 2
+        # gold-standard FSC of the independent halves (before joining them at low resolution,
+        # which would make it 1 up to the join shell and hide halves that disagree)
+        grids = [_sym_stats(s, sym_mats) for s in stats]
+        fsc = rc.fsc_halves(grids[0][0], grids[0][1], grids[1][0], grids[1][1], 3)
+        fsc[cur_shell_data:] = 0.0
         if not final:
             join_shell = int(math.floor(box * px / max(opts.low_resol_join_halves_A, 1e-6)))
             join_shell = min(join_shell, int(math.ceil(box * px * 1.0 / max(models[0].current_resolution_A, 1e-6))))
             _join_low_res(stats[0], stats[1], join_shell)
-        grids = [_sym_stats(s, sym_mats) for s in stats]
-        fsc = rc.fsc_halves(grids[0][0], grids[0][1], grids[1][0], grids[1][1], 3)
-        fsc[cur_shell_data:] = 0.0
+            grids = [_sym_stats(s, sym_mats) for s in stats]
         if final:
             dsum, wsum = grids[0][0] + grids[1][0], grids[0][1] + grids[1][1]
             tau2, ssnr, _ = rc.tau2_from_fsc(fsc, wsum, 3, joined=True)
@@ -295,7 +303,7 @@ def auto_refine(src: ParticleSource, opts: RefineOptions, out_dir: Path, *, part
         off_change = float(np.mean([s["off_change_px"] for s in summaries]))
         pmax = float(np.mean([s["pmax"] for s in summaries]))
         if not final:
-            _update_sampling(samp, opts, res_shell, ang_change, off_change, box, px)
+            _update_sampling(samp, opts, res_shell, ang_change, off_change, box, px, pmax)
             for m in models:
                 m.current_shell = res_shell
                 shell_05 = _fsc_shell(fsc, 0.5)
@@ -354,8 +362,15 @@ def _lowpass_map(vol: torch.Tensor, shell: float) -> torch.Tensor:
 
 
 def _update_sampling(samp: SamplingState, opts: RefineOptions, res_shell: int, ang_change: float, off_change: float,
-                     box: int, px: float) -> None:
-    """RELION §3.6/3.7 (simplified: the needed accuracy from the resolution, not from perturbations)."""
+                     box: int, px: float, pmax: float = 0.0) -> None:
+    """RELION §3.6/3.7 (simplified: the needed accuracy from the resolution, not from perturbations).
+
+    With ``auto_ignore_angles`` the poses count as settled once the average Pmax is >= 0.8 (a
+    pseudo-symmetric particle refined in C1 keeps jumping between equivalent poses, so its
+    orientation changes never become small). Only local searches (or the finest order) can be
+    fine enough: an early stall at low resolution, where the global sampling is trivially fine
+    enough, moves on to local searches instead of ending the run.
+    """
     if res_shell > samp.best_shell:
         samp.best_shell = res_shell
         samp.iters_no_res_gain = 0
@@ -366,13 +381,14 @@ def _update_sampling(samp: SamplingState, opts: RefineOptions, res_shell: int, a
     # or are below 40 % of the current steps (RELION's updateOverallChangesInHiddenVariables)
     ang_small = ang_change >= 0.97 * samp.smallest_ang_change or ang_change < 0.4 * fine_step
     off_small = off_change >= 0.97 * samp.smallest_off_change or off_change < 0.4 * samp.offset_step_px / 2
-    small = ang_small and off_small
+    small = (ang_small and off_small) or (opts.auto_ignore_angles and pmax >= 0.8)
     samp.smallest_ang_change = min(samp.smallest_ang_change, ang_change)
     samp.smallest_off_change = min(samp.smallest_off_change, off_change)
     samp.iters_no_large_change = samp.iters_no_large_change + 1 if small else 0
     res_A = box * px / max(res_shell, 1)
     needed = 360.0 / math.ceil(math.pi * opts.particle_diameter_A / res_A)  # resolution-limited step
-    samp.fine_enough = fine_step <= 0.5 * needed or samp.order >= opts.max_order
+    # global searches are never final: the run goes through local searches (or the finest order) first
+    samp.fine_enough = (fine_step <= 0.5 * needed and samp.local) or samp.order >= opts.max_order
     if samp.iters_no_res_gain >= 1 and samp.iters_no_large_change >= 1:
         if samp.fine_enough:
             samp.converged = True
