@@ -66,7 +66,10 @@ def _options_for(spec: JobSpec) -> list[click.Parameter]:
 def _make_command(spec: JobSpec) -> click.Command:
     def callback(**kwargs: Any) -> None:
         values: dict[str, Any] = {}
+        click_ctx = click.get_current_context()
         for name, value in kwargs.items():
+            if click_ctx.get_parameter_source(name) == click.core.ParameterSource.DEFAULT:
+                continue  # defaults come from the model, so model_fields_set holds what the user gave
             field = spec.params.model_fields[name]
             tp, _ = _base_type(field.annotation)
             if value is not None and typing.get_origin(tp) in (list, tuple) and isinstance(value, str):

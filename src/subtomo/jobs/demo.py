@@ -30,7 +30,8 @@ class DemoParams(ComputeParams):
     preset: Literal["tiny", "demo", "benchmark"] = Field("demo", description="Simulation preset: tiny (seconds, a smoke test), demo (a few minutes), benchmark (long).")
     classes2d: int = Field(8, ge=2, description="Number of 2D classes.")
     iterations2d: int = Field(15, ge=1, description="Iterations of 2D classification.")
-    min_class_fraction: float = Field(0.04, ge=0, lt=1, description="Select the 2D classes holding at least this fraction of the particles [fraction].")
+    min_class_fraction: float = Field(0.05, ge=0, lt=1, description="Select the 2D classes holding at least this fraction of the particles [fraction].")
+    max_class_resolution: float = Field(40.0, gt=0, description="Select the 2D classes whose estimated resolution is this or better [Å].")
     healpix_step: float = Field(15.0, gt=0, description="Initial angular sampling of 3D auto-refinement [deg].")
     classes3d: int = Field(2, ge=0, description="Number of 3D classes (0: skip 3D classification).")
     iterations3d: int = Field(8, ge=1, description="Iterations of 3D classification.")
@@ -63,13 +64,14 @@ def _run(ctx: JobContext) -> None:
     truth = json.loads((project / "GroundTruth" / "simulation.json").read_text())
     box = int(truth["box_px"])
     diameter = float(truth["structure"]["diameter_A"])
+    symmetry = truth["structure"].get("symmetry") or "C1"  # a user knows the particle's point group
     _stage(ctx, "import", project)
     _stage(ctx, "ctf", project, lower_tilt_defoci=p.lower_tilt_defoci or None, **common)
     _stage(ctx, "prepare", project, **common)
     _stage(ctx, "extract", project, box=box, project=True, **common)
     c2 = _stage(ctx, "class2d", project, K=p.classes2d, iter=p.iterations2d, particle_diameter=round(diameter * 1.1), **common)
-    _stage(ctx, "select", project, min_class_fraction=p.min_class_fraction)
-    ref = _stage(ctx, "refine3d", project, particle_diameter=round(diameter * 1.1), healpix_step=p.healpix_step,
+    _stage(ctx, "select", project, min_class_fraction=p.min_class_fraction, max_class_resolution=p.max_class_resolution)
+    ref = _stage(ctx, "refine3d", project, particle_diameter=round(diameter * 1.1), healpix_step=p.healpix_step, sym=symmetry,
                  oracle="GroundTruth/picks.star", **common)
     if p.classes3d > 1:
         _stage(ctx, "class3d", project, i=f"{ref.name}run_data.star", k=p.classes3d, iter=p.iterations3d, particle_diameter=round(diameter * 1.1),

@@ -129,6 +129,8 @@ def _check(params: PostProcessParams, project: Path) -> _State:
         mtf = read_mtf(mtf_path)
     for name in ("autob_lowres", "autob_highres", "low_pass", "mask_lowpass"):
         v = getattr(params, name)
+        if name == "autob_lowres" and name not in params.model_fields_set:
+            continue  # the 10 Å default beyond Nyquist (coarse maps): sharpen() falls back to 1.5x the resolution
         if v and v < 2 * px:
             raise SubtomoError(f"--{name.replace('_', '-')} {v} Å is beyond Nyquist ({2 * px:.2f} Å at {px} Å/px).")
     return _State(h1, h2, px, mask, mtf, mtf_path)
