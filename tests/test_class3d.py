@@ -1,8 +1,13 @@
-"""3D classification: two synthetic conformations separate; K = 1 agrees with refine3d's reconstruction."""
+"""3D classification: two synthetic conformations separate; K = 1 agrees with refine3d's reconstruction;
+--ref with K > 1 and local/global searches (regression); the job's defaults and select on its output."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
+import pytest
 import torch
 
 from subtomo.em.classify import ClassifyOptions, classify3d
@@ -10,7 +15,14 @@ from subtomo.em.iteration import InMemorySource
 from subtomo.em.refine import oracle, particle_mask, split_halves
 from subtomo.em.synthetic import blob_reference, make_set
 from subtomo.fourier import fsc_maps
-from subtomo.io.star import read_star
+from subtomo.errors import SubtomoError
+from subtomo.geometry.euler import matrix_to_euler
+from subtomo.io.mrc import write_mrc
+from subtomo.io.star import read_star, write_star
+from subtomo.jobs.base import execute
+from subtomo.jobs.class3d import SPEC as C3D_SPEC, Class3DParams
+from subtomo.jobs.pipeline import STATUS_SUCCEEDED, Pipeline, Process
+from subtomo.jobs.select import SPEC as SELECT_SPEC, SelectParams
 
 torch.set_num_threads(1)
 
@@ -56,3 +68,91 @@ def test_k1_map_matches_refine3d_reconstruction(tmp_path):
     f = fsc_maps(res["maps"][0], orc["map"] * mask)
     assert float(f[1:8].mean()) > 0.97
     assert float(res["class_priors"][0]) == 1.0
+
+
+def test_reference_with_k2_local_and_global_searches(tmp_path):
+    """Regression: --ref with K > 1 (first iteration one reference per random class) crashed with
+    IndexError in the E-step for local and global searches (K-long class prior, one map)."""
+    vols, ctfs, rot, truth, diam = _two_class_set()
+    src = InMemorySource(vols, 10.0, ctfs)
+    ref = (blob_reference(24, np.random.default_rng(21)) + blob_reference(24, np.random.default_rng(22))) / 2
+    for local, order in ((True, 1), (False, 0)):
+        opts = ClassifyOptions(n_classes=2, particle_diameter_A=diam, n_iter=2, local=local, healpix_order=order,
+                               sigma_ang_deg=5.0, offset_range_px=1.0, offset_step_px=2.0, batch_size=16,
+                               ini_high_A=40)
+        out = tmp_path / f"local{int(local)}"
+        res = classify3d(src, opts, out, initial_ref=ref, initial_rot=rot, log=lambda m: None)
+        assert res["iterations"] == 2 and res["maps"].shape == (2, 24, 24, 24)
+        assert set(np.unique(res["poses"].cls)) <= {0, 1}
+        assert abs(float(res["class_priors"].sum()) - 1) < 1e-5
+        assert torch.isfinite(res["maps"]).all()
+
+
+def _fake_refined_project(root: Path, vols, rot, classes_truth):
+    """Extract + Refine3D jobs on disk (subtomograms, run_data.star with poses, run_class001.mrc)."""
+    ex, rf = "Extract/job002", "Refine3D/job003"
+    rows = []
+    for i, v in enumerate(vols):
+        name = f"{ex}/Particles/Tomograms/TS_01/TS_01{i + 1:06d}.mrc"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        write_mrc(root / name, v.numpy(), 10.0)
+        rows.append({"rlnMicrographName": "Tomograms/TS_01/TS_01.mrc", "rlnTomoName": "TS_01",
+                     "rlnCoordinateX": 10.0 * i, "rlnCoordinateY": 5.0, "rlnCoordinateZ": 7.0,
+                     "rlnTomoParticleId": i + 1, "rlnImageName": name, "rlnOpticsGroup": 1})
+    optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnVoltage": [300.0],
+                           "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.07],
+                           "rlnImagePixelSize": [10.0], "rlnImageSize": [24], "rlnImageDimensionality": [3]})
+    parts = pd.DataFrame(rows)
+    write_star(root / ex / "particles_subtomo.star", {"optics": optics, "particles": parts})
+    rot_a, tilt_a, psi_a = matrix_to_euler(rot).T
+    refined = parts.assign(rlnAngleRot=rot_a, rlnAngleTilt=tilt_a, rlnAnglePsi=psi_a, rlnOriginXAngst=0.0,
+                           rlnOriginYAngst=0.0, rlnOriginZAngst=0.0)
+    (root / rf).mkdir(parents=True)
+    write_star(root / rf / "run_data.star", {"optics": optics, "particles": refined})
+    write_mrc(root / rf / "run_class001.mrc", vols.mean(0).numpy(), 10.0)
+    pipe = Pipeline(root)
+    pipe.add(Process(f"{ex}/", "Extract", STATUS_SUCCEEDED, outputs=[(f"{ex}/particles_subtomo.star", "ParticlesData")]))
+    pipe.add(Process(f"{rf}/", "Refine3D", STATUS_SUCCEEDED, outputs=[(f"{rf}/run_data.star", "ParticlesData"),
+                                                                      (f"{rf}/run_class001.mrc", "DensityMap")]))
+    pipe.save()
+    return rf
+
+
+def test_job_skip_align_defaults_to_refine3d_data_and_select_takes_a_class(tmp_path):
+    """Steps 25 and 21: class3d --K 2 --skip-align reads the latest Refine3D run_data.star by
+    default (RELION option names), and subtomo select --classes 1 keeps exactly that class."""
+    vols, _, rot, truth, diam = _two_class_set()
+    rf = _fake_refined_project(tmp_path, vols, rot, truth)
+    ctx = execute(C3D_SPEC, Class3DParams(K=2, iter=3, tau2_fudge=4.0, particle_diameter=diam, skip_align=True,
+                                          ctf=False, ini_high=40.0, threads=1), tmp_path, quiet=True)
+    assert f"{rf}/run_data.star" in [str(Path(p)) for p in ctx.inputs]
+    data_name = "run_it003_data.star"
+    data = read_star(ctx.dir / data_name)["particles"]
+    cls = data["rlnClassNumber"].to_numpy() - 1
+    assert max((cls == truth).mean(), (cls != truth).mean()) >= 0.9
+    assert np.allclose(data["rlnAngleTilt"], matrix_to_euler(rot)[:, 1], atol=1e-3)  # poses kept
+    sel = execute(SELECT_SPEC, SelectParams(i=f"{ctx.name}{data_name}", classes=[1]), tmp_path, quiet=True)
+    out = read_star(sel.dir / "particles_selected.star")["particles"]
+    assert len(out) == int((cls == 0).sum()) and set(out["rlnClassNumber"]) == {1}
+    assert list(out["rlnImageName"]) == list(data["rlnImageName"][cls == 0])
+    # without poses --skip-align is refused with a clear error
+    with pytest.raises(SubtomoError, match="need input poses"):
+        execute(C3D_SPEC, Class3DParams(i="Extract/job002/particles_subtomo.star", K=2, iter=1, particle_diameter=diam,
+                                        skip_align=True, ctf=False), tmp_path, quiet=True)
+
+
+def test_focused_mask_over_one_region_separates_classes(tmp_path):
+    """Focused classification: an off-centre mask (reference frame) restricts the comparison to one
+    region; the classes still separate with poses fixed. (The masking of references rather than
+    data matters on the planted-heterogeneity benchmark, bench/bench_class3d.py, not at this size.)"""
+    vols, ctfs, rot, truth, diam = _two_class_set()
+    src = InMemorySource(vols, 10.0, ctfs)
+    z, y, x = torch.meshgrid(*[torch.arange(24.0)] * 3, indexing="ij")
+    r = ((x - 14) ** 2 + (y - 12) ** 2 + (z - 12) ** 2).sqrt()
+    focus = (0.5 + 0.5 * torch.cos(torch.pi * ((r - 6) / 3).clamp(0, 1))).float()
+    opts = ClassifyOptions(n_classes=2, particle_diameter_A=diam, n_iter=4, skip_align=True, batch_size=16, seed=0,
+                           ini_high_A=40, focus_mask=focus)
+    res = classify3d(src, opts, tmp_path, initial_rot=rot, log=lambda m: None)
+    cls = res["poses"].cls
+    assert max((cls == truth).mean(), (cls != truth).mean()) >= 0.9
+    assert float(res["maps"].abs().sum((1, 2, 3)).min()) > 0  # full maps are reconstructed, not only the region

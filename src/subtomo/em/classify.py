@@ -12,6 +12,7 @@ focused classification with a mask white over the region of interest).
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import time
@@ -90,7 +91,12 @@ def classify3d(src: ParticleSource, opts: ClassifyOptions, out_dir: Path, *, par
     kc = opts.n_classes
     writer = RelionWriter(out_dir, particles, px)
     sphere = particle_mask(box, opts.particle_diameter_A, px, device)
-    emask = opts.focus_mask.to(device) if opts.focus_mask is not None else sphere
+    # focused classification (RELION): the references are compared only over the focus region
+    # (masked in the reference frame, so the mask follows every pose); the particles keep the
+    # spherical mask. Masking the particles with the focus mask instead would put a
+    # reference-frame mask on unrotated particles and mismatch masked data and unmasked references.
+    emask = sphere
+    focus = opts.focus_mask.to(device).float() if opts.focus_mask is not None else None
     solvent = opts.solvent_mask.to(device) if opts.solvent_mask is not None else sphere
     sym_mats = torch.as_tensor(symmetry_matrices(opts.sym), dtype=torch.float32, device=device)
     all_idx = np.arange(n)
@@ -113,7 +119,11 @@ def classify3d(src: ParticleSource, opts: ClassifyOptions, out_dir: Path, *, par
         poses.cls = rng.integers(0, kc, n)
         sig0 = initial_sigma2(src, all_idx, emask, device, opts.use_ctf)
         ini_shell = max(1, int(round(box * px / opts.ini_high_A)))
-        if initial_ref is not None:
+        if initial_ref is not None and initial_ref.ndim == 4:  # one reference per class
+            if initial_ref.shape[0] != kc:
+                raise ValueError(f"{initial_ref.shape[0]} initial references for {kc} classes")
+            maps = torch.stack([_lowpass_map(r.to(device).float() * solvent, ini_shell) for r in initial_ref])
+        elif initial_ref is not None:
             maps = _lowpass_map(initial_ref.to(device).float() * solvent, ini_shell)[None].repeat(kc, 1, 1, 1)
             random_first = kc > 1
         else:
@@ -147,19 +157,23 @@ def classify3d(src: ParticleSource, opts: ClassifyOptions, out_dir: Path, *, par
                           memory_bytes=opts.memory_bytes)
         cfg = PassConfig(size, csize, emask, rot_set, opts.local, trans, eo, opts.batch_size,
                          skip_align=opts.skip_align, class_prior=model.class_priors)
+        emaps = model.maps * focus if focus is not None else model.maps  # what the E-step compares
         if random_first:  # first iteration with one reference: each particle in its random class
             stats = SufficientStats.zeros(kc, box, 3, device=device)
+            # one reference per pass: the class prior must be that single class's (K-long priors
+            # broadcast the scores to K classes and break the flat (T, K, R) index decomposition)
+            cfg1 = dataclasses.replace(cfg, class_prior=None)
             for k in range(kc):
                 sel = np.nonzero(poses.cls == k)[0]
                 if len(sel):
-                    s, _ = estep_pass(src, sel, poses, model.maps[k:k + 1], model.sigma2, comps, cfg, device,
+                    s, _ = estep_pass(src, sel, poses, emaps[k:k + 1], model.sigma2, comps, cfg1, device,
                                       pad=opts.pad, use_ctf=opts.use_ctf)
                     poses.cls[sel] = k
                     _class_stats_into(stats, s, k)
             summ = {"ang_change_deg": 0.0, "off_change_px": 0.0, "pmax": float(np.mean(poses.max_prob))}
             random_first = False
         else:
-            stats, summ = estep_pass(src, all_idx, poses, model.maps, model.sigma2, comps, cfg, device,
+            stats, summ = estep_pass(src, all_idx, poses, emaps, model.sigma2, comps, cfg, device,
                                      pad=opts.pad, use_ctf=opts.use_ctf)
         cur = size // 2
         maps, tau2s, dvps = [], [], []

@@ -2,7 +2,7 @@
 
 Simulates a small project with ground truth (``subtomo simulate``), then runs every job of
 the protocol in order from inside it — import, ctf, prepare, extract (+ 2D projections),
-class2d, select, refine3d (de novo, from random orientations), class3d, mask,
+class2d, select, refine3d (de novo, from random orientations), class3d,
 postprocess, localres — exactly as a user would on the command line, and ends with a
 summary: the gold-standard resolution, the resolution of the average with the true poses
 (the oracle) and where to look at the pictures. Each stage is an ordinary job directory in
@@ -74,7 +74,7 @@ def _run(ctx: JobContext) -> None:
     ref = _stage(ctx, "refine3d", project, particle_diameter=round(diameter * 1.1), healpix_step=p.healpix_step, sym=symmetry,
                  oracle="GroundTruth/picks.star", **common)
     if p.classes3d > 1:
-        _stage(ctx, "class3d", project, i=f"{ref.name}run_data.star", k=p.classes3d, iter=p.iterations3d, particle_diameter=round(diameter * 1.1),
+        _stage(ctx, "class3d", project, i=f"{ref.name}run_data.star", K=p.classes3d, iter=p.iterations3d, particle_diameter=round(diameter * 1.1),
                ref=f"{ref.name}run_class001.mrc", local=True, **common)
     post = _stage(ctx, "postprocess", project, **common)
     loc = _stage(ctx, "localres", project, **common)
