@@ -244,7 +244,7 @@ def execute(spec: JobSpec, params: JobParams, project: str | Path = ".", argv: l
     return ctx
 
 
-def default_input(project: Path, given: str | None, job_types: tuple[str, ...], filename: str,
+def default_input(project: Path, given: str | None, job_types: tuple[str, ...], filename: str | tuple[str, ...],
                   option: str, hint: str) -> Path:
     """The user's input path, or the latest output ``filename`` of a finished job of ``job_types``."""
     if given:
@@ -255,5 +255,6 @@ def default_input(project: Path, given: str | None, job_types: tuple[str, ...], 
         return p
     node = Pipeline(project).latest_output(job_types, filename)
     if node is None or not (project / node).exists():
-        raise SubtomoError(f"no {option} given and no finished {'/'.join(job_types)} job wrote {filename} in {project}. {hint}")
+        wanted = filename if isinstance(filename, str) else " or ".join(filename)
+        raise SubtomoError(f"no {option} given and no finished {'/'.join(job_types)} job wrote {wanted} in {project}. {hint}")
     return project / node

@@ -84,6 +84,10 @@ def _run(ctx: JobContext) -> None:
     ctx.log(f"demo finished in {time.time() - start:.0f} s: project {project}")
     if resolution is not None:
         ctx.log(f"final resolution (corrected FSC = 0.143): {float(resolution):.1f} A at {truth['pixel_size_A']} A/px")
+    if ref.path("oracle.star").exists():
+        orc = read_star(ref.path("oracle.star"))["oracle"]
+        ctx.log(f"refine3d from random orientations: {float(orc['subtomoRefinedResolution']):.1f} A; with the true poses "
+                f"(oracle): {float(orc['rlnFinalResolution']):.1f} A (ratio {float(orc['subtomoRefinedOverOracle']):.2f})")
     ctx.log("look at:")
     for label, path in (("particles on tilt images", "Import/*/coordinates/*.png"),
                         ("CTF fits", "CtfFind/*/Diagnostics/*summary*.png"),

@@ -82,12 +82,16 @@ class Pipeline:
         number = int(process.name.rstrip("/").rsplit("job", 1)[-1]) if "/job" in process.name else 0
         self.counter = max(self.counter, number + 1)
 
-    def latest_output(self, job_types: tuple[str, ...], filename: str) -> str | None:
-        """Most recent succeeded job of one of ``job_types`` that wrote a node ending in ``filename``."""
+    def latest_output(self, job_types: tuple[str, ...], filename: str | tuple[str, ...]) -> str | None:
+        """Most recent succeeded job of one of ``job_types`` that wrote a node ending in ``filename``.
+
+        ``filename`` may be a tuple of alternatives (e.g. the two outputs a Select job can write).
+        """
+        names = (filename,) if isinstance(filename, str) else tuple(filename)
         for proc in reversed(self.processes):
             if proc.job_type in job_types and proc.status == STATUS_SUCCEEDED:
                 for node, _ in proc.outputs:
-                    if node.endswith(filename):
+                    if node.endswith(names):
                         return node
         return None
 

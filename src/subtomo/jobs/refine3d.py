@@ -1,6 +1,7 @@
 """``subtomo refine3d`` (protocol Step 18): gold-standard 3D auto-refinement of subtomograms.
 
-Input: particles STAR (default: the latest Select job's ``output_2Dto3D.star``, else the
+Input: particles STAR (default: the latest Select job's ``particles_selected.star`` (Step 21, a
+3D class selection) or ``output_2Dto3D.star`` (Step 17), else the
 latest Extract job's ``particles_subtomo.star``). Subtomograms are read from rlnImageName,
 their 3D CTFs from ``subtomo.tomo.ctf3d.ParticleCtfModels``. Without ``--ref`` iteration
 0 reconstructs the particles in random orientations (the protocol's de novo path).
@@ -21,7 +22,7 @@ from subtomo.em.refine import RefineOptions, auto_refine, oracle, split_halves
 from subtomo.errors import SubtomoError
 from subtomo.geometry.euler import euler_to_matrix
 from subtomo.io.mrc import read_mrc
-from subtomo.io.star import read_particles
+from subtomo.io.star import read_particles, write_star
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec, default_input
 
 
@@ -131,7 +132,7 @@ def load_mask(path: str | None, project: Path, box: int) -> torch.Tensor | None:
 
 def particles_input(ctx: JobContext, given: str | None) -> Path:
     try:
-        return default_input(ctx.project, given, ("Select",), "output_2Dto3D.star", "--i", "")
+        return default_input(ctx.project, given, ("Select",), ("particles_selected.star", "output_2Dto3D.star"), "--i", "")
     except SubtomoError:
         if given:
             raise
@@ -140,7 +141,7 @@ def particles_input(ctx: JobContext, given: str | None) -> Path:
 
 
 class Refine3DParams(ComputeParams):
-    i: str | None = Field(None, description="Particles STAR (default: output_2Dto3D.star of the latest Select job, else particles_subtomo.star of the latest Extract job).")
+    i: str | None = Field(None, description="Particles STAR (default: particles_selected.star or output_2Dto3D.star of the latest Select job, else particles_subtomo.star of the latest Extract job).")
     ref: str | None = Field(None, description="Initial reference map (.mrc); none: start from a reconstruction in random orientations.")
     ini_high: float = Field(60.0, gt=0, description="Low-pass filter of the initial reference [Å].")
     ref_on_absolute_greyscale: bool = Field(False, description="The reference is on the particles' grey scale (else the first iteration uses normalised cross-correlation).")
@@ -200,6 +201,10 @@ def _run(ctx: JobContext) -> None:
                      diameter_A=p.particle_diameter, device=ctx.device, batch_size=p.batch_size)
         ctx.log(f"oracle (true poses) resolution: {orc['resolution_A']:.2f} A; ratio refined/oracle "
                 f"{res['resolution_A'] / orc['resolution_A']:.3f}")
+        out = write_star(ctx.path("oracle.star"), {"oracle": {
+            "rlnFinalResolution": float(orc["resolution_A"]), "subtomoRefinedResolution": float(res["resolution_A"]),
+            "subtomoRefinedOverOracle": float(res["resolution_A"] / orc["resolution_A"]), "subtomoGroundTruth": p.oracle}})
+        ctx.add_output(out, "File")
 
 
 def oracle_poses(df: pd.DataFrame, truth_star: str, project: Path, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray]:
