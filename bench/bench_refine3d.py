@@ -180,7 +180,24 @@ def fsc_at(curve: np.ndarray, box: int, px: float, thr: float) -> float:
     return box * px / max(last, 1)
 
 
-def evaluate(project: Path, job: Path, sym_name: str, diameter_A: float, use_ctf: bool, threads: int) -> dict:
+def iteration_errors(project: Path, job: Path, sym_name: str) -> list[tuple[int, float, float]]:
+    """(iteration, median angular error deg, fraction < 10 deg) vs the true poses for every run_itNNN_data.star."""
+    from subtomo.jobs.refine3d import oracle_poses
+
+    sym = symmetry_matrices(sym_name)
+    out = []
+    for f in sorted(glob.glob(str(job / "run_it*_data.star"))):
+        df, _ = read_particles(Path(f))
+        px = float(df["rlnImagePixelSize"].iloc[0]) if "rlnImagePixelSize" in df.columns else 1.0
+        true_rot, _ = oracle_poses(df, "GroundTruth/picks.star", project, px)
+        est = euler_to_matrix(df["rlnAngleRot"].to_numpy(), df["rlnAngleTilt"].to_numpy(), df["rlnAnglePsi"].to_numpy())
+        _, err = global_rotation(est, true_rot, sym)
+        out.append((int(re.search(r"run_it(\d+)_data", f).group(1)), float(np.median(err)), float((err < 10).mean())))
+    return out
+
+
+def evaluate(project: Path, job: Path, sym_name: str, diameter_A: float, use_ctf: bool, threads: int,
+             refine_sym: str = "C1") -> dict:
     from subtomo.em.refine import oracle
     from subtomo.jobs.refine3d import StarParticleSource, oracle_poses
 
@@ -203,7 +220,8 @@ def evaluate(project: Path, job: Path, sym_name: str, diameter_A: float, use_ctf
         if best is None or cc > best["cc"]:
             best = {"cc": cc, "hand": hand, "fsc": f}
     src = StarParticleSource(df, project, use_ctf)
-    orc = oracle(src, true_rot, true_off, df["rlnRandomSubset"].to_numpy(), use_ctf=use_ctf, diameter_A=diameter_A)
+    orc = oracle(src, true_rot, true_off, df["rlnRandomSubset"].to_numpy(), use_ctf=use_ctf, diameter_A=diameter_A,
+                 sym=refine_sym)
     f_or = fsc_maps(orc["map"], truth).numpy()
     model = read_star_table(job / "run_model.star", "model_class_1")
     gs = model["rlnGoldStandardFsc"].to_numpy()
@@ -217,7 +235,7 @@ def run_refine(project: Path, star: Path, args, use_ctf: bool, tag: str) -> dict
     before = set(glob.glob(str(project / "Refine3D/job*")))
     cmd = ["refine3d", "--i", str(star.relative_to(project)), "--particle-diameter", str(args.diameter),
            "--threads", str(args.threads), "--seed", str(args.seed), "--max-iter", str(args.max_iter),
-           "--offset-range", str(args.offset_range), "--healpix-step", str(args.healpix_step)]
+           "--offset-range", str(args.offset_range), "--healpix-step", str(args.healpix_step), "--sym", args.sym]
     if not use_ctf:
         cmd.append("--no-ctf")
     t = time.time()
@@ -226,7 +244,9 @@ def run_refine(project: Path, star: Path, args, use_ctf: bool, tag: str) -> dict
     job = Path(sorted(set(glob.glob(str(project / "Refine3D/job*"))) - before)[-1])
     iters = [float(x) for x in re.findall(r"iteration +\d+.*?, ([0-9.]+) s\n", out)]
     peak = re.findall(r"PEAK_RSS_MB (\d+)", out)
-    res = evaluate(project, job, args.sym_eval, args.diameter, use_ctf, args.threads)
+    for it, med, frac in iteration_errors(project, job, args.sym_eval):
+        print(f"  [{tag}] iteration {it:3d}: median angular error {med:.2f} deg ({100 * frac:.0f} % < 10 deg)", flush=True)
+    res = evaluate(project, job, args.sym_eval, args.diameter, use_ctf, args.threads, args.sym)
     res.update({"wall_s": wall, "iterations": len(iters), "s_per_iter": float(np.mean(iters)) if iters else 0.0,
                 "max_s_per_iter": float(np.max(iters)) if iters else 0.0, "peak_rss_mb": int(peak[-1]) if peak else -1,
                 "job": str(job.relative_to(project))})
@@ -251,6 +271,7 @@ def main() -> None:
     ap.add_argument("--offset-range", type=float, default=3.0)
     ap.add_argument("--healpix-step", type=float, default=7.5)
     ap.add_argument("--max-iter", type=int, default=25)
+    ap.add_argument("--sym", default="C1", help="point-group symmetry imposed in the refinement (and the oracle)")
     ap.add_argument("--sym-eval", default="D7", help="point group of the true structure, for the pose errors only")
     ap.add_argument("--estimate-ctf", action="store_true", help="run subtomo ctf instead of using the true defoci")
     ap.add_argument("--single-class", action="store_true", help="simulate one class only (no variant)")
@@ -265,7 +286,7 @@ def main() -> None:
     df, optics = read_particles(star)
     print(f"preset {args.preset} (seed {args.seed}): {len(df)} particles, box {int(optics['rlnImageSize'].iloc[0])}, "
           f"{float(optics['rlnImagePixelSize'].iloc[0]):.2f} A/px; CTF from "
-          f"{'subtomo ctf' if args.estimate_ctf else 'the true defoci'}; {args.threads} threads; "
+          f"{'subtomo ctf' if args.estimate_ctf else 'the true defoci'}; symmetry {args.sym}; {args.threads} threads; "
           f"project ready in {info['seconds']:.0f} s", flush=True)
     r = run_refine(project, star, args, True, "ctf")
     report("CTF on", r)

@@ -288,3 +288,31 @@ def test_fine_mask_outside_reference_support_keeps_the_posterior():
     torch.testing.assert_close(cut.rot, full.rot)
     # only the projector's interpolation leakage beyond the support is dropped
     torch.testing.assert_close(cut.log_lik, full.log_lik, atol=1.0, rtol=1e-2)
+
+
+def test_pose_change_is_measured_modulo_the_symmetry():
+    rng = np.random.default_rng(4)
+    a = random_rotations(6, rng)
+    d7 = symmetry_matrices("D7")
+    g = d7[rng.integers(1, len(d7), size=6)]
+    b = np.einsum("nij,njk->nik", a, g)  # A g: the same particle of a D7 reference
+    np.testing.assert_allclose(sampling.pose_change_deg(a, b, d7), 0.0, atol=1e-3)
+    assert np.all(sampling.pose_change_deg(a, b) > 20.0)  # in C1 these are large changes
+    small = euler_to_matrix(np.zeros(6), np.full(6, 5.0), np.zeros(6))  # 5 deg about y
+    c = np.einsum("nij,njk->nik", b, small)
+    np.testing.assert_allclose(sampling.pose_change_deg(a, c, d7), 5.0, atol=1e-3)
+
+
+def test_expected_angular_accuracy_follows_the_noise():
+    from subtomo.em.iteration import InMemorySource, PoseTable, expected_angular_accuracy_deg
+
+    rng = np.random.default_rng(2)
+    ref = blob_reference(20, rng)
+    src = InMemorySource(torch.zeros(4, 20, 20, 20), 10.0, None)
+    poses = PoseTable.new(4, random_rotations(4, rng), np.zeros((4, 3)))
+    comps = fourier_components(20, 20, 3)
+    acc = [expected_angular_accuracy_deg(src, np.arange(4), poses, ref, torch.full((11,), s2), comps, "cpu",
+                                         use_ctf=False) for s2 in (1e2, 1e3, 1e4)]
+    assert acc[0] < acc[1] < acc[2]  # noisier data: coarser accuracy
+    # sum |dA|^2 / (2 sigma^2) = ln 100 with |dA| ~ linear in the angle: angle ~ sigma, x100 sigma^2 ~ x10
+    assert 5 < acc[2] / acc[0] < 20

@@ -107,3 +107,40 @@ def test_refine3d_job_writes_relion_outputs(tmp_path):
     blocks = read_star(ctx.dir / "run_data.star")
     assert "optics" in blocks and len(blocks["particles"]) == 12
     assert set(blocks["particles"]["rlnRandomSubset"]) == {1, 2}
+
+
+def _errors_modulo(est: np.ndarray, true: np.ndarray, sym: np.ndarray) -> np.ndarray:
+    """Per-particle angular errors after the best global rotation, minimum over the point group."""
+    from subtomo.em.sampling import pose_change_deg
+
+    rel = np.einsum("nji,njk->nik", true, est)  # g_i G
+    best = None
+    for g_mat in rel:
+        err = pose_change_deg(true @ g_mat, est, sym)  # est_i vs true_i G, modulo g: true_i g G = true_i G (G^T g G)
+        if best is None or np.median(err) < np.median(best):
+            best = err
+    return best
+
+
+def test_symmetric_refinement_d2(tmp_path):
+    from subtomo.geometry.symmetry import symmetry_matrices
+
+    d2 = symmetry_matrices("D2")
+    ds = make_set(n=32, box=24, pixel_size_A=10.0, snr=2.0, seed=11, max_offset_px=0.5, sym_mats=d2)
+    src = InMemorySource(ds.volumes, ds.pixel_size_A, ds.ctfs)
+    logs = []
+    res = auto_refine(src, _opts(ds, sym="D2", auto_local_order=2, max_order=2, max_iter=5, batch_size=16), tmp_path,
+                      log=logs.append)
+    assert any("local" in m for m in logs)  # went through local searches
+    # errors modulo D2 (the frame of a D2 refinement is defined up to the group)
+    err = _errors_modulo(res["poses"].rot, ds.rot, d2)
+    assert np.median(err) < 15.0
+    vol = res["final_map"]
+    n = vol.shape[-1]
+    ax = torch.arange(n, dtype=torch.float32) - n // 2
+    z, y, x = torch.meshgrid(ax, ax, ax, indexing="ij")
+    r = torch.stack([x, y, z], -1).reshape(-1, 3) @ torch.as_tensor(d2[1], dtype=torch.float32)  # g^T r
+    grid = ((r + n // 2) * 2 / (n - 1) - 1).reshape(1, n, n, n, 3)
+    rotated = torch.nn.functional.grid_sample(vol[None, None].float(), grid, align_corners=True)[0, 0]
+    cc = float((vol * rotated).sum() / (vol.norm() * rotated.norm()))
+    assert cc > 0.95  # the reconstruction is D2-symmetric

@@ -205,6 +205,8 @@ def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: t
     dev = x.device
     b, m = x.shape
     kcls = len(projectors)
+    if log_class_prior.numel() != kcls:  # would broadcast the scores to more classes than references
+        raise ValueError(f"log_class_prior has {log_class_prior.numel()} classes for {kcls} references")
     n_t = trans_points.shape[0]
     k_all = comps.k
     k_c = k_all[coarse_mask]
@@ -323,11 +325,18 @@ def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: t
             j = pair_ref[pr]
             refs = (uniq_refs[0][j], uniq_refs[1][j])
         else:
-            refs = torch.zeros(len(pr), n_cr, m, dtype=torch.complex64, device=dev)
+            # significant points of one particle that differ only in translation share their
+            # rotation children: project each distinct (particle, class, rotation) of the chunk once
+            ck = (pb * kcls + flat_k[pr]) * n_r + r_idx.reshape(-1)[pr]
+            uk, inv = torch.unique(ck, return_inverse=True)
+            first = torch.zeros(len(uk), dtype=torch.long, device=dev).scatter_(
+                0, inv, torch.arange(len(pr), device=dev))
+            urefs = torch.zeros(len(uk), n_cr, m, dtype=torch.complex64, device=dev)
             for kc in range(kcls):
-                sel = torch.nonzero(flat_k[pr] == kc).squeeze(1)
+                sel = torch.nonzero(flat_k[pr[first]] == kc).squeeze(1)
                 if len(sel):
-                    refs[sel] = projectors[kc].project(rot_flat[pr[sel]], k_all)
+                    urefs[sel] = projectors[kc].project(rot_flat[pr[first[sel]]], k_all)
+            refs = urefs[inv]
         if ramps_c is not None:
             xb, ph = x_pre[pb], ramps_c[t_pair[pr]]
         else:

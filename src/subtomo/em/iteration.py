@@ -93,6 +93,7 @@ class PassConfig:
     noise_stats: bool = True
     skip_align: bool = False  # poses fixed (only class and nothing else searched)
     class_prior: torch.Tensor | None = None  # (K,) probabilities
+    sym_mats: np.ndarray | None = None  # (G, 3, 3) point group: pose changes are measured modulo it
 
 
 def batch_transforms(src: ParticleSource, idx: np.ndarray, comps: FourierComponents, mask: torch.Tensor,
@@ -165,9 +166,7 @@ def estep_pass(src: ParticleSource, idx: np.ndarray, poses: PoseTable, maps: tor
                    noise_stats=cfg.noise_stats)
         br, bo, bc = post.best()
         br_np = br.double().cpu().numpy()
-        rel = np.einsum("bij,bkj->bik", br_np, poses.rot[bidx])
-        ang = np.rad2deg(np.arccos(np.clip((np.trace(rel, axis1=1, axis2=2) - 1) / 2, -1, 1)))
-        changes_ang.append(ang)
+        changes_ang.append(sampling.pose_change_deg(poses.rot[bidx], br_np, cfg.sym_mats))
         changes_off.append(np.linalg.norm(bo.double().cpu().numpy() - poses.offset_px[bidx], axis=1))
         poses.rot[bidx] = br_np
         poses.offset_px[bidx] = bo.double().cpu().numpy()
@@ -275,3 +274,32 @@ def coarse_size_for(step_deg: float, diameter_A: float, box: int, pixel_size_A: 
     res = rotated / 1.2
     size = 2 * int(math.ceil(box * pixel_size_A / max(res, 1e-6)))
     return int(min(current_size, max(size, 8)))
+
+
+def expected_angular_accuracy_deg(src: ParticleSource, idx: np.ndarray, poses: PoseTable, ref: torch.Tensor,
+                                  sigma2: torch.Tensor, comps: FourierComponents, device, use_ctf: bool = True,
+                                  pad: int = 2, n_particles: int = 10, seed: int = 0) -> float:
+    """RELION's ``calculateExpectedAngularErrors`` (rotations only): the mean over ``n_particles``
+    particles of the smallest rotation of the best pose (about a random axis) whose model
+    difference sum C^2 |A(R) - A(R')|^2 / (2 sigma^2) exceeds ln(100)."""
+    sel = np.asarray(idx)[:n_particles]
+    if len(sel) == 0:
+        return 999.0
+    rng = np.random.default_rng(seed)
+    proj = Projector3D(ref.to(device), pad=pad)
+    inv_s2 = 1.0 / sigma2.to(device).float().clamp(min=1e-30)[comps.shell.clamp(max=len(sigma2) - 1)]
+    c = src.ctf(sel, device) if use_ctf else None
+    ctf = comps.extract(c) if c is not None else torch.ones(len(sel), comps.m, device=device)
+    angles = np.geomspace(0.05, 30.0, 48)
+    out = []
+    for j, i in enumerate(sel):
+        axis = rng.normal(size=3)
+        from subtomo.geometry.symmetry import axis_rotation
+
+        a = poses.rot[i]
+        mats = np.stack([a] + [a @ axis_rotation(axis, np.deg2rad(d)) for d in angles])
+        f = proj.project(torch.as_tensor(mats, dtype=torch.float32, device=device), comps.k)  # (1 + D, M)
+        diff = 0.5 * ((f[1:] - f[:1]).abs() ** 2 * (ctf[j] ** 2 * inv_s2)[None]).sum(-1)
+        above = torch.nonzero(diff > math.log(100.0))
+        out.append(float(angles[int(above[0])]) if len(above) else float(angles[-1]))
+    return float(np.mean(out))

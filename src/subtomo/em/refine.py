@@ -34,7 +34,7 @@ from subtomo.em.components import fourier_components
 from subtomo.em.expectation import EStepOptions
 from subtomo.em.healpix import angular_step_deg
 from subtomo.em.iteration import (ParticleSource, PassConfig, PoseTable, coarse_size_for, delta_stats, estep_pass,
-                                  initial_sigma2)
+                                  expected_angular_accuracy_deg, initial_sigma2)
 from subtomo.em.maximisation import SufficientStats, sigma2_from_stats, sigma_offset_from_stats
 from subtomo.em.model import EMModel, write_model_star
 from subtomo.em.projector3d import symmetrise3d
@@ -72,6 +72,13 @@ class RefineOptions:
     # RELION's --auto_ignore_angles: pseudo-symmetric particles refined in C1 jump between equivalent poses)
     auto_ignore_angles: bool = False
     memory_bytes: int = 512 * 2 ** 20
+    # local searches: the coarse pass (which only picks the significant points whose children the
+    # fine pass rescores at the current size) runs at most at the current resolution, 2 (shell + 2)
+    # px, instead of RELION's step-based coarse size; like a RELION --coarse_size cap.
+    local_coarse_cap: bool = True
+    # sampling fine enough when the oversampled step < 0.75 x the expected angular accuracy (RELION
+    # §3.6, from 10 particles, computed in local searches); False: the resolution-limited step rule
+    accuracy_criterion: bool = True
     solvent_mask: torch.Tensor | None = field(default=None, repr=False)
 
 
@@ -189,7 +196,8 @@ def auto_refine(src: ParticleSource, opts: RefineOptions, out_dir: Path, *, part
     mask = particle_mask(box, opts.particle_diameter_A, px, device)
     solvent = opts.solvent_mask.to(device) if opts.solvent_mask is not None else particle_mask(
         box, opts.particle_diameter_A, px, device)
-    sym_mats = torch.as_tensor(symmetry_matrices(opts.sym), dtype=torch.float32, device=device)
+    sym_np = symmetry_matrices(opts.sym)
+    sym_mats = torch.as_tensor(sym_np, dtype=torch.float32, device=device)
     t0 = time.time()
     history: list[dict] = []
 
@@ -255,9 +263,12 @@ def auto_refine(src: ParticleSource, opts: RefineOptions, out_dir: Path, *, part
             rot_set = sampling.global_rotations(samp.order, opts.sym, rng=rng, device=device)
         trans = sampling.translation_grid(samp.offset_range_px, samp.offset_step_px, 3, device=device)
         csize = coarse_size_for(step, opts.particle_diameter_A, box, px, size)
+        if samp.local and opts.local_coarse_cap:
+            csize = min(csize, max(16, even(2 * (models[0].current_shell + 2))))
         estep_opts = EStepOptions(opts.fraction, opts.max_significant, opts.max_keep, models[0].sigma_offset_px,
                                   cc=first_cc, memory_bytes=opts.memory_bytes)
-        cfg = PassConfig(size, csize, mask, rot_set, samp.local, trans, estep_opts, opts.batch_size)
+        cfg = PassConfig(size, csize, mask, rot_set, samp.local, trans, estep_opts, opts.batch_size,
+                         sym_mats=sym_np)
         prev_poses = poses.copy()
         stats, summaries = [], []
         for h in range(2):
@@ -302,8 +313,12 @@ def auto_refine(src: ParticleSource, opts: RefineOptions, out_dir: Path, *, part
         ang_change = float(np.mean([s["ang_change_deg"] for s in summaries]))
         off_change = float(np.mean([s["off_change_px"] for s in summaries]))
         pmax = float(np.mean([s["pmax"] for s in summaries]))
+        acc_rot = None
+        if not final and samp.local and opts.accuracy_criterion:
+            acc_rot = expected_angular_accuracy_deg(src, idx_h[0], poses, models[0].maps[0], models[0].sigma2,
+                                                    comps, device, opts.use_ctf, opts.pad, seed=opts.seed + it)
         if not final:
-            _update_sampling(samp, opts, res_shell, ang_change, off_change, box, px, pmax)
+            _update_sampling(samp, opts, res_shell, ang_change, off_change, box, px, pmax, acc_rot)
             for m in models:
                 m.current_shell = res_shell
                 shell_05 = _fsc_shell(fsc, 0.5)
@@ -316,17 +331,20 @@ def auto_refine(src: ParticleSource, opts: RefineOptions, out_dir: Path, *, part
         rec = {"iteration": it, "resolution_A": rc.resolution_A(res_shell, box, px), "fsc0143_A": res_0143,
                "size": size, "coarse_size": csize, "order": samp.order, "angular_step_deg": rot_set.fine_step_deg,
                "offset_range_px": trans.range_px, "offset_step_px": trans.step_px / 2, "local": samp.local,
-               "ang_change_deg": ang_change, "off_change_px": off_change, "pmax": pmax, "seconds": dt}
+               "ang_change_deg": ang_change, "off_change_px": off_change, "pmax": pmax, "acc_rot_deg": acc_rot,
+               "seconds": dt}
         history.append(rec)
         log(f"iteration {it:3d}{' (final)' if final else ''}: resolution {rec['resolution_A']:.1f} A (FSC 0.143: "
             f"{res_0143:.1f} A), size {size} (coarse {csize}), angular step {rot_set.fine_step_deg:.2f} deg"
             f"{' local' if samp.local else ''}, offsets {trans.range_px:.1f}/{trans.step_px / 2:.2f} px, "
-            f"changes {ang_change:.2f} deg {off_change:.2f} px, Pmax {pmax:.3f}, {dt:.1f} s")
+            f"changes {ang_change:.2f} deg {off_change:.2f} px, Pmax {pmax:.3f}"
+            f"{f', accuracy {acc_rot:.2f} deg' if acc_rot is not None else ''}, {dt:.1f} s")
         tag = f"run_it{it:03d}"
         for h in range(2):
             writer.map(out_dir / f"{tag}_half{h + 1}_class001.mrc", models[h].maps[0])
         writer.data_star(out_dir / f"{tag}_data.star", poses, halves, optics)
-        write_model_star(out_dir / f"{tag}_model.star", models[0], [f"{tag}_half1_class001.mrc"])
+        write_model_star(out_dir / f"{tag}_model.star", models[0], [f"{tag}_half1_class001.mrc"],
+                         accuracy_rot_deg=acc_rot)
         if final:
             writer.map(out_dir / "run_class001.mrc", final_map)
             for h in range(2):
@@ -362,7 +380,7 @@ def _lowpass_map(vol: torch.Tensor, shell: float) -> torch.Tensor:
 
 
 def _update_sampling(samp: SamplingState, opts: RefineOptions, res_shell: int, ang_change: float, off_change: float,
-                     box: int, px: float, pmax: float = 0.0) -> None:
+                     box: int, px: float, pmax: float = 0.0, acc_rot_deg: float | None = None) -> None:
     """RELION §3.6/3.7 (simplified: the needed accuracy from the resolution, not from perturbations).
 
     With ``auto_ignore_angles`` the poses count as settled once the average Pmax is >= 0.8 (a
@@ -388,7 +406,10 @@ def _update_sampling(samp: SamplingState, opts: RefineOptions, res_shell: int, a
     res_A = box * px / max(res_shell, 1)
     needed = 360.0 / math.ceil(math.pi * opts.particle_diameter_A / res_A)  # resolution-limited step
     # global searches are never final: the run goes through local searches (or the finest order) first
-    samp.fine_enough = (fine_step <= 0.5 * needed and samp.local) or samp.order >= opts.max_order
+    if acc_rot_deg is not None:  # RELION: the current (oversampled) step below 0.75 x the expected accuracy
+        samp.fine_enough = (fine_step < 0.75 * acc_rot_deg and samp.local) or samp.order >= opts.max_order
+    else:
+        samp.fine_enough = (fine_step <= 0.5 * needed and samp.local) or samp.order >= opts.max_order
     if samp.iters_no_res_gain >= 1 and samp.iters_no_large_change >= 1:
         if samp.fine_enough:
             samp.converged = True

@@ -136,6 +136,19 @@ def local_rotations(order: int, sigma_deg: float, n_sigma: float = 3.0, rng: np.
     return RotationSet(tc, tf, -(a_c ** 2) / s2, -(a_f ** 2) / s2, step, step / 2)
 
 
+def pose_change_deg(prev: np.ndarray, new: np.ndarray, sym_mats: np.ndarray | None = None) -> np.ndarray:
+    """Angle (degrees) between poses (n, 3, 3), the smallest over the point group's operators.
+
+    Poses A and A g (g in the group) describe the same particle of a symmetric reference, so
+    the change from A to B is min_g angle((A g)^T B); trace((A g)^T B) = sum_ij g_ij (A^T B)_ij.
+    Without ``sym_mats`` (or C1) it is the plain angle of A^T B.
+    """
+    rel = np.einsum("nji,njk->nik", np.asarray(prev, dtype=np.float64), np.asarray(new, dtype=np.float64))
+    g = np.eye(3)[None] if sym_mats is None or len(sym_mats) == 0 else np.asarray(sym_mats, dtype=np.float64)
+    tr = np.einsum("nij,gij->ng", rel, g).max(axis=1)
+    return np.rad2deg(np.arccos(np.clip((tr - 1) / 2, -1, 1)))
+
+
 def compose_local(prev: torch.Tensor, local: RotationSet) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-particle rotations A_prev @ D: coarse (B, R, 3, 3) and children (B, R, C, 3, 3)."""
     coarse = torch.matmul(prev[:, None], local.matrices[None])

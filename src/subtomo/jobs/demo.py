@@ -64,14 +64,13 @@ def _run(ctx: JobContext) -> None:
     truth = json.loads((project / "GroundTruth" / "simulation.json").read_text())
     box = int(truth["box_px"])
     diameter = float(truth["structure"]["diameter_A"])
-    symmetry = truth["structure"].get("symmetry") or "C1"  # a user knows the particle's point group
     _stage(ctx, "import", project)
     _stage(ctx, "ctf", project, lower_tilt_defoci=p.lower_tilt_defoci or None, **common)
     _stage(ctx, "prepare", project, **common)
     _stage(ctx, "extract", project, box=box, project=True, **common)
     c2 = _stage(ctx, "class2d", project, K=p.classes2d, iter=p.iterations2d, particle_diameter=round(diameter * 1.1), **common)
     _stage(ctx, "select", project, min_class_fraction=p.min_class_fraction, max_class_resolution=p.max_class_resolution)
-    ref = _stage(ctx, "refine3d", project, particle_diameter=round(diameter * 1.1), healpix_step=p.healpix_step, sym=symmetry,
+    ref = _stage(ctx, "refine3d", project, particle_diameter=round(diameter * 1.1), healpix_step=p.healpix_step,
                  oracle="GroundTruth/picks.star", **common)
     if p.classes3d > 1:
         _stage(ctx, "class3d", project, i=f"{ref.name}run_data.star", K=p.classes3d, iter=p.iterations3d, particle_diameter=round(diameter * 1.1),
