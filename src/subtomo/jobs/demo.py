@@ -33,8 +33,9 @@ class DemoParams(ComputeParams):
     min_class_fraction: float = Field(0.05, ge=0, lt=1, description="Select the 2D classes holding at least this fraction of the particles [fraction].")
     max_class_resolution: float = Field(40.0, gt=0, description="Select the 2D classes whose estimated resolution is this or better [Å].")
     healpix_step: float = Field(15.0, gt=0, description="Initial angular sampling of 3D auto-refinement [deg].")
+    refine_max_iter: int = Field(12, ge=1, description="Iterations of 3D auto-refinement before its final iteration (bounds the demo's time).")
     classes3d: int = Field(2, ge=0, description="Number of 3D classes (0: skip 3D classification).")
-    iterations3d: int = Field(8, ge=1, description="Iterations of 3D classification.")
+    iterations3d: int = Field(5, ge=1, description="Iterations of 3D classification.")
     lower_tilt_defoci: float | None = Field(30.0, gt=0, description="Step 11: tilts above this get the mean lower-tilt defocus (0 or none: off) [deg].")
 
 
@@ -70,7 +71,7 @@ def _run(ctx: JobContext) -> None:
     _stage(ctx, "extract", project, box=box, project=True, **common)
     c2 = _stage(ctx, "class2d", project, K=p.classes2d, iter=p.iterations2d, particle_diameter=round(diameter * 1.1), **common)
     _stage(ctx, "select", project, min_class_fraction=p.min_class_fraction, max_class_resolution=p.max_class_resolution)
-    ref = _stage(ctx, "refine3d", project, particle_diameter=round(diameter * 1.1), healpix_step=p.healpix_step,
+    ref = _stage(ctx, "refine3d", project, particle_diameter=round(diameter * 1.1), healpix_step=p.healpix_step, max_iter=p.refine_max_iter,
                  oracle="GroundTruth/picks.star", **common)
     if p.classes3d > 1:
         _stage(ctx, "class3d", project, i=f"{ref.name}run_data.star", K=p.classes3d, iter=p.iterations3d, particle_diameter=round(diameter * 1.1),
@@ -82,16 +83,22 @@ def _run(ctx: JobContext) -> None:
     ctx.log("")
     ctx.log(f"demo finished in {time.time() - start:.0f} s: project {project}")
     if resolution is not None:
-        ctx.log(f"final resolution (corrected FSC = 0.143): {float(resolution):.1f} A at {truth['pixel_size_A']} A/px")
+        ctx.log(f"final resolution after postprocessing (corrected FSC = 0.143): {float(resolution):.1f} A at {truth['pixel_size_A']} A/px")
     if ref.path("oracle.star").exists():
         orc = read_star(ref.path("oracle.star"))["oracle"]
         ctx.log(f"refine3d from random orientations: {float(orc['subtomoRefinedResolution']):.1f} A; with the true poses "
                 f"(oracle): {float(orc['rlnFinalResolution']):.1f} A (ratio {float(orc['subtomoRefinedOverOracle']):.2f})")
     ctx.log("look at:")
+    c3 = sorted(project.glob("Class3D/job*/run_it*_classes.png"))
     for label, path in (("particles on tilt images", "Import/*/coordinates/*.png"),
                         ("CTF fits", "CtfFind/*/Diagnostics/*summary*.png"),
-                        ("2D class averages", f"{c2.name}*.png"), ("refined map", f"{ref.name}*.png"),
-                        ("FSC and Guinier plots", f"{post.name}*.png"), ("local resolution", f"{loc.name}*.png")):
+                        ("2D class averages", f"{c2.name}*_classes.png"),
+                        ("refined map", f"{ref.name}run_class001_slices.png"),
+                        ("3D classes", str(c3[-1].relative_to(project)) if c3 else "Class3D/none"),
+                        ("FSC curves", f"{post.name}postprocess_fsc.png"),
+                        ("Guinier plot", f"{post.name}postprocess_guinier.png"),
+                        ("directional FSC (missing wedge)", f"{post.name}postprocess_directional_fsc.png"),
+                        ("local resolution", f"{loc.name}localres_slices.png")):
         found = sorted(project.glob(path))
         if found:
             ctx.log(f"  {label}: {ctx.rel(found[-1])}")
