@@ -62,6 +62,32 @@ def _psi_values(step_deg: float, lo: float = 0.0, hi: float = 360.0, centred: bo
     return lo + np.arange(n) * (hi - lo) / n
 
 
+def _oversampled_children(order: int, pix: np.ndarray, psi: np.ndarray, psi_step: float,
+                          subtract_rot: bool) -> np.ndarray:
+    """The 8 oversampled children (4 HEALPix children x 2 psi) of each (direction, psi) point.
+
+    Returns (len(pix) * len(psi), 8, 3, 3). ``subtract_rot`` uses psi - rot (local grids
+    centred on the identity) instead of psi.
+    """
+    ch = healpix.pix2ang_nest(order + 1, healpix.children(pix).reshape(-1)).reshape(len(pix), 4, 2)
+    shape = (len(pix), len(psi), 4, 2)
+    r = np.broadcast_to(ch[:, None, :, None, 0], shape)
+    t = np.broadcast_to(ch[:, None, :, None, 1], shape)
+    p = np.broadcast_to(np.stack([psi - psi_step / 4, psi + psi_step / 4], -1)[None, :, None, :], shape)
+    return euler_to_matrix(r, t, p - r if subtract_rot else p).reshape(len(pix) * len(psi), 8, 3, 3)
+
+
+def _perturbed_tensors(coarse: np.ndarray, fine: np.ndarray, step: float, rng: np.random.Generator | None,
+                       perturb: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply RELION's random perturbation (right-multiplied) and move to torch float32."""
+    if rng is not None and perturb > 0:
+        pm = perturbation_matrix(step, rng, perturb)
+        coarse = coarse @ pm
+        fine = fine @ pm
+    return (torch.as_tensor(coarse, dtype=torch.float32, device=device),
+            torch.as_tensor(fine, dtype=torch.float32, device=device))
+
+
 def global_rotations(order: int, sym: str = "C1", rng: np.random.Generator | None = None,
                      perturb: float = 0.5, device=None) -> RotationSet:
     """RELION's global orientation grid at HEALPix ``order`` with oversampling 1."""
@@ -77,20 +103,8 @@ def global_rotations(order: int, sym: str = "C1", rng: np.random.Generator | Non
     tilt = np.repeat(dirs[:, 1], n_psi)
     psis = np.tile(psi, len(pix))
     coarse = euler_to_matrix(rot, tilt, psis)
-    ch_pix = healpix.children(pix)  # (n, 4)
-    ch_dirs = healpix.pix2ang_nest(order + 1, ch_pix.reshape(-1)).reshape(len(pix), 4, 2)
-    ch_psi = np.stack([psi - dpsi / 4, psi + dpsi / 4], -1)  # (n_psi, 2)
-    # (n_dir, n_psi, 4 dirs, 2 psi)
-    r = np.broadcast_to(ch_dirs[:, None, :, None, 0], (len(pix), n_psi, 4, 2))
-    t = np.broadcast_to(ch_dirs[:, None, :, None, 1], (len(pix), n_psi, 4, 2))
-    p = np.broadcast_to(ch_psi[None, :, None, :], (len(pix), n_psi, 4, 2))
-    fine = euler_to_matrix(r, t, p).reshape(len(pix) * n_psi, 8, 3, 3)
-    if rng is not None and perturb > 0:
-        pm = perturbation_matrix(step, rng, perturb)
-        coarse = coarse @ pm
-        fine = fine @ pm
-    tc = torch.as_tensor(coarse, dtype=torch.float32, device=device)
-    tf = torch.as_tensor(fine, dtype=torch.float32, device=device)
+    fine = _oversampled_children(order, pix, psi, dpsi, subtract_rot=False)
+    tc, tf = _perturbed_tensors(coarse, fine, step, rng, perturb, device)
     return RotationSet(tc, tf, torch.zeros(len(tc), device=device), torch.zeros(tf.shape[:2], device=device),
                        step, step / 2)
 
@@ -116,18 +130,8 @@ def local_rotations(order: int, sigma_deg: float, n_sigma: float = 3.0, rng: np.
     dt = np.repeat(ang[near, 1], len(psi))
     pp = np.tile(psi, len(near))
     coarse = euler_to_matrix(dr, dt, pp - dr)
-    ch_pix = healpix.children(near)
-    ch = healpix.pix2ang_nest(order + 1, ch_pix.reshape(-1)).reshape(len(near), 4, 2)
-    r = np.broadcast_to(ch[:, None, :, None, 0], (len(near), len(psi), 4, 2))
-    t = np.broadcast_to(ch[:, None, :, None, 1], (len(near), len(psi), 4, 2))
-    p = np.broadcast_to(np.stack([psi - step / 4, psi + step / 4], -1)[None, :, None, :], (len(near), len(psi), 4, 2))
-    fine = euler_to_matrix(r, t, p - r).reshape(len(near) * len(psi), 8, 3, 3)
-    if rng is not None and perturb > 0:
-        pm = perturbation_matrix(step, rng, perturb)
-        coarse = coarse @ pm
-        fine = fine @ pm
-    tc = torch.as_tensor(coarse, dtype=torch.float32, device=device)
-    tf = torch.as_tensor(fine, dtype=torch.float32, device=device)
+    fine = _oversampled_children(order, near, psi, step, subtract_rot=True)
+    tc, tf = _perturbed_tensors(coarse, fine, step, rng, perturb, device)
     a_c = rotation_angle_deg(tc)
     keep = a_c <= limit
     tc, tf, a_c = tc[keep], tf[keep], a_c[keep]
