@@ -276,6 +276,7 @@ def main() -> None:
     ap.add_argument("--estimate-ctf", action="store_true", help="run subtomo ctf instead of using the true defoci")
     ap.add_argument("--single-class", action="store_true", help="simulate one class only (no variant)")
     ap.add_argument("--no-ctf-run", action="store_true", help="skip the --no-ctf comparison")
+    ap.add_argument("--only-no-ctf", action="store_true", help="run only the --no-ctf refinement")
     ap.add_argument("--scaling", action="store_true", help="time per iteration vs particles and box (3 iterations each)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -288,11 +289,13 @@ def main() -> None:
           f"{float(optics['rlnImagePixelSize'].iloc[0]):.2f} A/px; CTF from "
           f"{'subtomo ctf' if args.estimate_ctf else 'the true defoci'}; symmetry {args.sym}; {args.threads} threads; "
           f"project ready in {info['seconds']:.0f} s", flush=True)
-    r = run_refine(project, star, args, True, "ctf")
-    report("CTF on", r)
+    r = None if args.only_no_ctf else run_refine(project, star, args, True, "ctf")
+    if r is not None:
+        report("CTF on", r)
     if not args.no_ctf_run:
         r2 = run_refine(project, star, args, False, "noctf")
         report("CTF off", r2)
+    if r is not None and not args.no_ctf_run:
         print(f"CTF on vs off: FSC(map, truth)=0.5 at {r['fsc_truth_05_A']:.1f} vs {r2['fsc_truth_05_A']:.1f} A; "
               f"gold-standard {r['gold_A']:.1f} vs {r2['gold_A']:.1f} A", flush=True)
     if args.scaling:
