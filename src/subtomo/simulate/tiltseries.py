@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from subtomo.ctf.model import ctf_2d, electron_wavelength_A
 from subtomo.errors import SubtomoError
 from subtomo.fourier import fft_centered, ifft_centered, phase_shift, rfft_frequencies
+from subtomo.geometry.tilt import project_to_tilt
 
 WATER_MOLECULES_PER_A3 = 0.0307  # vitreous ice, 0.92 g/cm³
 WATER_POTENTIAL_INTEGRAL_V_A3 = 47.878 * (0.0974 + 0.2921 + 0.6910 + 0.6990 + 0.2039
@@ -197,8 +198,8 @@ def render_objects(canvas: torch.Tensor, pad: int, projector: FourierSliceProjec
     oi, ti = oi.ravel(), ti.ravel()
     theta = np.deg2rad(geom.true_tilts_deg[ti])
     c = centres_A[oi]
-    x_img = c[:, 0] * np.cos(theta) + c[:, 2] * np.sin(theta)
-    h = -c[:, 0] * np.sin(theta) + c[:, 2] * np.cos(theta)
+    x_all, _, h_all = project_to_tilt(centres_A, geom.true_tilts_deg)  # (objects, tilts)
+    x_img, h = x_all[oi, ti], h_all[oi, ti]
     col = nx / 2 + x_img / p + geom.shifts_px[ti, 0]
     row = ny / 2 + c[:, 1] / p + geom.shifts_px[ti, 1]
     col0, row0 = np.floor(col), np.floor(row)
