@@ -21,3 +21,12 @@ def shared_data() -> Path:
     if not path.exists():
         pytest.skip(f"shared data not found at {path}")
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small tensors only: extra torch threads just add overhead (restored after the test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

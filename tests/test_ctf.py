@@ -23,12 +23,7 @@ CTFFIND_FILE = Path("/work/shared/data/formats/ctf_mdoc_mtf/cryocat_TS_017/017_c
 OPTICS = Optics(300.0, 2.7, 0.07, 2.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _angle_diff(a, b):

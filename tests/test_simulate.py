@@ -30,13 +30,7 @@ from subtomo.simulate.tiltseries import (
 P_ZYX = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]])  # (x, y, z) <-> (z, y, x)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors only: extra torch threads just add overhead (restored after each test)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def rotate_map(vol: np.ndarray, a: np.ndarray, order: int = 1) -> np.ndarray:
