@@ -463,7 +463,10 @@ def oracle(src: ParticleSource, rot: np.ndarray, offset_px: np.ndarray, halves: 
 
 
 def rotate_map(vol: torch.Tensor, matrix: np.ndarray, pad: int = 2) -> torch.Tensor:
-    """Map rotated by A (particle convention: out(r) = vol(A^T r)), via Fourier sampling."""
+    """Map rotated by A (particle convention: out(r) = vol(A^T r)), via Fourier sampling.
+
+    Band-limited to the Nyquist sphere (corners of the cube are dropped); the mean is kept.
+    """
     from subtomo.em.projector3d import Projector3D
     from subtomo.fourier import ifft_centered
 
@@ -471,8 +474,9 @@ def rotate_map(vol: torch.Tensor, matrix: np.ndarray, pad: int = 2) -> torch.Ten
     comps = fourier_components(box, box, 3, device=vol.device)
     a = Projector3D(vol, pad=pad).project(torch.as_tensor(matrix, dtype=torch.float32, device=vol.device)[None], comps.k)[0]
     f = torch.zeros(box * box * (box // 2 + 1), dtype=torch.complex64, device=vol.device)
-    f[comps.idx] = a
+    # components with kx > 0 stand for their mate too (the inverse rfft adds it); on the
+    # kx = 0 plane only one member of each pair is set, and the inverse keeps half of it
+    f[comps.idx] = a * torch.where(comps.k[:, 0] == 0, 2.0, 1.0).to(a.dtype)
     f = f.reshape(box, box, box // 2 + 1)
-    # only one member of each Hermitian pair is set: real part of the inverse doubles it
-    out = ifft_centered(f, (box,) * 3) * 2
-    return out - out.mean()
+    out = ifft_centered(f, (box,) * 3)
+    return out - out.mean() + vol.mean()  # the DC component is not among the components

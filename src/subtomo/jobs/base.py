@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from subtomo import __version__
 from subtomo.errors import SubtomoError
+from subtomo.jobs.monitor import ResourceMonitor
 from subtomo.jobs.pipeline import STATUS_FAILED, STATUS_RUNNING, STATUS_SUCCEEDED, Pipeline, Process
 
 T = TypeVar("T")
@@ -185,6 +186,15 @@ def _job_dir_for(spec: JobSpec, params: JobParams, project: Path, pipeline: Pipe
     return d, name
 
 
+def _record_end(job_dir: Path, record: dict, monitor: ResourceMonitor, status: str) -> None:
+    """Add the end time, status and resource usage (wall, CPU, peak memory) to job.json."""
+    record["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
+    record["status"] = status
+    if monitor.usage is not None:
+        record["resources"] = monitor.usage.as_dict()
+    (job_dir / "job.json").write_text(json.dumps(record, indent=2, default=str))
+
+
 def execute(spec: JobSpec, params: JobParams, project: str | Path = ".", argv: list[str] | None = None,
             quiet: bool = False) -> JobContext:
     """Run one job in ``project``; returns its context. Raises SubtomoError on failure."""
@@ -213,9 +223,12 @@ def execute(spec: JobSpec, params: JobParams, project: str | Path = ".", argv: l
     pipeline.add(proc)
     pipeline.save()
     ctx.log(f"subtomo {__version__} {spec.command} -> {name} (device {ctx.device})")
+    monitor = ResourceMonitor(ctx.device)
     try:
-        spec.run(ctx)
+        with monitor:
+            spec.run(ctx)
     except BaseException as exc:
+        _record_end(job_dir, record, monitor, "failed")
         proc.status = STATUS_FAILED
         proc.inputs, proc.outputs = ctx.inputs, ctx.outputs
         with open(job_dir / "run.err", "a") as fh:
@@ -233,13 +246,16 @@ def execute(spec: JobSpec, params: JobParams, project: str | Path = ".", argv: l
         pipeline.save()
         ctx.close()
         raise
+    _record_end(job_dir, record, monitor, "succeeded")
     proc.status = STATUS_SUCCEEDED
     proc.inputs, proc.outputs = ctx.inputs, ctx.outputs
     pipeline = Pipeline(project)
     pipeline.add(proc)
     pipeline.save()
     (job_dir / SUCCESS_SENTINEL).touch()
-    ctx.log(f"{spec.command} finished: {name}")
+    usage = monitor.usage
+    peak = f", peak memory {usage.peak_rss_MB:.0f} MB" if usage and usage.peak_rss_MB is not None else ""
+    ctx.log(f"{spec.command} finished: {name} ({usage.wall_s if usage else 0:.1f} s{peak})")
     ctx.close()
     return ctx
 

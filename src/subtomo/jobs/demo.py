@@ -6,7 +6,10 @@ class2d, select, refine3d (de novo, from random orientations), class3d,
 postprocess, localres — exactly as a user would on the command line, and ends with a
 summary: the gold-standard resolution, the resolution of the average with the true poses
 (the oracle) and where to look at the pictures. Each stage is an ordinary job directory in
-the project, so every step can be inspected or re-run by hand.
+the project, so every step can be inspected or re-run by hand. At the end every stage is
+scored against the simulator's ground truth (``demo_report``): a summary table on the
+terminal, ``demo_summary.json`` in the demo's job directory and ``report.html`` (one
+self-contained page with all the pictures) in the project.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from typing import Literal
 
 from pydantic import Field
 
+from subtomo import __version__
 from subtomo.errors import SubtomoError
-from subtomo.io.star import read_star
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec, execute
+from subtomo.jobs.demo_report import evaluate_project, stage_rows, summary_rows, write_report
 from subtomo.jobs.registry import load_spec
 
 
@@ -28,25 +32,45 @@ class DemoParams(ComputeParams):
     project_dir: str = Field("demo_project", description="Directory of the demo project (created; must not exist yet).",
                              json_schema_extra={"positional": True})
     preset: Literal["tiny", "demo", "benchmark"] = Field("demo", description="Simulation preset: tiny (seconds, a smoke test), demo (a few minutes), benchmark (long).")
-    classes2d: int = Field(8, ge=2, description="Number of 2D classes.")
-    iterations2d: int = Field(15, ge=1, description="Iterations of 2D classification.")
-    min_class_fraction: float = Field(0.05, ge=0, lt=1, description="Select the 2D classes holding at least this fraction of the particles [fraction].")
-    max_class_resolution: float = Field(40.0, gt=0, description="Select the 2D classes whose estimated resolution is this or better [Å].")
+    classes2d: int | None = Field(None, ge=2, description="Number of 2D classes (default: the preset's).")
+    iterations2d: int | None = Field(None, ge=1, description="Iterations of 2D classification (default: the preset's).")
+    min_class_fraction: float | None = Field(None, ge=0, lt=1, description="Select the 2D classes holding at least this fraction of the particles (default: the preset's) [fraction].")
+    max_class_resolution: float | None = Field(None, ge=0, description="Select the 2D classes whose estimated resolution is this or better; 0: no resolution rule (default: the preset's) [Å].")
     healpix_step: float = Field(15.0, gt=0, description="Initial angular sampling of 3D auto-refinement [deg].")
-    refine_max_iter: int = Field(12, ge=1, description="Iterations of 3D auto-refinement before its final iteration (bounds the demo's time).")
+    refine_max_iter: int | None = Field(None, ge=1, description="Iterations of 3D auto-refinement before its final iteration; bounds the demo's time (default: the preset's).")
     classes3d: int = Field(2, ge=0, description="Number of 3D classes (0: skip 3D classification).")
-    iterations3d: int = Field(5, ge=1, description="Iterations of 3D classification.")
+    iterations3d: int | None = Field(None, ge=1, description="Iterations of 3D classification (default: the preset's).")
     lower_tilt_defoci: float | None = Field(30.0, gt=0, description="Step 11: tilts above this get the mean lower-tilt defocus (0 or none: off) [deg].")
 
 
-def _stage(ctx: JobContext, command: str, root: Path, **params) -> JobContext:
+# Per-preset choices where the right value depends on the data's size: the tiny preset has 10
+# particles at 10 Å/px, where per-class resolution estimates are noise and a gold bead's
+# class looks "best", so it selects by class size only.
+PRESET_DEFAULTS: dict[str, dict[str, float | int]] = {
+    "tiny": dict(classes2d=4, iterations2d=8, min_class_fraction=0.2, max_class_resolution=0, refine_max_iter=8, iterations3d=3),
+    "demo": dict(classes2d=8, iterations2d=15, min_class_fraction=0.05, max_class_resolution=40, refine_max_iter=12, iterations3d=5),
+    "benchmark": dict(classes2d=10, iterations2d=25, min_class_fraction=0.04, max_class_resolution=30, refine_max_iter=25, iterations3d=8),
+}
+
+
+def with_preset_defaults(params: DemoParams) -> DemoParams:
+    """``params`` with every option left unset (None) taken from the preset's defaults."""
+    filled = {k: v for k, v in PRESET_DEFAULTS[params.preset].items() if getattr(params, k) is None}
+    return params.model_copy(update=filled)
+
+
+STAGES = ("simulate", "import", "ctf", "prepare", "extract", "class2d", "select", "refine3d", "class3d",
+          "postprocess", "localres")
+
+
+def _stage(ctx: JobContext, jobs: dict[str, str], command: str, root: Path, **params) -> JobContext:
+    """Run one stage as an ordinary job of the project and remember its job directory."""
     spec = load_spec({"import": "import_tomograms"}.get(command, command))
     shown = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {round(v, 2) if isinstance(v, float) else v}")
                      for k, v in params.items() if k not in ("device", "threads", "seed") and v is not None and v is not False)
-    ctx.log(f"--- subtomo {command} {shown}")
-    start = time.time()
+    ctx.log(f"=== [{len(jobs) + 1}/{len(STAGES)}] subtomo {command} {shown}")
     job = execute(spec, spec.params(**params), root, argv=["subtomo", command, *shown.split()], quiet=ctx.quiet)
-    ctx.log(f"    {job.name} ({time.time() - start:.0f} s)")
+    jobs[command] = job.name
     return job
 
 
@@ -56,52 +80,58 @@ def _check(params: DemoParams, project: Path) -> None:
                            f"Give another directory (subtomo demo NEW_DIR) or remove this one.")
 
 
+def _run_stages(ctx: JobContext, jobs: dict[str, str]) -> None:
+    p = with_preset_defaults(ctx.params)
+    project = ctx.project
+    common = dict(device=p.device, threads=p.threads, seed=p.seed)
+    _stage(ctx, jobs, "simulate", project, project_dir=".", preset=p.preset, **common)
+    truth = json.loads((project / "GroundTruth" / "simulation.json").read_text())
+    box = int(truth["box_px"])
+    diameter = round(float(truth["structure"]["diameter_A"]) * 1.1)
+    _stage(ctx, jobs, "import", project)
+    _stage(ctx, jobs, "ctf", project, lower_tilt_defoci=p.lower_tilt_defoci or None, **common)
+    _stage(ctx, jobs, "prepare", project, **common)
+    _stage(ctx, jobs, "extract", project, box=box, project=True, **common)
+    _stage(ctx, jobs, "class2d", project, K=p.classes2d, iter=p.iterations2d, particle_diameter=diameter, **common)
+    _stage(ctx, jobs, "select", project, min_class_fraction=p.min_class_fraction,
+           max_class_resolution=p.max_class_resolution or None)
+    ref = _stage(ctx, jobs, "refine3d", project, particle_diameter=diameter, healpix_step=p.healpix_step,
+                 max_iter=p.refine_max_iter, oracle="GroundTruth/picks.star", **common)
+    if p.classes3d > 1:
+        _stage(ctx, jobs, "class3d", project, i=f"{ref.name}run_data.star", K=p.classes3d, iter=p.iterations3d,
+               particle_diameter=diameter, ref=f"{ref.name}run_class001.mrc", local=True, **common)
+    _stage(ctx, jobs, "postprocess", project, **common)
+    _stage(ctx, jobs, "localres", project, **common)
+
+
 def _run(ctx: JobContext) -> None:
     p: DemoParams = ctx.params
     project = ctx.project
-    common = dict(device=p.device, threads=p.threads, seed=p.seed)
     start = time.time()
-    _stage(ctx, "simulate", project, project_dir=".", preset=p.preset, **common)
-    truth = json.loads((project / "GroundTruth" / "simulation.json").read_text())
-    box = int(truth["box_px"])
-    diameter = float(truth["structure"]["diameter_A"])
-    _stage(ctx, "import", project)
-    _stage(ctx, "ctf", project, lower_tilt_defoci=p.lower_tilt_defoci or None, **common)
-    _stage(ctx, "prepare", project, **common)
-    _stage(ctx, "extract", project, box=box, project=True, **common)
-    c2 = _stage(ctx, "class2d", project, K=p.classes2d, iter=p.iterations2d, particle_diameter=round(diameter * 1.1), **common)
-    _stage(ctx, "select", project, min_class_fraction=p.min_class_fraction, max_class_resolution=p.max_class_resolution)
-    ref = _stage(ctx, "refine3d", project, particle_diameter=round(diameter * 1.1), healpix_step=p.healpix_step, max_iter=p.refine_max_iter,
-                 oracle="GroundTruth/picks.star", **common)
-    if p.classes3d > 1:
-        _stage(ctx, "class3d", project, i=f"{ref.name}run_data.star", K=p.classes3d, iter=p.iterations3d, particle_diameter=round(diameter * 1.1),
-               ref=f"{ref.name}run_class001.mrc", local=True, **common)
-    post = _stage(ctx, "postprocess", project, **common)
-    loc = _stage(ctx, "localres", project, **common)
-    general = read_star(post.path("postprocess.star")).get("general", {})
-    resolution = general.get("rlnFinalResolution") if isinstance(general, dict) else None
+    jobs: dict[str, str] = {}
+    _run_stages(ctx, jobs)
     ctx.log("")
-    ctx.log(f"demo finished in {time.time() - start:.0f} s: project {project}")
-    if resolution is not None:
-        ctx.log(f"final resolution after postprocessing (corrected FSC = 0.143): {float(resolution):.1f} A at {truth['pixel_size_A']} A/px")
-    if ref.path("oracle.star").exists():
-        orc = read_star(ref.path("oracle.star"))["oracle"]
-        ctx.log(f"refine3d from random orientations: {float(orc['subtomoRefinedResolution']):.1f} A; with the true poses "
-                f"(oracle): {float(orc['rlnFinalResolution']):.1f} A (ratio {float(orc['subtomoRefinedOverOracle']):.2f})")
-    ctx.log("look at:")
-    c3 = sorted(project.glob("Class3D/job*/run_it*_classes.png"))
-    for label, path in (("particles on tilt images", "Import/*/coordinates/*.png"),
-                        ("CTF fits", "CtfFind/*/Diagnostics/*summary*.png"),
-                        ("2D class averages", f"{c2.name}*_classes.png"),
-                        ("refined map", f"{ref.name}run_class001_slices.png"),
-                        ("3D classes", str(c3[-1].relative_to(project)) if c3 else "Class3D/none"),
-                        ("FSC curves", f"{post.name}postprocess_fsc.png"),
-                        ("Guinier plot", f"{post.name}postprocess_guinier.png"),
-                        ("directional FSC (missing wedge)", f"{post.name}postprocess_directional_fsc.png"),
-                        ("local resolution", f"{loc.name}localres_slices.png")):
-        found = sorted(project.glob(path))
-        if found:
-            ctx.log(f"  {label}: {ctx.rel(found[-1])}")
+    ctx.log(f"all stages finished in {time.time() - start:.0f} s; scoring against the ground truth ...")
+    result = evaluate_project(project, jobs, ctx.dir)
+    summary = ctx.path("demo_summary.json")
+    summary.write_text(json.dumps({"preset": p.preset, "jobs": jobs, "figures": result.figures,
+                                   "stages": [s.__dict__ for s in result.stages],
+                                   "total_wall_s": time.time() - start}, indent=2, default=str))
+    ctx.add_output(summary, "File")
+    report = write_report(project / "report.html", project, jobs, result, f"subtomo demo: preset {p.preset}",
+                          f"The whole protocol on a simulated project ({project}), run by subtomo {__version__} "
+                          f"on {ctx.device} in {time.time() - start:.0f} s.")
+    ctx.add_output(report, "File")
+    ctx.log("")
+    width = max(len(label) for label, _ in summary_rows(result)) if result.figures else 10
+    for label, value in summary_rows(result):
+        ctx.log(f"  {label:<{width}}  {value}")
+    ctx.log("")
+    ctx.log(f"  {'stage':<12} {'job':<22} {'time [s]':>9} {'peak memory [MB]':>17}")
+    for command, job, wall, peak in stage_rows(result):
+        ctx.log(f"  {command:<12} {job:<22} {wall:>9} {peak:>17}")
+    ctx.log("")
+    ctx.log(f"demo finished in {time.time() - start:.0f} s. Open the report: {report}")
 
 
 SPEC = JobSpec(

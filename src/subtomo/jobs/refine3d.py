@@ -21,7 +21,7 @@ from subtomo.em.iteration import ParticleSource
 from subtomo.em.refine import RefineOptions, auto_refine, oracle, split_halves
 from subtomo.errors import SubtomoError
 from subtomo.geometry.euler import euler_to_matrix
-from subtomo.io.mrc import read_mrc
+from subtomo.io.mrc import read_mrc, write_mrc
 from subtomo.io.star import read_particles, write_star
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec, default_input
 
@@ -201,6 +201,8 @@ def _run(ctx: JobContext) -> None:
                      diameter_A=p.particle_diameter, device=ctx.device, batch_size=p.batch_size)
         ctx.log(f"oracle (true poses) resolution: {orc['resolution_A']:.2f} A; ratio refined/oracle "
                 f"{res['resolution_A'] / orc['resolution_A']:.3f}")
+        oracle_map = write_mrc(ctx.path("oracle_class001.mrc"), orc["map"].numpy(), src.pixel_size_A)
+        ctx.add_output(oracle_map, "DensityMap")
         out = write_star(ctx.path("oracle.star"), {"oracle": {
             "rlnFinalResolution": float(orc["resolution_A"]), "subtomoRefinedResolution": float(res["resolution_A"]),
             "subtomoRefinedOverOracle": float(res["resolution_A"] / orc["resolution_A"]), "subtomoGroundTruth": p.oracle}})

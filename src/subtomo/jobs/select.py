@@ -311,11 +311,54 @@ def _write_subset(path: Path, blocks: dict, subset: pd.DataFrame) -> Path:
     return write_particles(path, subset)
 
 
+def class_images(model_path: Path, project: Path) -> np.ndarray | None:
+    """The class averages/maps named by rlnReferenceImage of ``model_path`` (None if any is missing).
+
+    Names may be project-relative (RELION) or relative to the model STAR's directory;
+    ``k@stack.mrcs`` picks image k of a stack.
+    """
+    from subtomo.io.mrc import read_mrc
+
+    mc = read_star(model_path).get("model_classes")
+    if isinstance(mc, dict):
+        mc = pd.DataFrame([mc])
+    if not isinstance(mc, pd.DataFrame) or "rlnReferenceImage" not in mc.columns:
+        return None
+    stacks: dict[Path, np.ndarray] = {}
+    images = []
+    for ref in mc["rlnReferenceImage"].astype(str):
+        index, _, name = ref.rpartition("@")
+        path = next((c for c in (project / name, model_path.parent / name) if c.exists()), None)
+        if path is None:
+            return None
+        if path not in stacks:
+            stacks[path] = read_mrc(path)[0]
+        data = stacks[path]
+        images.append(data[int(index) - 1] if index else data)
+    return np.stack(images)
+
+
 # ----------------------------------------------------------------------------- job
 
 
 def _check(params: SelectParams, project: Path) -> Selection:
     return compute_selection(params, project)
+
+
+def _plot_selection(ctx: JobContext, sel: Selection) -> None:
+    """``selected_classes.png``: the class gallery with the kept classes framed in green."""
+    from subtomo.plot.gallery import class_gallery
+
+    _, model_path = data_and_model_paths(sel.data_path) if sel.data_path is not None else (None, None)
+    images = class_images(model_path, ctx.project) if model_path is not None else None
+    if images is None:
+        return
+    table = class_table(model_path, sel.selected)
+    path = class_gallery(images, table.fraction, ctx.path("selected_classes.png"), table.resolution_A,
+                         title=f"kept (green): classes {', '.join(map(str, sel.classes))}", class_numbers=table.number,
+                         selected=sel.classes)
+    ctx.add_output(path, "Image")
+    ctx.log(f"wrote {ctx.rel(path)}")
 
 
 def _run(ctx: JobContext) -> None:
@@ -326,6 +369,7 @@ def _run(ctx: JobContext) -> None:
     counts = sel.selected["rlnClassNumber"].astype(int).value_counts()
     ctx.log("kept classes: " + ", ".join(f"{k} ({counts.get(k, 0)})" for k in sel.classes)
             + f"; {len(sel.selected)} particles")
+    _plot_selection(ctx, sel)
     if sel.dimensionality == 2:
         out2 = _write_subset(ctx.path("subtomo_proj2d_sel.star"), sel.data_blocks, sel.selected)
         ctx.add_output(out2, "ParticlesData")

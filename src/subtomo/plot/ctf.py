@@ -85,3 +85,29 @@ def plot_series_summary(table: pd.DataFrame, name: str, path: str | Path) -> Pat
     fig.suptitle(f"{name}: CTF per tilt", fontsize=10)
     fig.subplots_adjust(left=0.12, right=0.97, bottom=0.09, top=0.93, hspace=0.08)
     return _save(fig, path)
+
+
+def plot_defocus_vs_truth(errors: pd.DataFrame, path: str | Path) -> Path:
+    """Estimated and true mean defocus against tilt (top) and the error (bottom), per tomogram.
+
+    ``errors`` as made by :func:`subtomo.simulate.scoring.ctf_errors`; flagged fits in red.
+    """
+    fig, (ax0, ax1) = new_figure(2, 1, figsize=(6.5, 6), sharex=True)
+    for i, (name, t) in enumerate(errors.groupby("tomogram", sort=True)):
+        t = t.sort_values("tilt_deg")
+        color = f"C{i % 10}"
+        ax0.plot(t["tilt_deg"], t["true_A"] / 1e4, "-", color=color, lw=1, label=f"{name} true")
+        ax0.plot(t["tilt_deg"], t["estimated_A"] / 1e4, "o", color=color, ms=3, label=f"{name} estimated")
+        ax1.plot(t["tilt_deg"], t["error_A"], "o-", color=color, ms=3, lw=0.6)
+    flagged = errors[errors["flagged"]]
+    if len(flagged):
+        ax0.plot(flagged["tilt_deg"], flagged["estimated_A"] / 1e4, "x", color="r", ms=8, label="flagged")
+        ax1.plot(flagged["tilt_deg"], flagged["error_A"], "x", color="r", ms=8)
+    ax1.axhline(0, color="black", lw=0.5)
+    ax0.set_ylabel("mean defocus (µm)")
+    ax0.legend(fontsize=7, ncol=2)
+    ax1.set_ylabel("estimated - true (Å)")
+    ax1.set_xlabel("tilt angle (°)")
+    fig.suptitle("CTF estimates against the ground truth", fontsize=10)
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.09, top=0.93, hspace=0.08)
+    return _save(fig, path)

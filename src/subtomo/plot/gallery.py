@@ -35,11 +35,12 @@ def class_order(fractions: Sequence[float]) -> list[int]:
 def class_gallery(images: np.ndarray, fractions: Sequence[float], path: str | Path,
                   resolutions_A: Sequence[float] | None = None, title: str | None = None,
                   class_numbers: Sequence[int] | None = None, columns: int | None = None,
-                  skip_empty: bool = False) -> Path:
+                  skip_empty: bool = False, selected: Sequence[int] | None = None) -> Path:
     """Write a PNG gallery of ``images`` (K, N, N) or (K, N, N, N), sorted by class size.
 
     ``fractions`` are the class distributions (0..1), ``resolutions_A`` the estimated
     resolutions in Å (inf/NaN shown as "-"). Each tile is contrast-stretched on its own.
+    Classes whose number is in ``selected`` get a green frame (the result of a selection).
     """
     images = np.asarray(images, dtype=np.float32)
     k_total = images.shape[0]
@@ -65,7 +66,16 @@ def class_gallery(images: np.ndarray, fractions: Sequence[float], path: str | Pa
         ax.imshow(tile, cmap="gray", vmin=lo, vmax=hi, origin="lower", interpolation="nearest")
         r = res[k]
         r_text = f"{r:.0f} Å" if r is not None and np.isfinite(r) and r < 1e4 else "-"
-        ax.set_title(f"{numbers[k]}: {100 * float(fractions[k]):.1f}% {r_text}", fontsize=7, pad=2)
+        chosen = selected is not None and numbers[k] in set(selected)
+        ax.set_title(f"{numbers[k]}: {100 * float(fractions[k]):.1f}% {r_text}", fontsize=7, pad=2,
+                     color="green" if chosen else "black", fontweight="bold" if chosen else "normal")
+        if chosen:
+            ax.axis("on")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_color("limegreen")
+                spine.set_linewidth(3)
     if title:
         fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)

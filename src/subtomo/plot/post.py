@@ -19,12 +19,13 @@ def _res_ticks(ax, s_max: float) -> None:
 
 
 def plot_fsc(path: str | Path, s_A: np.ndarray, curves: dict[str, np.ndarray], resolution_A: float,
-             threshold: float = 0.143) -> Path:
-    """FSC curves against spatial frequency with the threshold and the resolution marked."""
+             threshold: float = 0.143, other_thresholds: tuple[float, ...] = ()) -> Path:
+    """FSC curves against spatial frequency with the threshold(s) and the resolution marked."""
     fig, ax = new_figure(figsize=(6.5, 4.2))
     for name, c in curves.items():
         ax.plot(s_A, np.asarray(c), label=name, lw=1.4)
-    ax.axhline(threshold, color="grey", ls="--", lw=0.8)
+    for t in (threshold, *other_thresholds):
+        ax.axhline(t, color="grey", ls="--", lw=0.8)
     ax.axhline(0, color="black", lw=0.5)
     ax.axvline(1 / resolution_A, color="grey", ls=":", lw=0.8)
     ax.text(1 / resolution_A, 0.95, f" {resolution_A:.2f} Å", va="top", fontsize=8)
