@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_json_option, write_figures  # noqa: E402
 from bench_refine3d import latest, sh, truth_ctf_node  # noqa: E402
 
 from subtomo.geometry.euler import matrix_to_euler, random_rotations  # noqa: E402
@@ -124,6 +125,7 @@ def main() -> None:
     ap.add_argument("--healpix-step", type=float, default=15.0)
     ap.add_argument("--runs", default="global,local,focused,skip")
     ap.add_argument("--threads", type=int, default=1)
+    add_json_option(ap)
     args = ap.parse_args()
     project = args.project.resolve()
     project.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +135,7 @@ def main() -> None:
     diam = round(float(sim["structure"]["diameter_A"]) * 1.1)
     star, truth, kind = true_pose_star(project, args.seed)
     rel = str(star.relative_to(project))
+    figs = {"class3d.project_s": time.time() - t0}
     print(f"project ready in {time.time() - t0:.0f} s: {int((kind == 'particle').sum())} particles "
           f"(class 2 fraction {float((truth[kind == 'particle'] == 2).mean()):.2f}), {int((kind != 'particle').sum())} junk, "
           f"box {read_mrc(project / 'GroundTruth' / 'class001.mrc')[0].shape[-1]}, {sim.get('pixel_size_A')} A/px")
@@ -156,11 +159,15 @@ def main() -> None:
         r = score(job, truth, kind, args.K)
         r["wall_s"] = time.time() - t
         results[name] = r
+        figs.update({f"class3d.{name}_K{args.K}_it{args.iter}.accuracy": r["accuracy"],
+                     f"class3d.{name}_K{args.K}_it{args.iter}.s_per_iter": r["s_per_iter"],
+                     f"class3d.{name}_K{args.K}_it{args.iter}.wall_s": r["wall_s"]})
         print(f"{name:8s} {job.relative_to(project)}: accuracy {r['accuracy']:.3f} (per true class "
               + ", ".join(f"{c}: {v:.2f}" for c, v in r["per_true_class"].items())
               + f"), classes {np.round(r['distribution'], 3).tolist()}, junk per class {r['junk_per_class']}, "
               f"{r['s_per_iter']:.1f} s/iteration, {r['wall_s']:.0f} s total", flush=True)
     (project / "bench_class3d.json").write_text(json.dumps(results, indent=1, default=str))
+    write_figures(args.json, figs)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ astigmatism and its angle.
 Part 2 (when ``subtomo.simulate`` is installed): simulates a project for each ``--preset``
 (default benchmark and demo), runs ``subtomo import`` and ``subtomo ctf`` and compares with
 ``GroundTruth/tilts.star``: median and 90th-percentile |defocus error| for |tilt| <= 30
-and > 30 deg, failed fits, time per tilt series. ``--project DIR`` reuses a simulated one.
+and > 30 deg, failed fits, time per tilt series. ``--project DIR`` reuses a simulated one
+(or simulates the first preset there and keeps it).
 
     python bench/bench_ctf.py [--threads 2] [--snr 0.05] [--preset benchmark,demo] [--per-tilt] [--skip-sim]
 """
@@ -18,7 +19,6 @@ and > 30 deg, failed fits, time per tilt series. ``--project DIR`` reuses a simu
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import tempfile
 import time
@@ -26,16 +26,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import add_json_option, peak_rss_MB, write_figures
 
 
-def _stats(err: np.ndarray) -> str:
+def _stats(err: np.ndarray, figs: dict | None = None, key: str = "") -> str:
+    """Median / p90 / max of |err| as text; with ``figs``, also stored as ``key``_median_A and ``key``_p90_A."""
     err = np.abs(np.asarray(err, float))
     if len(err) == 0:
         return "n=0"
-    return f"n={len(err):3d} median {np.median(err):7.0f} A  p90 {np.percentile(err, 90):7.0f} A  max {err.max():7.0f} A"
+    med, p90 = np.median(err), np.percentile(err, 90)
+    if figs is not None:
+        figs.update({f"{key}_median_A": med, f"{key}_p90_A": p90})
+    return f"n={len(err):3d} median {med:7.0f} A  p90 {p90:7.0f} A  max {err.max():7.0f} A"
 
 
-def synthetic_series(args) -> None:
+def synthetic_series(args, figs: dict) -> None:
     from subtomo.ctf.estimate import CtfSearchParams, Optics, estimate_ctf, synthetic_tilt_images
     from subtomo.ctf.series import concat_fits
 
@@ -70,29 +75,34 @@ def synthetic_series(args) -> None:
                                 out / "summary.png")
             shutil.rmtree(out)
         wall = time.time() - t0
+        figs[f"ctf.synthetic.{'fit_png' if with_plots else 'fit'}_s"] = wall
         print(f"  {'fit + PNGs' if with_plots else 'fit only  '}: {wall:6.2f} s wall, {time.process_time() - c0:6.2f} s CPU "
               f"for {n} images ({torch.get_num_threads()} threads)")
     err = fit.defocus_mean_A - d
     ast_err = (fit.defocus_u_A - fit.defocus_v_A) - astig
     ang_err = (fit.defocus_angle_deg - angle + 90) % 180 - 90
     low = np.abs(tilts) <= 30
-    print(f"  mean defocus |err| |tilt|<=30: {_stats(err[low])}")
-    print(f"  mean defocus |err| |tilt|> 30: {_stats(err[~low])}")
-    print(f"  astigmatism  |err| (all)     : {_stats(ast_err)}")
+    print(f"  mean defocus |err| |tilt|<=30: {_stats(err[low], figs, 'ctf.synthetic.defocus_err_low_tilt')}")
+    print(f"  mean defocus |err| |tilt|> 30: {_stats(err[~low], figs, 'ctf.synthetic.defocus_err_high_tilt')}")
+    print(f"  astigmatism  |err| (all)     : {_stats(ast_err, figs, 'ctf.synthetic.astigmatism_err')}")
     print(f"  angle |err| (astig 600-1500 A): median {np.median(np.abs(ang_err)):.1f} deg, p90 "
           f"{np.percentile(np.abs(ang_err), 90):.1f} deg")
     print(f"  failed fits: {int(fit.failed.sum())}, median fit resolution {np.median(fit.max_resolution_A):.1f} A")
+    figs.update({"ctf.synthetic.angle_err_median_deg": np.median(np.abs(ang_err)),
+                 "ctf.synthetic.failed_fits": int(fit.failed.sum()),
+                 "ctf.synthetic.fit_resolution_median_A": np.median(fit.max_resolution_A)})
     # the tilt model: same data without the defocus-gradient strips
     from dataclasses import replace
 
     fit0 = concat_fits([estimate_ctf(imgs[i:i + 8], tilts[i:i + 8], optics, replace(params, tilt_gradient=False))
                         for i in range(0, n, 8)])
     err0 = fit0.defocus_mean_A - d
-    print(f"  without tilted-plane model, |tilt|> 30: {_stats(err0[~low])}; mean significance "
+    text0 = _stats(err0[~low], figs, "ctf.synthetic.no_tilt_model_defocus_err_high_tilt")
+    print(f"  without tilted-plane model, |tilt|> 30: {text0}; mean significance "
           f"{fit0.significance[~low].mean():.1f} vs {fit.significance[~low].mean():.1f} with it")
 
 
-def simulated_project(args, preset: str) -> None:
+def simulated_project(args, preset: str, figs: dict) -> None:
     try:
         from subtomo.jobs import simulate as sim_job
     except ImportError:
@@ -103,10 +113,9 @@ def simulated_project(args, preset: str) -> None:
     from subtomo.jobs import import_tomograms
     from subtomo.jobs.base import execute
 
-    if args.project:
-        root = Path(args.project)
-    else:
-        root = Path(tempfile.mkdtemp(prefix="bench_ctf_sim_")) / "proj"
+    root = Path(args.project).resolve() if args.project else Path(tempfile.mkdtemp(prefix="bench_ctf_sim_")) / "proj"
+    if not (root / "GroundTruth").exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         execute(sim_job.SPEC, sim_job.SimulateParams(project_dir=str(root), preset=preset, seed=args.seed,
                                                      threads=args.threads), root.parent, quiet=True)
@@ -135,11 +144,14 @@ def simulated_project(args, preset: str) -> None:
             failed.append(res["subtomoCtfFitFailed"].to_numpy())
         err, tilt, fl = np.concatenate(errs), np.concatenate(tilts), np.concatenate(failed)
         low = np.abs(tilt) <= 30
+        key = f"ctf.{preset}.{label}"
         print(f"simulated project ({label}): {len(tomos)} tilt series, {wall / len(tomos):.1f} s per series "
               f"({args.threads} threads)")
-        print(f"  |defocus err| |tilt|<=30: {_stats(err[low])}")
-        print(f"  |defocus err| |tilt|> 30: {_stats(err[~low])}")
+        print(f"  |defocus err| |tilt|<=30: {_stats(err[low], figs, f'{key}.defocus_err_low_tilt')}")
+        print(f"  |defocus err| |tilt|> 30: {_stats(err[~low], figs, f'{key}.defocus_err_high_tilt')}")
         ok = fl == 0
+        figs.update({f"{key}.s_per_series": wall / len(tomos), f"{key}.flagged_failed": int((~ok).sum()),
+                     f"{key}.images": len(fl), f"{key}.wrong_unflagged": int((ok & (np.abs(err) > 1000)).sum())})
         print(f"  flagged failed: {int((~ok).sum())}/{len(fl)} (|tilt|<=30: {int((~ok & low).sum())}, "
               f"|tilt|>30: {int((~ok & ~low).sum())})")
         print(f"  not flagged |tilt|<=30: {_stats(err[low & ok])}")
@@ -149,6 +161,8 @@ def simulated_project(args, preset: str) -> None:
         if args.per_tilt:
             for t, e, f in sorted(zip(tilt, err, fl)):
                 print(f"    tilt {t:6.1f}  err {e:7.0f} A{'  flagged' if f else ''}")
+    if not args.project:
+        shutil.rmtree(root.parent, ignore_errors=True)
 
 
 def main() -> None:
@@ -159,18 +173,22 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", default="benchmark,demo", help="simulator preset(s), comma-separated")
     ap.add_argument("--per-tilt", action="store_true", help="print every tilt's error")
-    ap.add_argument("--project", default=None, help="reuse a simulated project directory")
+    ap.add_argument("--project", default=None, help="simulated project directory (reused if it exists, else simulated and kept)")
     ap.add_argument("--skip-sim", action="store_true")
     ap.add_argument("--skip-synthetic", action="store_true")
+    add_json_option(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    figs = {}
     if not args.skip_synthetic:
-        synthetic_series(args)
+        synthetic_series(args, figs)
     if not args.skip_sim:
         presets = [args.preset.split(",")[0]] if args.project else args.preset.split(",")
         for preset in presets:
-            simulated_project(args, preset)
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+            simulated_project(args, preset, figs)
+    figs["ctf.peak_rss_MB"] = peak_rss_MB()
+    print(f"peak RSS {figs['ctf.peak_rss_MB']:.0f} MiB")
+    write_figures(args.json, figs)
 
 
 if __name__ == "__main__":

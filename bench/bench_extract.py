@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import add_json_option, write_figures
 
 
-def bench_ctf3d(device: str = "cpu", threads: int = 1) -> None:
+def bench_ctf3d(figs: dict, device: str = "cpu", threads: int = 1) -> None:
     import torch
 
     from subtomo.tomo.ctf3d import ctf3d_from_tilts
@@ -51,6 +52,7 @@ def bench_ctf3d(device: str = "cpu", threads: int = 1) -> None:
             if device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
+        figs[f"extract.ctf3d_{device}_{b}x{t}_box{box}_size{size}_ms"] = min(times) * 1e3
         print(f"ctf3d_from_tilts {b} particles x {t} tilts, box {box}, size {size}, {device} "
               f"({threads} thread(s)): {min(times) * 1e3:.0f} ms (best of 3)")
     # astigmatic variant
@@ -58,7 +60,8 @@ def bench_ctf3d(device: str = "cpu", threads: int = 1) -> None:
     args["astig_angle_deg"] = np.full((b, t), 30.0)
     t0 = time.perf_counter()
     ctf3d_from_tilts(**args)
-    print(f"  astigmatic, size {box}: {(time.perf_counter() - t0) * 1e3:.0f} ms")
+    figs[f"extract.ctf3d_{device}_{b}x{t}_box{box}_astigmatic_ms"] = (time.perf_counter() - t0) * 1e3
+    print(f"  astigmatic, size {box}: {figs[f'extract.ctf3d_{device}_{b}x{t}_box{box}_astigmatic_ms']:.0f} ms")
 
 
 def make_tomogram(path: Path, gb: float) -> tuple[int, int, int]:
@@ -99,7 +102,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def bench_extract(gb: float, n_particles: int, box: int, keep: bool) -> None:
+def bench_extract(gb: float, n_particles: int, box: int, keep: bool, figs: dict) -> None:
     import pandas as pd
 
     from subtomo.io.star import write_particles
@@ -123,9 +126,11 @@ def bench_extract(gb: float, n_particles: int, box: int, keep: bool) -> None:
                                 "rlnAmplitudeContrast": 0.07, "rlnImagePixelSize": 2.2, "rlnImageDimensionality": 3}])
         write_particles(root / "particles.star", parts, optics)
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        runs = [("3D", dict(box=box, device="cpu", threads=1)),
-                ("3D + z-projections, rescaled to box/2", dict(box=box, rescale=box // 2, project=True, device="cpu", threads=1))]
-        for label, extra in runs:
+        runs = [("3D", "3d", dict(box=box, device="cpu", threads=1)),
+                ("3D + z-projections, rescaled to box/2", "3d_proj_rescaled",
+                 dict(box=box, rescale=box // 2, project=True, device="cpu", threads=1))]
+        figs["extract.tomogram_MB"] = size_mb
+        for label, key, extra in runs:
             args = dict(i="particles.star", **extra)
             out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args), str(root)], env=env,
                                  capture_output=True, text=True)
@@ -134,6 +139,8 @@ def bench_extract(gb: float, n_particles: int, box: int, keep: bool) -> None:
                 raise SystemExit("extraction failed")
             r = json.loads(out.stdout.strip().splitlines()[-1])
             inc = r["peak_mb"] - r["baseline_mb"]
+            figs.update({f"extract.{key}_subtomograms_per_s": n_particles / r["seconds"], f"extract.{key}_peak_rss_MB": r["peak_mb"],
+                         f"extract.{key}_rss_increase_pct": 100 * inc / size_mb})
             print(f"extract {label}: {n_particles} subtomograms of {box}^3 in {r['seconds']:.1f} s = "
                   f"{n_particles / r['seconds']:.1f} subtomograms/s; peak RSS {r['peak_mb']:.0f} MB "
                   f"(process baseline after imports {r['baseline_mb']:.0f} MB, increase {inc:.0f} MB) vs tomogram "
@@ -162,7 +169,7 @@ def _rotated_map(vol, a_matrix, n: int):
     return out[0, 0]
 
 
-def bench_ctf_accuracy(seed: int = 0) -> None:
+def bench_ctf_accuracy(figs: dict, seed: int = 0) -> None:
     """Simulated project (subtomo.simulate): how well does each 3D CTF model explain the extracted subtomograms?
 
     For every true particle: X = FT of the extracted subtomogram (translated by its origin), M = CTF3D · FT of
@@ -233,6 +240,7 @@ def bench_ctf_accuracy(seed: int = 0) -> None:
             params[name] = ParticleCtfModels.from_particles(alt, root)
             models[name] = params[name].volumes(np.arange(len(alt)), box)
         diff = np.abs(params["exact"].defocus_u_A - params["relion"].defocus_u_A)
+        figs["extract.exact_vs_relion_defocus_diff_mean_A"] = np.nanmean(diff)
         print(f"exact vs relion defocus model: per-particle per-tilt defocus differs by {np.nanmean(diff):.0f} A on "
               f"average, {np.nanmax(diff):.0f} A at most")
         models["CTF sign flipped"] = -models["exact"]
@@ -256,6 +264,9 @@ def bench_ctf_accuracy(seed: int = 0) -> None:
               f"{px:g} A/px), per resolution band:\n  {'model':22s}{head}")
         for name, (cross, xx, mm) in sums.items():
             vals = [cross[a:b].sum() / np.sqrt(xx[a:b].sum() * mm[a:b].sum() + 1e-30) for a, b in bands]
+            if name in ("exact", "wedge-only", "no model (map only)"):
+                tag = name.split(" ")[0].replace("-", "_")
+                figs.update({f"extract.corr_{tag}_band{j + 1}": v for j, v in enumerate(vals)})
             print(f"  {name:22s}" + "  ".join(f"{v:12.4f}" for v in vals))
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -270,22 +281,25 @@ def main() -> None:
     ap.add_argument("--skip-ctf3d", action="store_true")
     ap.add_argument("--skip-extract", action="store_true")
     ap.add_argument("--skip-accuracy", action="store_true", help="skip the simulated-project CTF model check")
+    add_json_option(ap)
     a = ap.parse_args()
+    figs = {}
     if not a.skip_ctf3d:
-        bench_ctf3d("cpu", 1)
+        bench_ctf3d(figs, "cpu", 1)
         import torch
 
         if torch.cuda.is_available():
-            bench_ctf3d("cuda", 1)
+            bench_ctf3d(figs, "cuda", 1)
     if not a.skip_extract:
-        bench_extract(a.gb, a.particles, a.box, a.keep)
+        bench_extract(a.gb, a.particles, a.box, a.keep, figs)
     if not a.skip_accuracy:
         try:
             import subtomo.simulate.project  # noqa: F401
         except ImportError:
             print("subtomo.simulate not available: CTF model accuracy check skipped")
         else:
-            bench_ctf_accuracy()
+            bench_ctf_accuracy(figs)
+    write_figures(a.json, figs)
 
 
 if __name__ == "__main__":

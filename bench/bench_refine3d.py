@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import add_json_option, write_figures
 
 from subtomo.fourier import fft_centered, fsc_maps, ifft_centered, phase_shift
 from subtomo.geometry.euler import euler_to_matrix
@@ -95,14 +96,17 @@ def true_particles_star(project: Path) -> Path:
     return write_particles(project / "particles_true.star", df, optics)
 
 
-def prepare_project(project: Path, preset: str, seed: int, threads: int, estimate_ctf: bool, extra_sim: list[str]) -> dict:
+def prepare_project(project: Path, preset: str, seed: int, threads: int, estimate_ctf: bool, extra_sim: list[str],
+                    project_2d: bool = False) -> dict:
+    """Simulate (unless GroundTruth/ exists), import, CTF, prepare and extract (``--project`` too if ``project_2d``)."""
     project = project.resolve()
     t = time.time()
     if not (project / "GroundTruth").exists():
         sh(["simulate", str(project), "--preset", preset, "--seed", str(seed), "--threads", str(threads), *extra_sim],
            project.parent)
     sim = json.loads((project / "GroundTruth" / "simulation.json").read_text())
-    if not glob.glob(str(project / "Extract/job*/particles_subtomo.star")):
+    done = "subtomo_proj2d.star" if project_2d else "particles_subtomo.star"
+    if not glob.glob(str(project / "Extract/job*" / done)):
         sh(["import"], project)
         if estimate_ctf:
             sh(["ctf", "--threads", str(threads)], project)
@@ -112,7 +116,8 @@ def prepare_project(project: Path, preset: str, seed: int, threads: int, estimat
             prep = ["prepare", "--i", "CtfTruth/ctf_tomograms.star", "--threads", str(threads)]
         sh(prep, project)
         truth, _ = read_mrc(project / "GroundTruth" / "class001.mrc")
-        sh(["extract", "--box", str(truth.shape[-1]), "--threads", str(threads)], project)
+        sh(["extract", "--box", str(truth.shape[-1]), "--threads", str(threads), *(["--project"] if project_2d else [])],
+           project)
     true_particles_star(project)
     return {"seconds": time.time() - t, "sim": sim}
 
@@ -253,6 +258,15 @@ def run_refine(project: Path, star: Path, args, use_ctf: bool, tag: str) -> dict
     return res
 
 
+def figures(prefix: str, r: dict) -> dict:
+    """The headline numbers of one refinement as flat JSON figures (keys with units)."""
+    return {f"{prefix}gold_A": r["gold_A"], f"{prefix}oracle_A": r["oracle_A"], f"{prefix}ratio": r["gold_A"] / r["oracle_A"],
+            f"{prefix}fsc_truth_05_A": r["fsc_truth_05_A"], f"{prefix}oracle_fsc_truth_05_A": r["oracle_fsc_truth_05_A"],
+            f"{prefix}median_angular_error_deg": r["median_err_deg"], f"{prefix}err_lt_10deg_pct": 100 * r["frac_err_lt_10"],
+            f"{prefix}iterations": r["iterations"], f"{prefix}wall_s": r["wall_s"], f"{prefix}s_per_iter": r["s_per_iter"],
+            f"{prefix}max_s_per_iter": r["max_s_per_iter"], f"{prefix}peak_rss_MB": r["peak_rss_mb"]}
+
+
 def report(tag: str, r: dict) -> None:
     print(f"[{tag}] gold-standard {r['gold_A']:.1f} A | oracle {r['oracle_A']:.1f} A | ratio {r['gold_A'] / r['oracle_A']:.3f} | "
           f"FSC(map, truth)=0.5 at {r['fsc_truth_05_A']:.1f} A (truth {r['hand']}; oracle map {r['oracle_fsc_truth_05_A']:.1f} A) | "
@@ -278,6 +292,7 @@ def main() -> None:
     ap.add_argument("--no-ctf-run", action="store_true", help="skip the --no-ctf comparison")
     ap.add_argument("--only-no-ctf", action="store_true", help="run only the --no-ctf refinement")
     ap.add_argument("--scaling", action="store_true", help="time per iteration vs particles and box (3 iterations each)")
+    add_json_option(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     project = Path(args.dir or f"/tmp/bench_refine3d_{args.preset}")
@@ -289,12 +304,15 @@ def main() -> None:
           f"{float(optics['rlnImagePixelSize'].iloc[0]):.2f} A/px; CTF from "
           f"{'subtomo ctf' if args.estimate_ctf else 'the true defoci'}; symmetry {args.sym}; {args.threads} threads; "
           f"project ready in {info['seconds']:.0f} s", flush=True)
+    figs = {"refine3d.particles": len(df)}
     r = None if args.only_no_ctf else run_refine(project, star, args, True, "ctf")
     if r is not None:
         report("CTF on", r)
+        figs.update(figures("refine3d.", r))
     if not args.no_ctf_run:
         r2 = run_refine(project, star, args, False, "noctf")
         report("CTF off", r2)
+        figs.update(figures("refine3d.no_ctf.", r2))
     if r is not None and not args.no_ctf_run:
         print(f"CTF on vs off: FSC(map, truth)=0.5 at {r['fsc_truth_05_A']:.1f} vs {r2['fsc_truth_05_A']:.1f} A; "
               f"gold-standard {r['gold_A']:.1f} vs {r2['gold_A']:.1f} A", flush=True)
@@ -307,9 +325,11 @@ def main() -> None:
             out = sh(["refine3d", "--i", p.name, "--particle-diameter", str(args.diameter), "--threads", str(args.threads),
                       "--max-iter", "3", "--offset-range", str(args.offset_range)], project)
             iters = [float(x) for x in re.findall(r"iteration +\d+.*?, ([0-9.]+) s\n", out)]
+            figs[f"refine3d.scaling_{len(sub)}.s_per_iter"] = np.mean(iters)
             print(f"[scaling] {len(sub)} particles, box {int(optics['rlnImageSize'].iloc[0])}: "
                   f"{np.mean(iters):.1f} s/iteration (iterations {', '.join(f'{x:.0f}' for x in iters)}; "
                   f"wall {time.time() - t:.0f} s)", flush=True)
+    write_figures(args.json, figs)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import add_json_option, write_figures
 
 RUN = """
 import resource, sys, time, torch
@@ -141,14 +142,17 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/out/simulate")
     ap.add_argument("--no-oracle", action="store_true")
+    add_json_option(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"{'preset':10s} {'wall_s':>8s} {'peak_MiB':>9s}  oracle (true poses, CTF-corrected average, class 1)")
+    figs = {}
     for preset in args.presets.split(","):
         project = out / preset
         wall, rss = run_preset(preset, project, args.threads, args.seed)
+        figs.update({f"simulate.{preset}.wall_s": wall, f"simulate.{preset}.peak_rss_MB": rss})
         line = f"{preset:10s} {wall:8.1f} {rss:9.0f}"
         if not args.no_oracle and preset != "tiny":
             t = time.time()
@@ -156,7 +160,14 @@ def main() -> None:
             line += (f"  {o['particles']} particles, box {o.get('box')}: half-FSC 0.143 {o.get('half_fsc_0.143_A')} A "
                      f"({o.get('half_fsc_0.143_px')} px), FSC vs truth 0.5 {o.get('truth_fsc_0.5_A')} A "
                      f"({o.get('truth_fsc_0.5_px')} px) [{time.time() - t:.0f} s]")
+            figs.update({f"simulate.{preset}.oracle_particles": o["particles"],
+                         f"simulate.{preset}.oracle_half_fsc0143_A": o.get("half_fsc_0.143_A"),
+                         f"simulate.{preset}.oracle_half_fsc0143_px": o.get("half_fsc_0.143_px"),
+                         f"simulate.{preset}.oracle_truth_fsc05_A": o.get("truth_fsc_0.5_A"),
+                         f"simulate.{preset}.oracle_truth_fsc05_px": o.get("truth_fsc_0.5_px"),
+                         f"simulate.{preset}.oracle_s": time.time() - t})
         print(line, flush=True)
+    write_figures(args.json, figs)
 
 
 if __name__ == "__main__":
