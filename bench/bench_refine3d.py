@@ -33,11 +33,12 @@ import numpy as np
 import torch
 from _common import add_json_option, write_figures
 
-from subtomo.fourier import fft_centered, fsc_maps, ifft_centered, phase_shift
+from subtomo.fourier import fsc_maps
 from subtomo.geometry.euler import euler_to_matrix
 from subtomo.geometry.symmetry import symmetry_matrices
 from subtomo.io.mrc import read_mrc
 from subtomo.io.star import read_particles, read_star_table, write_particles, write_star
+from subtomo.simulate import scoring
 
 RSS_WRAPPER = ("import resource, sys; from subtomo.cli.main import build_cli\n"
                "try:\n    build_cli()(args=sys.argv[1:], prog_name='subtomo')\nexcept SystemExit as e:\n    code = e.code\nelse:\n    code = 0\n"
@@ -123,62 +124,6 @@ def prepare_project(project: Path, preset: str, seed: int, threads: int, estimat
 
 
 # ------------------------------------------------------------------ evaluation against the truth
-def rot_angle_deg(m: np.ndarray) -> np.ndarray:
-    return np.rad2deg(np.arccos(np.clip((np.trace(m, axis1=-2, axis2=-1) - 1) / 2, -1, 1)))
-
-
-def global_rotation(est: np.ndarray, true: np.ndarray, sym: np.ndarray, tol_deg: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
-    """G with est_i ~ true_i g_i G (g_i in the point group), robust to symmetry flips and outliers.
-
-    Candidates G = g^T true_i^T est_i from a subset of particles; the one with the most particles
-    within ``tol_deg`` (minimum over g) is refined by the chordal mean. Returns (G, errors deg).
-    """
-    rel = np.einsum("nji,njk->nik", true, est)  # true_i^T est_i = g_i G
-    cand = rel[:: max(1, len(rel) // 60)]
-
-    def errors(g_mat):
-        pred = np.einsum("gij,jk->gik", sym, g_mat)  # g G
-        d = np.einsum("nij,gkj->ngik", rel, pred)  # rel (g G)^T
-        return rot_angle_deg(d).min(1), rot_angle_deg(d).argmin(1)
-
-    best, best_n = None, -1
-    for c in cand:
-        e, _ = errors(c)
-        n_in = int((e < tol_deg).sum())
-        if n_in > best_n:
-            best, best_n = c, n_in
-    e, gi = errors(best)
-    ok = e < 3 * tol_deg
-    m = np.einsum("nji,njk->ik", sym[gi[ok]], rel[ok])  # sum g_i^T rel_i ~ G
-    u, _, vt = np.linalg.svd(m)
-    g_mat = u @ np.diag([1, 1, np.sign(np.linalg.det(u @ vt))]) @ vt
-    return g_mat, errors(g_mat)[0]
-
-
-def rotate_map(vol: torch.Tensor, a: np.ndarray) -> torch.Tensor:
-    """out(r) = vol(A^T r) (particle convention) by trilinear interpolation about the box centre."""
-    n = vol.shape[-1]
-    ax = torch.arange(n, dtype=torch.float32) - n // 2
-    z, y, x = torch.meshgrid(ax, ax, ax, indexing="ij")
-    r = torch.stack([x, y, z], -1).reshape(-1, 3)
-    src = r @ torch.as_tensor(a, dtype=torch.float32)  # (A^T r)^T = r^T A
-    grid = ((src + n // 2) * 2.0 / (n - 1) - 1.0).reshape(1, n, n, n, 3)
-    out = torch.nn.functional.grid_sample(vol[None, None].float(), grid, mode="bilinear", align_corners=True)
-    return out[0, 0]
-
-
-def align_shift(moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """``moving`` shifted (integer voxels) to its cross-correlation peak with ``fixed``; also the peak CC."""
-    shape = tuple(fixed.shape)
-    cc = ifft_centered(fft_centered(fixed, 3) * fft_centered(moving, 3).conj(), shape)
-    j = int(torch.argmax(cc))
-    idx = np.unravel_index(j, shape)
-    shift = [float(i - s // 2) for i, s in zip(idx[::-1], shape[::-1])]  # x, y, z
-    out = ifft_centered(phase_shift(fft_centered(moving, 3), torch.tensor(shift), shape), shape)
-    den = float(moving.norm() * fixed.norm()) or 1.0
-    return out, float((out * fixed).sum()) / den
-
-
 def fsc_at(curve: np.ndarray, box: int, px: float, thr: float) -> float:
     below = np.nonzero(np.asarray(curve)[1:] < thr)[0]
     last = int(below[0]) if len(below) else len(curve) - 1
@@ -196,7 +141,7 @@ def iteration_errors(project: Path, job: Path, sym_name: str) -> list[tuple[int,
         px = float(df["rlnImagePixelSize"].iloc[0]) if "rlnImagePixelSize" in df.columns else 1.0
         true_rot, _ = oracle_poses(df, "GroundTruth/picks.star", project, px)
         est = euler_to_matrix(df["rlnAngleRot"].to_numpy(), df["rlnAngleTilt"].to_numpy(), df["rlnAnglePsi"].to_numpy())
-        _, err = global_rotation(est, true_rot, sym)
+        _, err = scoring.global_rotation(est, true_rot, sym)
         out.append((int(re.search(r"run_it(\d+)_data", f).group(1)), float(np.median(err)), float((err < 10).mean())))
     return out
 
@@ -216,14 +161,9 @@ def evaluate(project: Path, job: Path, sym_name: str, diameter_A: float, use_ctf
     true_rot, true_off = oracle_poses(df, "GroundTruth/picks.star", project, px)
     est = euler_to_matrix(df["rlnAngleRot"].to_numpy(), df["rlnAngleTilt"].to_numpy(), df["rlnAnglePsi"].to_numpy())
     sym = symmetry_matrices(sym_name)
-    g_mat, err = global_rotation(est, true_rot, sym)
-    # truth in the refined frame: ref_est(v) = ref_true(G v), i.e. the truth rotated by G^T
-    best = None
-    for hand, t in (("as is", truth), ("mirrored", torch.flip(truth, dims=(0,)))):
-        moved, cc = align_shift(rotate_map(t, g_mat.T), final)
-        f = fsc_maps(final, moved).numpy()
-        if best is None or cc > best["cc"]:
-            best = {"cc": cc, "hand": hand, "fsc": f}
+    g_mat, err = scoring.global_rotation(est, true_rot, sym)
+    aligned = scoring.truth_in_map_frame(truth, final, g_mat)  # unmasked, as recorded before
+    best = {"hand": aligned.hand, "fsc": aligned.fsc}
     src = StarParticleSource(df, project, use_ctf)
     orc = oracle(src, true_rot, true_off, df["rlnRandomSubset"].to_numpy(), use_ctf=use_ctf, diameter_A=diameter_A,
                  sym=refine_sym)
