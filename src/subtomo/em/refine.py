@@ -309,7 +309,7 @@ def auto_refine(src: ParticleSource, opts: RefineOptions, out_dir: Path, *, part
         res_shell = rc.resolution_shell(ssnr_h.clone().masked_fill(torch.arange(n_shells) >= cur_shell_data, 0.0),
                                         scan_from_top=True)
         res_shell = min(res_shell, cur_shell_data - 1) if not final else res_shell
-        res_0143 = rc.resolution_A(_fsc_shell(fsc, 0.143), box, px)
+        res_0143 = rc.resolution_A(fsc_threshold_shell(fsc, 0.143), box, px)
         ang_change = float(np.mean([s["ang_change_deg"] for s in summaries]))
         off_change = float(np.mean([s["off_change_px"] for s in summaries]))
         pmax = float(np.mean([s["pmax"] for s in summaries]))
@@ -321,8 +321,8 @@ def auto_refine(src: ParticleSource, opts: RefineOptions, out_dir: Path, *, part
             _update_sampling(samp, opts, res_shell, ang_change, off_change, box, px, pmax, acc_rot)
             for m in models:
                 m.current_shell = res_shell
-                shell_05 = _fsc_shell(fsc, 0.5)
-                shell_0143 = _fsc_shell(fsc, 0.143)
+                shell_05 = fsc_threshold_shell(fsc, 0.5)
+                shell_0143 = fsc_threshold_shell(fsc, 0.143)
                 incr = max(incr, shell_0143 - shell_05 + 5)
                 fsc_at_edge = float(fsc[min(cur_shell_data - 1, n_shells - 1)])
                 r_img = res_shell + (box // 8 if (pmax > 0.1 and fsc_at_edge > 0.2) else incr)
@@ -365,7 +365,8 @@ def auto_refine(src: ParticleSource, opts: RefineOptions, out_dir: Path, *, part
             return {"iterations": it, "stopped": True, "history": history}
 
 
-def _fsc_shell(fsc: torch.Tensor, thr: float) -> int:
+def fsc_threshold_shell(fsc: torch.Tensor, thr: float) -> int:
+    """Index of the last shell before ``fsc`` first drops below ``thr`` (the resolution shell)."""
     v = fsc.cpu()
     below = torch.nonzero(v[1:] < thr)
     return int(below[0]) if len(below) else len(v) - 1
@@ -458,7 +459,7 @@ def oracle(src: ParticleSource, rot: np.ndarray, offset_px: np.ndarray, halves: 
     dsum, wsum = grids[0][0] + grids[1][0], grids[0][1] + grids[1][1]
     tau2, _, _ = rc.tau2_from_fsc(fsc, wsum, 3, joined=True)
     vol = rc.reconstruct(dsum, wsum, 3, tau2=tau2)
-    return {"resolution_A": rc.resolution_A(_fsc_shell(fsc, 0.143), box, px), "fsc": fsc.cpu().numpy(),
+    return {"resolution_A": rc.resolution_A(fsc_threshold_shell(fsc, 0.143), box, px), "fsc": fsc.cpu().numpy(),
             "map": vol.cpu(), "half_maps": [rc.reconstruct(g[0], g[1], 3).cpu() for g in grids]}
 
 

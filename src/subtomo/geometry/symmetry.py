@@ -24,7 +24,8 @@ def axis_rotation(axis, angle_rad: float) -> np.ndarray:
     return np.eye(3) + np.sin(angle_rad) * kx + (1 - np.cos(angle_rad)) * kx @ kx
 
 
-def _generators(name: str) -> list[np.ndarray]:
+def symmetry_generators(name: str) -> list[np.ndarray]:
+    """Generators of the point group ``name`` (rotation matrices); the group is their closure."""
     sym = name.strip().upper()
     m = re.fullmatch(r"([CD])(\d+)", sym)
     if m:
@@ -50,7 +51,7 @@ def _generators(name: str) -> list[np.ndarray]:
 
 def symmetry_matrices(name: str) -> np.ndarray:
     """All operators of the point group (order, 3, 3), identity first."""
-    gens = _generators(name)
+    gens = symmetry_generators(name)
     group = [np.eye(3)]
     frontier = [np.eye(3)]
     while frontier:

@@ -113,6 +113,7 @@ def _run(ctx: JobContext) -> None:
     ctx.log("")
     ctx.log(f"all stages finished in {time.time() - start:.0f} s; scoring against the ground truth ...")
     result = evaluate_project(project, jobs, ctx.dir)
+    result.figures["stages_wall_s"] = sum(s.wall_s for s in result.stages)
     summary = ctx.path("demo_summary.json")
     summary.write_text(json.dumps({"preset": p.preset, "jobs": jobs, "figures": result.figures,
                                    "stages": [s.__dict__ for s in result.stages],

@@ -192,6 +192,7 @@ SUMMARY_ROWS = [  # (figure key, label, format)
     ("refine3d.median_angular_error_deg", "median angular error of the refined poses [°]", "{:.2f}"),
     ("class3d.accuracy", "3D classification accuracy (real particles, best label match)", "{:.1%}"),
     ("nyquist_A", "Nyquist [Å]", "{:.1f}"),
+    ("stages_wall_s", "time for all stages [s]", "{:.0f}"),
 ]
 
 

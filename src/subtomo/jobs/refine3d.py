@@ -6,11 +6,22 @@ latest Extract job's ``particles_subtomo.star``). Subtomograms are read from rln
 their 3D CTFs from ``subtomo.tomo.ctf3d.ParticleCtfModels``. Without ``--ref`` iteration
 0 reconstructs the particles in random orientations (the protocol's de novo path).
 Outputs RELION's run_itNNN_* and final run_* files (see ``subtomo.em.refine``).
+
+De novo with a symmetry (``--sym`` other than C1, no ``--ref``) follows RELION's recommended
+route by default (``--denovo-symmetry c1-then-align``): refine in C1 from random orientations
+(all its files in ``c1_stage/``), put the C1 map's symmetry axes along the group's standard
+axes (:func:`subtomo.em.symmetry_align.align_symmetry`, like relion_align_symmetry; written
+as ``c1_stage/run_class001_symaligned.mrc``), then refine with the symmetry from that map
+(the usual outputs in the job directory). A symmetric refinement from random orientations
+(``direct``) can settle in a wrong self-consistent solution.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -20,7 +31,7 @@ from pydantic import Field
 from subtomo.em.iteration import ParticleSource
 from subtomo.em.refine import RefineOptions, auto_refine, oracle, split_halves
 from subtomo.errors import SubtomoError
-from subtomo.geometry.euler import euler_to_matrix
+from subtomo.geometry.euler import euler_to_matrix, matrix_to_euler
 from subtomo.io.mrc import read_mrc, write_mrc
 from subtomo.io.star import read_particles, write_star
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec, default_input
@@ -153,6 +164,13 @@ class Refine3DParams(ComputeParams):
     offset_range: float = Field(3.0, ge=0, description="Initial translational search range [px] (subtomograms are centred on their picks; RELION's GUI default is 5, at 4x the cost of 3).")
     offset_step: float = Field(1.0, gt=0, description="Initial (oversampled) translational step [px].")
     sym: str = Field("C1", description="Point-group symmetry: C<n>, D<n>, T, O or I.")
+    denovo_symmetry: Literal["c1-then-align", "direct"] = Field(
+        "c1-then-align", description="De novo refinement (no --ref) with a symmetry: c1-then-align = RELION's route: "
+        "refine in C1 (in c1_stage/), align the C1 map's symmetry axes with the standard frame, then refine with the "
+        "symmetry from that map; direct = impose the symmetry from random orientations (can converge to a wrong "
+        "self-consistent solution).")
+    sym_align_lowpass: float = Field(0.0, ge=0, description="Low-pass of the C1 map for the symmetry-axis search of "
+                                     "c1-then-align [Å]; 0: the C1 map's gold-standard resolution (at least 20 Å and 3 px).")
     auto_local_healpix_step: float = Field(3.7, description="Angular step from which searches become local [deg] (RELION's GUI default 1.8 makes the 3.75 deg step a global search, 8x the cost of 7.5 deg).")
     max_iter: int = Field(50, ge=1, description="Maximum number of iterations.")
     auto_ignore_angles: bool = Field(False, description="Count the poses as settled once the average Pmax is >= 0.8, whatever the orientation changes (like RELION's --auto_ignore_angles: pseudo-symmetric particles refined in C1 keep jumping between near-equivalent poses).")
@@ -186,8 +204,16 @@ def _run(ctx: JobContext) -> None:
         pad=p.pad, batch_size=p.batch_size, use_ctf=p.ctf, seed=p.seed,
         solvent_mask=load_mask(p.solvent_mask, ctx.project, src.box))
     halves = split_halves(df, len(df), p.seed)
-    res = auto_refine(src, opts, ctx.dir, particles=df.drop(columns=[c for c in (optics.columns if optics is not None else []) if c in df.columns and c not in ("rlnOpticsGroup",)]),
-                      optics=optics, initial_ref=ref, initial_offset_px=input_offsets_px(df, src.pixel_size_A),
+    particles = df.drop(columns=[c for c in (optics.columns if optics is not None else [])
+                                 if c in df.columns and c not in ("rlnOpticsGroup",)])
+    offsets = input_offsets_px(df, src.pixel_size_A)
+    initial_rot = None
+    if ref is None and p.sym.strip().upper() != "C1" and p.denovo_symmetry == "c1-then-align":
+        ref, initial_rot, offsets, halves = _c1_then_align(ctx, src, opts, particles, optics, offsets, halves)
+        opts = replace(opts, firstiter_cc=False)  # the aligned C1 map is on the particles' grey scale
+        ctx.log(f"stage 2: refinement with {p.sym} symmetry from the aligned C1 map (low-pass {p.ini_high:.0f} A)")
+    res = auto_refine(src, opts, ctx.dir, particles=particles,
+                      optics=optics, initial_ref=ref, initial_rot=initial_rot, initial_offset_px=offsets,
                       halves=halves, device=ctx.device, log=ctx.log, continue_run=bool(p.continue_job))
     for name, node in (("run_class001.mrc", "DensityMap"), ("run_half1_class001_unfil.mrc", "DensityMap"),
                        ("run_half2_class001_unfil.mrc", "DensityMap"), ("run_data.star", "ParticlesData"),
@@ -207,6 +233,64 @@ def _run(ctx: JobContext) -> None:
             "rlnFinalResolution": float(orc["resolution_A"]), "subtomoRefinedResolution": float(res["resolution_A"]),
             "subtomoRefinedOverOracle": float(res["resolution_A"] / orc["resolution_A"]), "subtomoGroundTruth": p.oracle}})
         ctx.add_output(out, "File")
+
+
+def _c1_then_align(ctx: JobContext, src: StarParticleSource, opts: RefineOptions, particles: pd.DataFrame,
+                   optics: pd.DataFrame | None, offsets: np.ndarray, halves: np.ndarray):
+    """Stage 1 (C1 refinement in c1_stage/) and the symmetry alignment of its map.
+
+    Returns the aligned map (stage 2's reference), the C1 poses and origins moved into the
+    aligned frame (pose A R^T, origin o + A shift) and the halves of stage 1.
+    """
+    from subtomo.em.symmetry_align import align_symmetry
+
+    p: Refine3DParams = ctx.params
+    c1_dir = ctx.dir / "c1_stage"
+    px = src.pixel_size_A
+    done = (c1_dir / "run_class001.mrc").exists() and (c1_dir / "run_data.star").exists()
+    if p.continue_job and done:
+        ctx.log("stage 1 (C1) finished earlier: using c1_stage/run_class001.mrc and run_data.star")
+        vol, _ = read_mrc(c1_dir / "run_class001.mrc")
+        final_map = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))
+        data, _ = read_particles(c1_dir / "run_data.star")
+        if len(data) != src.n:
+            raise SubtomoError(f"{ctx.rel(c1_dir / 'run_data.star')}: {len(data)} particles, the input has {src.n}. "
+                               "Continue with the same --i, or start a new job.")
+        rot = input_rotations(data)
+        off = input_offsets_px(data, px)
+        halves = data["rlnRandomSubset"].to_numpy().astype(int)
+        from subtomo.em.refine import fsc_threshold_shell
+        from subtomo.io.star import read_star_table
+
+        fsc = read_star_table(c1_dir / "run_model.star", "model_class_1")["rlnGoldStandardFsc"].to_numpy(dtype=np.float64)
+        res_A = src.box * px / max(fsc_threshold_shell(torch.from_numpy(fsc.copy()), 0.143), 1)
+    else:
+        ctx.log(f"stage 1: refinement in C1 from random orientations (c1_stage/), then alignment of the {p.sym} axes")
+        # poses of a symmetric particle refined in C1 keep jumping between equivalent ones: count them as
+        # settled once Pmax is high (RELION's --auto_ignore_angles)
+        res1 = auto_refine(src, replace(opts, sym="C1", auto_ignore_angles=True), c1_dir, particles=particles, optics=optics,
+                           initial_offset_px=offsets, halves=halves, device=ctx.device,
+                           log=lambda m: ctx.log(f"[C1] {m}"), continue_run=bool(p.continue_job))
+        final_map, rot, off, halves = res1["final_map"], res1["poses"].rot, res1["poses"].offset_px, res1["halves"]
+        res_A = float(res1["resolution_A"])
+        ctx.log(f"stage 1 (C1): gold-standard resolution {res_A:.2f} A after {res1['iterations']} iterations "
+                f"({res1['seconds']:.0f} s)")
+    t0 = time.time()
+    lp = p.sym_align_lowpass or max(res_A, 20.0, 3 * px)
+    al = align_symmetry(final_map.to(ctx.device), p.sym, px, lowpass_A=lp)
+    out = write_mrc(c1_dir / "run_class001_symaligned.mrc", al.volume.cpu().numpy(), px)
+    ctx.add_output(out, "DensityMap")
+    ang = matrix_to_euler(al.rotation[None])[0]
+    ctx.log(f"symmetry alignment ({p.sym}, low-pass {lp:.1f} A, {al.coarse_candidates} coarse candidates, "
+            f"{time.time() - t0:.1f} s): score {al.score:.3f} (correlation with the {p.sym}-symmetrised map), rotation "
+            f"(rot, tilt, psi) = ({ang[0]:.1f}, {ang[1]:.1f}, {ang[2]:.1f}) deg, shift ({al.shift_px[0]:.2f}, "
+            f"{al.shift_px[1]:.2f}, {al.shift_px[2]:.2f}) px -> {ctx.rel(out)}")
+    if al.score < 0.8:
+        ctx.warn(f"the C1 map is not clearly {p.sym}-symmetric (score {al.score:.3f} < 0.8): check --sym, or use a "
+                 "better C1 map.")
+    new_rot = np.einsum("nij,kj->nik", np.asarray(rot), al.rotation)  # A R^T
+    new_off = np.asarray(off) + np.einsum("nij,j->ni", np.asarray(rot), al.shift_px)  # o + A shift
+    return al.volume.cpu(), new_rot, new_off, np.asarray(halves)
 
 
 def oracle_poses(df: pd.DataFrame, truth_star: str, project: Path, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray]:
