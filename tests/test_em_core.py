@@ -316,3 +316,32 @@ def test_expected_angular_accuracy_follows_the_noise():
     assert acc[0] < acc[1] < acc[2]  # noisier data: coarser accuracy
     # sum |dA|^2 / (2 sigma^2) = ln 100 with |dA| ~ linear in the angle: angle ~ sigma, x100 sigma^2 ~ x10
     assert 5 < acc[2] / acc[0] < 20
+
+
+def test_precomputed_coarse_references_give_the_same_posterior():
+    """Stacked-only precomputed references (power recomputed per chunk) = projecting in the E-step."""
+    from subtomo.em.expectation import BatchData, EStepOptions, Orientations, expectation_batch, precompute_stacked_refs
+
+    rng = np.random.default_rng(21)
+    n = 16
+    ref = blob_reference(n, rng)
+    comps = fourier_components(n, n, 3)
+    proj = [Projector3D(ref), Projector3D(ref.flip(0))]
+    rot = random_rotations(4, rng)
+    x = proj[0].project(torch.as_tensor(rot, dtype=torch.float32), comps.k)
+    x = x + 0.3 * torch.randn(x.shape, dtype=torch.complex64, generator=torch.Generator().manual_seed(1))
+    rs = sampling.global_rotations(1, rng=np.random.default_rng(0))
+    tr = sampling.translation_grid(1, 1, 3)
+    coarse = comps.shell < 6
+    batch = BatchData(x, torch.ones(x.shape), torch.zeros(4, 3), torch.zeros(4, 3))
+    orient = Orientations(rs.matrices, rs.children, rs.log_prior, rs.child_log_prior)
+    args = (batch, comps, coarse, torch.ones(comps.m) * 4, proj, orient, tr.points, tr.children,
+            torch.log(torch.tensor([0.5, 0.5])), EStepOptions(memory_bytes=2 ** 16))  # many rotation chunks
+    plain = expectation_batch(*args)
+    stacked = precompute_stacked_refs(proj, rs.matrices, comps.k[coarse], chunk_bytes=2 ** 14)
+    assert stacked[0].shape == (2, len(rs.matrices), 2 * int(coarse.sum()))
+    pre = expectation_batch(*args, coarse_refs=stacked)
+    torch.testing.assert_close(pre.weight, plain.weight, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(pre.rot, plain.rot)
+    torch.testing.assert_close(pre.log_lik, plain.log_lik, rtol=1e-5, atol=1e-2)
+    assert (pre.cls == 0).all()  # the data are class 1, not its mirror

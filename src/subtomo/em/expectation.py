@@ -62,6 +62,8 @@ def score_terms(x: torch.Tensor, ctf: torch.Tensor, inv_sigma2: torch.Tensor, ph
     c2 = ctf * ctf * inv_sigma2  # (B, M)
     if isinstance(refs, tuple):
         ar, a2 = refs
+        if a2 is None:
+            a2 = stacked_power(ar)
     else:
         a2 = refs.real ** 2 + refs.imag ** 2
         ar = _stack_real(refs)  # (R, 2M) or (B, R, 2M)
@@ -77,6 +79,12 @@ def score_terms(x: torch.Tensor, ctf: torch.Tensor, inv_sigma2: torch.Tensor, ph
 def prepare_refs(refs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(stacked [Re, Im] (..., 2M), power (..., M)) of complex references, for repeated scoring."""
     return _stack_real(refs).contiguous(), (refs.real ** 2 + refs.imag ** 2).contiguous()
+
+
+def stacked_power(stacked: torch.Tensor) -> torch.Tensor:
+    """|A|^2 (..., M) from stacked [Re, Im] references (..., 2M)."""
+    m = stacked.shape[-1] // 2
+    return stacked[..., :m] ** 2 + stacked[..., m:] ** 2
 
 
 def log_likelihood(x, ctf, inv_sigma2, phases, refs) -> torch.Tensor:
@@ -182,6 +190,25 @@ def precompute_refs(projectors: Sequence[Projector], rotations: torch.Tensor, k:
     return torch.stack([p.project(rotations, k) for p in projectors])
 
 
+def precompute_stacked_refs(projectors: Sequence[Projector], rotations: torch.Tensor, k: torch.Tensor,
+                            chunk_bytes: int = 256 * 2 ** 20) -> tuple[torch.Tensor, None]:
+    """Every class rotated once, stored only as stacked [Re, Im] (K, R, 2M) float32.
+
+    Filled chunk by chunk, so the peak is this array plus one chunk (not the complex array,
+    its stacked copy and the power together); the power |A|^2 is recomputed per scoring
+    chunk (:func:`stacked_power`, cheap next to the GEMM). Pass as ``coarse_refs``.
+    """
+    n_r, m = rotations.shape[0], k.shape[0]
+    out = torch.empty(len(projectors), n_r, 2 * m, dtype=torch.float32, device=k.device)
+    step = max(1, chunk_bytes // max(1, 8 * m))
+    for kc, projector in enumerate(projectors):
+        for s, e in _chunks(n_r, step):
+            a = projector.project(rotations[s:e], k)
+            out[kc, s:e, :m] = a.real
+            out[kc, s:e, m:] = a.imag
+    return out, None
+
+
 def _chunks(n: int, size: int):
     size = max(1, int(size))
     for s in range(0, n, size):
@@ -232,7 +259,8 @@ def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: t
         for s, e in _chunks(n_r, r_chunk):
             if orient.shared:
                 if isinstance(coarse_refs, tuple):
-                    refs = (coarse_refs[0][kc, s:e], coarse_refs[1][kc, s:e])
+                    power = coarse_refs[1][kc, s:e] if coarse_refs[1] is not None else None
+                    refs = (coarse_refs[0][kc, s:e], power)
                 elif coarse_refs is not None:
                     refs = coarse_refs[kc, s:e]
                 else:
@@ -243,6 +271,8 @@ def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: t
                 scores[:, :, kc, s:e] = normalised_cc(xc_pre, cc_, ph_c, refs)
                 continue
             ar, a2 = refs if isinstance(refs, tuple) else prepare_refs(refs)
+            if a2 is None:
+                a2 = stacked_power(ar)
             if ar.ndim == 2:
                 cross = (y.reshape(b * n_t, 2 * mc) @ ar.T).reshape(b, n_t, -1)
                 norm = c2 @ a2.T  # (B, r)

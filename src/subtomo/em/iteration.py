@@ -16,8 +16,7 @@ import torch
 
 from subtomo.em import sampling
 from subtomo.em.components import FourierComponents
-from subtomo.em.expectation import (BatchData, EStepOptions, Orientations, expectation_batch, precompute_refs,
-                                    prepare_refs)
+from subtomo.em.expectation import BatchData, EStepOptions, Orientations, expectation_batch, precompute_stacked_refs
 from subtomo.em.maximisation import SufficientStats, accumulate
 from subtomo.em.projector3d import Projector3D, insert3d
 from subtomo.fourier import fft_centered
@@ -134,7 +133,7 @@ def estep_pass(src: ParticleSource, idx: np.ndarray, poses: PoseTable, maps: tor
         rot_set = None
     elif not cfg.local:
         rot_set = cfg.rotations
-        coarse_refs = prepare_refs(precompute_refs(projectors, rot_set.matrices.to(device), comps.k[coarse_mask]))
+        coarse_refs = precompute_stacked_refs(projectors, rot_set.matrices.to(device), comps.k[coarse_mask])
     tr = cfg.translations
     changes_ang, changes_off, pmax = [], [], []
     batches = [idx[s:s + cfg.batch_size] for s in range(0, len(idx), cfg.batch_size)]
