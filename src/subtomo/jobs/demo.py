@@ -36,6 +36,7 @@ class DemoParams(ComputeParams):
     iterations2d: int | None = Field(None, ge=1, description="Iterations of 2D classification (default: the preset's).")
     min_class_fraction: float | None = Field(None, ge=0, lt=1, description="Select the 2D classes holding at least this fraction of the particles (default: the preset's) [fraction].")
     max_class_resolution: float | None = Field(None, ge=0, description="Select the 2D classes whose estimated resolution is this or better; 0: no resolution rule (default: the preset's) [Å].")
+    sym: str = Field("C1", description="Point-group symmetry imposed in 3D auto-refinement (and its oracle); with a symmetry the de novo refinement goes through C1 and a symmetry-axis alignment first (about twice the time).")
     healpix_step: float = Field(15.0, gt=0, description="Initial angular sampling of 3D auto-refinement [deg].")
     refine_max_iter: int | None = Field(None, ge=1, description="Iterations of 3D auto-refinement before its final iteration; bounds the demo's time (default: the preset's).")
     classes3d: int = Field(2, ge=0, description="Number of 3D classes (0: skip 3D classification).")
@@ -96,7 +97,7 @@ def _run_stages(ctx: JobContext, jobs: dict[str, str]) -> None:
     _stage(ctx, jobs, "select", project, min_class_fraction=p.min_class_fraction,
            max_class_resolution=p.max_class_resolution or None)
     ref = _stage(ctx, jobs, "refine3d", project, particle_diameter=diameter, healpix_step=p.healpix_step,
-                 max_iter=p.refine_max_iter, oracle="GroundTruth/picks.star", **common)
+                 max_iter=p.refine_max_iter, sym=p.sym, oracle="GroundTruth/picks.star", **common)
     if p.classes3d > 1:
         _stage(ctx, jobs, "class3d", project, i=f"{ref.name}run_data.star", K=p.classes3d, iter=p.iterations3d,
                particle_diameter=diameter, ref=f"{ref.name}run_class001.mrc", local=True, **common)
