@@ -81,6 +81,12 @@ def prepare_refs(refs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _stack_real(refs).contiguous(), (refs.real ** 2 + refs.imag ** 2).contiguous()
 
 
+def project_stacked(projector: Projector, rotations: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """References as stacked [Re, Im] (..., 2M), directly where the projector can (3D), else via complex."""
+    direct = getattr(projector, "project_stacked", None)
+    return direct(rotations, k) if direct is not None else _stack_real(projector.project(rotations, k))
+
+
 def stacked_power(stacked: torch.Tensor) -> torch.Tensor:
     """|A|^2 (..., M) from stacked [Re, Im] references (..., 2M)."""
     m = stacked.shape[-1] // 2
@@ -203,9 +209,7 @@ def precompute_stacked_refs(projectors: Sequence[Projector], rotations: torch.Te
     step = max(1, chunk_bytes // max(1, 8 * m))
     for kc, projector in enumerate(projectors):
         for s, e in _chunks(n_r, step):
-            a = projector.project(rotations[s:e], k)
-            out[kc, s:e, :m] = a.real
-            out[kc, s:e, m:] = a.imag
+            out[kc, s:e] = project_stacked(projector, rotations[s:e], k)
     return out, None
 
 
@@ -266,7 +270,7 @@ def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: t
                 else:
                     refs = projectors[kc].project(orient.coarse[s:e], k_c)
             else:
-                refs = projectors[kc].project(orient.coarse[:, s:e], k_c)
+                refs = (project_stacked(projectors[kc], orient.coarse[:, s:e], k_c), None)
             if opts.cc:
                 scores[:, :, kc, s:e] = normalised_cc(xc_pre, cc_, ph_c, refs)
                 continue

@@ -52,12 +52,10 @@ class Projector3D:
         self.grid = torch.stack([f.real, f.imag])[None].contiguous()  # (1, 2, D, H, W)
         self.big = big
 
-    def project(self, rotations: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """rotations (..., 3, 3), k (M, 3) index units of the N box -> (..., M) complex."""
-        lead = rotations.shape[:-2]
-        rot = rotations.reshape(-1, 3, 3).to(self.grid.dtype)
+    def _samples(self, rotations: torch.Tensor, k: torch.Tensor):
+        """Yield (start, end, (2, c, M) real/imaginary samples) over chunks of the rotations (n, 3, 3)."""
+        rot = rotations.to(self.grid.dtype)
         nrot, m = rot.shape[0], k.shape[0]
-        out = torch.empty(nrot, m, dtype=torch.complex64, device=self.grid.device)
         scale = self.pad * 2.0 / (self.big - 1)
         off = (self.big // 2) * 2.0 / (self.big - 1) - 1.0
         chunk = max(1, self.max_points // max(m, 1))
@@ -65,9 +63,26 @@ class Projector3D:
             q = torch.matmul(k[None], rot[s:s + chunk])  # (c, M, 3) = (A^T k)^T
             g = (q * scale + off)[None, :, :, None, :]  # (1, c, M, 1, 3) in (x, y, z)
             v = F.grid_sample(self.grid, g, mode="bilinear", padding_mode="zeros", align_corners=True)
-            v = v[0, :, :, :, 0]  # (2, c, M)
-            out[s:s + chunk] = torch.complex(v[0], v[1])
+            yield s, min(nrot, s + chunk), v[0, :, :, :, 0]
+
+    def project(self, rotations: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """rotations (..., 3, 3), k (M, 3) index units of the N box -> (..., M) complex."""
+        lead, m = rotations.shape[:-2], k.shape[0]
+        rot = rotations.reshape(-1, 3, 3)
+        out = torch.empty(rot.shape[0], m, dtype=torch.complex64, device=self.grid.device)
+        for s, e, v in self._samples(rot, k):
+            out[s:e] = torch.complex(v[0], v[1])
         return out.reshape(*lead, m)
+
+    def project_stacked(self, rotations: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """As :meth:`project`, as real [Re | Im] (..., 2M): the scoring GEMM's layout, no complex copy."""
+        lead, m = rotations.shape[:-2], k.shape[0]
+        rot = rotations.reshape(-1, 3, 3)
+        out = torch.empty(rot.shape[0], 2 * m, dtype=torch.float32, device=self.grid.device)
+        for s, e, v in self._samples(rot, k):
+            out[s:e, :m] = v[0]
+            out[s:e, m:] = v[1]
+        return out.reshape(*lead, 2 * m)
 
 
 def insert3d(data: torch.Tensor, weight: torch.Tensor, rotations: torch.Tensor, k: torch.Tensor,
