@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import xml.etree.ElementTree as ET
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,8 @@ from subtomo.post.emdb import read_fsc_xml, write_fsc_xml
 from subtomo.post.fsc import (cone_weights, directional_fsc, masked_corrected_fsc, randomize_phases_beyond)
 from subtomo.post.localres import local_resolution
 from subtomo.post.sharpen import divide_by_mtf, read_mtf, sharpen
+
+SHIPPED_MTF = Path(str(files("subtomo") / "data" / "mtf_k3_standard_300kV_FL2.star"))  # K3 curve shipped with the package
 
 
 def _noise(n: int, seed: int) -> torch.Tensor:
@@ -106,8 +109,8 @@ def test_low_resolution_falls_back_and_user_bfactor_is_used():
     assert res2.bfactor_A2 == -500.0 and res2.fit is None
 
 
-def test_mtf_division_matches_analytic_value(shared_data):
-    path = shared_data / "formats/ctf_mdoc_mtf/detector_mtf/mtf_k2_300kV.star"
+def test_mtf_division_matches_analytic_value():
+    path = SHIPPED_MTF
     x, y = read_mtf(path)
     n, px, mtf_px = 32, 2.0, 0.8
     shape = (n, n, n)
@@ -288,12 +291,12 @@ def _project_with_halves(tmp: Path, n: int = 40, px: float = 3.0) -> tuple[Path,
     return tmp, truth, (h1 + h2) / 2
 
 
-def test_postprocess_and_localres_jobs(tmp_path, shared_data):
+def test_postprocess_and_localres_jobs(tmp_path):
     from subtomo.jobs.localres import SPEC as LSPEC, LocalResParams
     from subtomo.jobs.postprocess import SPEC, PostProcessParams
 
     project, truth, average = _project_with_halves(tmp_path)
-    mtf = shared_data / "formats/ctf_mdoc_mtf/detector_mtf/mtf_k3_standard_300kV_FL2.star"
+    mtf = SHIPPED_MTF
     ctx = execute(SPEC, PostProcessParams(device="cpu", mtf=str(mtf), mtf_angpix=1.5), project, quiet=True)
     job = ctx.dir
     for name in ("postprocess.mrc", "postprocess_masked.mrc", "postprocess_automask.mrc", "postprocess.star",
