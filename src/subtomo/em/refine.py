@@ -418,6 +418,10 @@ def _update_sampling(samp: SamplingState, opts: RefineOptions, res_shell: int, a
         samp.order += 1
         new_step = max(samp.offset_step_px / 2, 0.5)
         new_range = min(max(3 * off_change, 1.5 * new_step), 1.3 * samp.offset_range_px)
+        if new_range > 4 * new_step:  # RELION: keep the translational grid small (~4 steps of range)
+            new_range /= 2
+            if new_range > 4 * new_step:
+                new_step = min(new_range / 4, samp.offset_step_px)  # never coarser than before
         samp.offset_step_px, samp.offset_range_px = new_step, max(new_range, new_step)
         if samp.order >= opts.auto_local_order:
             samp.local = True
