@@ -78,7 +78,8 @@ def _make_command(spec: JobSpec) -> click.Command:
         try:
             params = spec.params(**values)
         except ValidationError as exc:
-            msgs = [f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
+            msgs = [(f"--{'.'.join(str(p) for p in e['loc']).replace('_', '-')}: " if e["loc"] else "")
+                    + e["msg"].removeprefix("Value error, ") for e in exc.errors()]
             raise click.UsageError("; ".join(msgs)) from None
         try:
             execute(spec, params, Path.cwd(), argv=["subtomo", *sys.argv[1:]])

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from subtomo import __version__
 from subtomo.errors import SubtomoError
@@ -31,6 +31,7 @@ from subtomo.jobs.registry import load_spec
 class DemoParams(ComputeParams):
     project_dir: str = Field("demo_project", description="Directory of the demo project (created; must not exist yet).",
                              json_schema_extra={"positional": True})
+    out: str | None = Field(None, description="Directory of the demo project; the same as PROJECT_DIR.")
     preset: Literal["tiny", "demo", "benchmark"] = Field("demo", description="Simulation preset: tiny (seconds, a smoke test), demo (a few minutes), benchmark (long).")
     classes2d: int | None = Field(None, ge=2, description="Number of 2D classes (default: the preset's).")
     iterations2d: int | None = Field(None, ge=1, description="Iterations of 2D classification (default: the preset's).")
@@ -42,6 +43,16 @@ class DemoParams(ComputeParams):
     classes3d: int = Field(2, ge=0, description="Number of 3D classes (0: skip 3D classification).")
     iterations3d: int | None = Field(None, ge=1, description="Iterations of 3D classification (default: the preset's).")
     lower_tilt_defoci: float | None = Field(30.0, gt=0, description="Step 11: tilts above this get the mean lower-tilt defocus (0 or none: off) [deg].")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _out_names_the_project(cls, data):
+        if isinstance(data, dict) and data.get("out"):
+            given = data.get("project_dir")
+            if given and given != data["out"]:
+                raise ValueError(f"give the project directory once: PROJECT_DIR {given!r} and --out {data['out']!r} differ")
+            data = {**data, "project_dir": data["out"]}
+        return data
 
 
 # Per-preset choices where the right value depends on the data's size: the tiny preset has 10
