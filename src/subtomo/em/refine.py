@@ -257,7 +257,8 @@ def auto_refine(src: ParticleSource, opts: RefineOptions, out_dir: Path, *, part
         comps = fourier_components(box, size, 3, device=device)
         step = angular_step_deg(samp.order)
         rng = np.random.default_rng([opts.seed, it])
-        if samp.local:
+        local_search = samp.local  # this iteration's mode (the sampling update below may change samp)
+        if local_search:
             rot_set = sampling.local_rotations(samp.order, samp.sigma_rot_deg, rng=rng, device=device)
         else:
             rot_set = sampling.global_rotations(samp.order, opts.sym, rng=rng, device=device)
@@ -336,7 +337,7 @@ def auto_refine(src: ParticleSource, opts: RefineOptions, out_dir: Path, *, part
         history.append(rec)
         log(f"iteration {it:3d}{' (final)' if final else ''}: resolution {rec['resolution_A']:.1f} A (FSC 0.143: "
             f"{res_0143:.1f} A), size {size} (coarse {csize}), angular step {rot_set.fine_step_deg:.2f} deg"
-            f"{' local' if samp.local else ''}, offsets {trans.range_px:.1f}/{trans.step_px / 2:.2f} px, "
+            f"{' local' if local_search else ''}, offsets {trans.range_px:.1f}/{trans.step_px / 2:.2f} px, "
             f"changes {ang_change:.2f} deg {off_change:.2f} px, Pmax {pmax:.3f}"
             f"{f', accuracy {acc_rot:.2f} deg' if acc_rot is not None else ''}, {dt:.1f} s")
         tag = f"run_it{it:03d}"
