@@ -82,23 +82,12 @@ def test_random_subset_rules():
 
 
 def test_refine3d_job_writes_relion_outputs(tmp_path):
-    from subtomo.io.mrc import write_mrc
-    from subtomo.io.star import write_particles
+    from subtomo.em.synthetic import write_star_project
     from subtomo.jobs.base import execute
     from subtomo.jobs.refine3d import SPEC, Refine3DParams
 
     ds = make_set(n=12, box=20, pixel_size_A=12.0, snr=3.0, seed=2, max_offset_px=0.0, ctf=False)
-    pdir = tmp_path / "Particles"
-    pdir.mkdir()
-    names = []
-    for i, v in enumerate(ds.volumes):
-        write_mrc(pdir / f"p{i:06d}.mrc", v.numpy(), ds.pixel_size_A)
-        names.append(f"Particles/p{i:06d}.mrc")
-    df = pd.DataFrame({"rlnImageName": names, "rlnTomoName": ["t1"] * 12, "rlnTomoParticleId": range(1, 13),
-                       "rlnOpticsGroup": [1] * 12})
-    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"], "rlnImagePixelSize": [12.0],
-                           "rlnImageSize": [20], "rlnImageDimensionality": [3]})
-    write_particles(tmp_path / "particles.star", df, optics)
+    write_star_project(ds, tmp_path)
     params = Refine3DParams(i="particles.star", particle_diameter=ds.diameter_A, ctf=False, healpix_step=15.0,
                             offset_range=0.0, max_iter=2, batch_size=6, threads=1)
     ctx = execute(SPEC, params, tmp_path, quiet=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -103,24 +102,11 @@ def _errors_modulo(est: np.ndarray, true: np.ndarray, sym: np.ndarray) -> np.nda
 
 @pytest.fixture
 def d2_project(tmp_path):
-    from subtomo.em.synthetic import make_set
-    from subtomo.io.mrc import write_mrc
-    from subtomo.io.star import write_particles
+    from subtomo.em.synthetic import make_set, write_star_project
 
     ds = make_set(n=32, box=24, pixel_size_A=10.0, snr=2.0, seed=11, max_offset_px=0.5, ctf=False, max_tilt_deg=89.0,
                   sym_mats=symmetry_matrices("D2"))
-    pdir = tmp_path / "Particles"
-    pdir.mkdir()
-    names = []
-    for i, v in enumerate(ds.volumes):
-        write_mrc(pdir / f"p{i:06d}.mrc", v.numpy(), ds.pixel_size_A)
-        names.append(f"Particles/p{i:06d}.mrc")
-    n = len(names)
-    df = pd.DataFrame({"rlnImageName": names, "rlnTomoName": ["t1"] * n, "rlnTomoParticleId": range(1, n + 1),
-                       "rlnOpticsGroup": [1] * n})
-    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"], "rlnImagePixelSize": [10.0],
-                           "rlnImageSize": [24], "rlnImageDimensionality": [3]})
-    write_particles(tmp_path / "particles.star", df, optics)
+    write_star_project(ds, tmp_path)
     return tmp_path, ds
 
 

@@ -45,7 +45,7 @@ import torch
 
 from subtomo.errors import SubtomoError
 from subtomo.fourier import fourier_resize, ifft_centered, fft_centered, lowpass, phase_shift
-from subtomo.geometry.euler import euler_to_matrix
+from subtomo.geometry.euler import angular_distance_deg, euler_to_matrix
 from subtomo.geometry.symmetry import axis_rotation, symmetry_matrices
 
 
@@ -217,8 +217,7 @@ def align_symmetry(volume: torch.Tensor, sym: str, pixel_size_A: float, lowpass_
             break
         ok = True
         for j in starts:
-            rel = np.einsum("gij,jk,lk->gil", ops_np, cands[j], cands[i])  # g R_j R_i^T
-            ang = np.degrees(np.arccos(np.clip((np.trace(rel, axis1=1, axis2=2) - 1) / 2, -1, 1))).min()
+            ang = angular_distance_deg(ops_np @ cands[j], cands[i]).min()  # angle of g R_j R_i^T
             if ang < 2 * angular_step_deg:
                 ok = False
                 break

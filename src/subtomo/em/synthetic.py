@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from subtomo.fourier import fft_centered, ifft_centered, rfft_frequencies
-from subtomo.geometry.euler import random_rotations
+from subtomo.geometry.euler import angular_distance_deg, random_rotations
 
 
 @dataclass
@@ -124,6 +124,28 @@ def align_to_reference(est_rot: np.ndarray, true_rot: np.ndarray) -> tuple[np.nd
     d = np.sign(np.linalg.det(u @ vt))
     g = u @ np.diag([1, 1, d]) @ vt
     pred = true_rot @ g
-    rel = np.einsum("nij,nkj->nik", est_rot, pred)
-    err = np.rad2deg(np.arccos(np.clip((np.trace(rel, axis1=1, axis2=2) - 1) / 2, -1, 1)))
-    return g, err
+    return g, angular_distance_deg(est_rot, pred)
+
+
+def write_star_project(ds: SyntheticSet, root) -> "Path":
+    """Write the set as a small project: ``Particles/pNNNNNN.mrc`` + ``particles.star`` (no CTF; RELION 3.1 optics)."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from subtomo.io.mrc import write_mrc
+    from subtomo.io.star import write_particles
+
+    root = Path(root)
+    (root / "Particles").mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, v in enumerate(ds.volumes):
+        write_mrc(root / "Particles" / f"p{i:06d}.mrc", v.numpy(), ds.pixel_size_A)
+        names.append(f"Particles/p{i:06d}.mrc")
+    n = len(names)
+    particles = pd.DataFrame({"rlnImageName": names, "rlnTomoName": ["t1"] * n, "rlnTomoParticleId": range(1, n + 1),
+                              "rlnOpticsGroup": [1] * n})
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+                           "rlnImagePixelSize": [ds.pixel_size_A], "rlnImageSize": [ds.volumes.shape[-1]],
+                           "rlnImageDimensionality": [3]})
+    return write_particles(root / "particles.star", particles, optics)

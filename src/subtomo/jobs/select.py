@@ -69,6 +69,7 @@ class Selection:
     particles3d_path: Path | None = None
     blocks3d: dict | None = None
     selected3d: pd.DataFrame | None = None
+    table: ClassTable | None = None  # statistics of every class of the input
     notes: list[str] = field(default_factory=list)
 
 
@@ -285,7 +286,7 @@ def compute_selection(params: SelectParams, project: Path) -> Selection:
     if not mask.any():
         raise SubtomoError(f"empty selection: class(es) {', '.join(map(str, chosen))} hold no particles in {data_path.name}. Choose other classes.")
     sel = Selection(image_dimensionality(blocks, particles), chosen, blocks, particles[mask].reset_index(drop=True),
-                    data_path=data_path)
+                    data_path=data_path, table=table)
     sel.notes.append(f"input {data_path} ({len(particles)} particles, {len(table.number)} classes)")
     if model_path is not None:
         sel.notes.append(f"class statistics from {model_path}")
@@ -353,7 +354,7 @@ def _plot_selection(ctx: JobContext, sel: Selection) -> None:
     images = class_images(model_path, ctx.project) if model_path is not None else None
     if images is None:
         return
-    table = class_table(model_path, sel.selected)
+    table = sel.table
     path = class_gallery(images, table.fraction, ctx.path("selected_classes.png"), table.resolution_A,
                          title=f"kept (green): classes {', '.join(map(str, sel.classes))}", class_numbers=table.number,
                          selected=sel.classes)

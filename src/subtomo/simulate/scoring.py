@@ -26,15 +26,10 @@ import torch
 
 from subtomo.em.refine import rotate_map
 from subtomo.fourier import fft_centered, fsc_maps, ifft_centered, phase_shift
+from subtomo.geometry.euler import angular_distance_deg
 from subtomo.io.star import read_star_table
 
 TRUTH_KEY = ["rlnTomoName", "rlnTomoParticleId"]
-
-
-def rotation_angle_deg(matrices: np.ndarray) -> np.ndarray:
-    """Angle (degrees) of each rotation matrix in ``(..., 3, 3)``."""
-    cos = (np.trace(matrices, axis1=-2, axis2=-1) - 1) / 2
-    return np.rad2deg(np.arccos(np.clip(cos, -1, 1)))
 
 
 def global_rotation(est: np.ndarray, true: np.ndarray, sym: np.ndarray,
@@ -48,8 +43,7 @@ def global_rotation(est: np.ndarray, true: np.ndarray, sym: np.ndarray,
     rel = np.einsum("nji,njk->nik", true, est)  # true_i^T est_i = g_i G
 
     def errors(g_mat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        pred = np.einsum("gij,jk->gik", sym, g_mat)  # g G
-        angles = rotation_angle_deg(np.einsum("nij,gkj->ngik", rel, pred))  # rel (g G)^T
+        angles = angular_distance_deg(rel[:, None], (sym @ g_mat)[None])  # angle of rel_i (g G)^T
         return angles.min(1), angles.argmin(1)
 
     best, best_inliers = rel[0], -1
