@@ -30,3 +30,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _devices() -> list[str]:
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    return devices
+
+
+@pytest.fixture(params=_devices())
+def device(request) -> torch.device:
+    """The numeric tests that take this fixture run on cpu and, where present, on cuda."""
+    return torch.device(request.param)

@@ -48,6 +48,13 @@ def _read_gzipped(path: Path) -> dict:
         os.unlink(dst.name)
 
 
+def table_of(block: pd.DataFrame | dict) -> pd.DataFrame:
+    """A STAR block as a DataFrame: starfile returns a dict for a block of single values."""
+    if isinstance(block, pd.DataFrame):
+        return block.reset_index(drop=True)
+    return pd.DataFrame([block])
+
+
 def read_star_table(path: str | Path, block: str | None = None) -> pd.DataFrame:
     """Read one loop block as a DataFrame.
 
@@ -66,9 +73,7 @@ def read_star_table(path: str | Path, block: str | None = None) -> pd.DataFrame:
         if not loops:
             raise SubtomoError(f"{path}: contains no table (loop_) block.")
         table = loops[0][1]
-    if isinstance(table, dict):
-        table = pd.DataFrame([table])
-    return table.reset_index(drop=True)
+    return table_of(table)
 
 
 def read_particles(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
