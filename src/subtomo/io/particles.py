@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -42,7 +42,8 @@ PIXEL_SIZE_RULE = (
 _RELATIVE_TOLERANCE = 1e-3  # particles whose pixel sizes differ by more are not one set
 
 
-class ImageRef(NamedTuple):
+@dataclass(frozen=True)
+class ImageRef:
     """One image of a particle: a stack index (1-based; None for a single-image file) and a path."""
 
     index: int | None
