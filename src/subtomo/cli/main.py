@@ -8,6 +8,7 @@ arguments. List fields take comma-separated values. Errors the user can fix
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 import typing
@@ -104,6 +105,19 @@ class _OrderedGroup(click.Group):
         return list(self.commands)
 
 
+def _contracts_command() -> click.Command:
+    def callback(job: str | None) -> None:
+        specs = [s for s in all_specs() if job in (None, s.command)]
+        if not specs:
+            raise click.UsageError(f"no job {job!r}; jobs: {', '.join(s.command for s in all_specs())}")
+        click.echo(json.dumps([s.contract() for s in specs], indent=2, default=str))
+
+    return click.Command(
+        "contracts", callback=callback, params=[click.Argument(["job"], required=False)],
+        help="Print the jobs' contracts as JSON (inputs with their node types and default sources, outputs, "
+             "parameter schema): what a GUI or a scheduler reads without running a job.")
+
+
 def build_cli() -> click.Group:
     group = _OrderedGroup(
         name="subtomo",
@@ -112,6 +126,7 @@ def build_cli() -> click.Group:
     )
     for spec in all_specs():
         group.add_command(_make_command(spec))
+    group.add_command(_contracts_command())
     return click.version_option(__version__, prog_name="subtomo")(group)
 
 

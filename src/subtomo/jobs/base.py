@@ -7,7 +7,8 @@ device and seed, ``run.out``/``run.err``, and RELION's sentinel files
 project's ``default_pipeline.star`` with its input and output nodes.
 
 A job type is a :class:`JobSpec`: a pydantic parameter model (unknown keys refused; the
-CLI options are generated from it), an optional ``check`` run *before* anything is
+CLI options are generated from it), its contract (declared inputs and outputs with their
+node types, :mod:`subtomo.jobs.contracts`), an optional ``check`` run *before* anything is
 written (validation that must leave no trace), and ``run(ctx)``.
 """
 
@@ -29,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from subtomo import __version__
 from subtomo.errors import SubtomoError
+from subtomo.jobs.contracts import InputSpec, NodeType, OutputSpec
 from subtomo.jobs.monitor import ResourceMonitor
 from subtomo.jobs.pipeline import STATUS_FAILED, STATUS_RUNNING, STATUS_SUCCEEDED, Pipeline, Process
 
@@ -121,8 +123,35 @@ class JobContext:
     def add_input(self, path: str | Path) -> None:
         self.inputs.append(self.rel(path))
 
-    def add_output(self, path: str | Path, node_type: str = "File") -> None:
-        self.outputs.append((self.rel(path), node_type))
+    def add_output(self, path: str | Path, node_type: NodeType | str = NodeType.FILE) -> None:
+        label = node_type.value if isinstance(node_type, NodeType) else str(node_type)
+        self.outputs.append((self.rel(path), label))
+
+    def input(self, param: str) -> Path:
+        """Resolve a declared input (the user's value, else the newest matching output) and record it."""
+        path = self.spec.input(param).resolve(self.project, getattr(self.params, param))
+        assert path is not None, f"optional input {param} resolved to nothing; use optional_input"
+        self.add_input(path)
+        return path
+
+    def optional_input(self, param: str) -> Path | None:
+        """Like :meth:`input` for inputs that may be absent (``required=False``)."""
+        path = self.spec.input(param).resolve(self.project, getattr(self.params, param))
+        if path is not None:
+            self.add_input(path)
+        return path
+
+    def add_declared_outputs(self, iteration: int | None = None, n_classes: int = 1) -> None:
+        """Record the declared outputs that exist in the job directory (``*`` patterns globbed)."""
+        for out in self.spec.outputs:
+            root = self.project if out.in_project else self.dir
+            for name in out.expand(iteration, n_classes):
+                paths = sorted(root.glob(name)) if "*" in name else [root / name]
+                for path in paths:
+                    if path.exists():
+                        self.add_output(path, out.node_type)
+                    elif not out.optional and "*" not in name:
+                        raise RuntimeError(f"{self.spec.command}: declared output {name} was not written")
 
     def progress(self, items: Iterable[T], total: int | None = None, description: str = "") -> Iterator[T]:
         """Iterate with progress: a rich bar on a terminal, plain lines (every ~10 %) in the log."""
@@ -162,6 +191,21 @@ class JobSpec:
     # name of a parameter holding the project directory the job creates (``simulate``): the
     # job then runs in that directory (relative to ``project``) instead of ``project`` itself
     project_param: str | None = None
+    inputs: tuple[InputSpec, ...] = ()  # declared inputs, resolved through JobContext.input
+    outputs: tuple[OutputSpec, ...] = ()  # declared outputs, recorded by JobContext.add_declared_outputs
+
+    def input(self, param: str) -> InputSpec:
+        """The declared input for parameter ``param``."""
+        for spec in self.inputs:
+            if spec.param == param:
+                return spec
+        raise KeyError(f"{self.command} declares no input {param!r}")
+
+    def contract(self) -> dict[str, Any]:
+        """The job's contract as plain data (what a GUI or a scheduler reads)."""
+        return {"command": self.command, "job_type": self.job_type, "summary": self.summary,
+                "inputs": [i.as_dict() for i in self.inputs], "outputs": [o.as_dict() for o in self.outputs],
+                "parameters": self.params.model_json_schema()}
 
 
 def _job_dir_for(spec: JobSpec, params: JobParams, project: Path, pipeline: Pipeline) -> tuple[Path, str]:
@@ -258,19 +302,3 @@ def execute(spec: JobSpec, params: JobParams, project: str | Path = ".", argv: l
     ctx.log(f"{spec.command} finished: {name} ({usage.wall_s if usage else 0:.1f} s{peak})")
     ctx.close()
     return ctx
-
-
-def default_input(project: Path, given: str | None, job_types: tuple[str, ...], filename: str | tuple[str, ...],
-                  option: str, hint: str) -> Path:
-    """The user's input path, or the latest output ``filename`` of a finished job of ``job_types``."""
-    if given:
-        p = Path(given)
-        p = p if p.is_absolute() else project / p
-        if not p.exists():
-            raise SubtomoError(f"{option} {given}: file not found.")
-        return p
-    node = Pipeline(project).latest_output(job_types, filename)
-    if node is None or not (project / node).exists():
-        wanted = filename if isinstance(filename, str) else " or ".join(filename)
-        raise SubtomoError(f"no {option} given and no finished {'/'.join(job_types)} job wrote {wanted} in {project}. {hint}")
-    return project / node
