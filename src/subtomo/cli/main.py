@@ -20,7 +20,8 @@ from pydantic import ValidationError
 
 from subtomo import __version__
 from subtomo.errors import SubtomoError
-from subtomo.jobs.base import JobSpec, execute
+from subtomo.jobs import pipeline as pipeline_file
+from subtomo.jobs.base import JobSpec, JobTerminated, execute
 from subtomo.jobs.registry import all_specs
 
 
@@ -58,10 +59,24 @@ def _options_for(spec: JobSpec) -> list[click.Parameter]:
             params.append(click.Option([flag, name], type=str, default=shown, show_default=shown is not None,
                                        help=help_text + " (comma-separated)"))
         else:
+            continuable = "continue_job" in spec.params.model_fields  # saved values fill required options
             params.append(click.Option([flag, name], type=_click_type(tp), default=default,
-                                       show_default=default is not None, required=field.is_required(),
-                                       help=help_text))
+                                       show_default=default is not None,
+                                       required=field.is_required() and not continuable,
+                                       help=help_text + (" [required]" if field.is_required() and continuable else "")))
     return params
+
+
+def _with_saved_parameters(spec: JobSpec, given: dict[str, Any]) -> dict[str, Any]:
+    """For ``--continue-job``: the job's saved parameters, overridden by the options typed now."""
+    record_path = Path(given["continue_job"]) / "job.json"
+    try:
+        saved = json.loads(record_path.read_text()).get("parameters", {})
+    except (OSError, ValueError):
+        return given  # the job runner reports a missing or damaged job.json
+    merged = {k: v for k, v in saved.items() if k in spec.params.model_fields and k != "output"}
+    merged.update(given)
+    return merged
 
 
 def _make_command(spec: JobSpec) -> click.Command:
@@ -76,6 +91,8 @@ def _make_command(spec: JobSpec) -> click.Command:
             if value is not None and typing.get_origin(tp) in (list, tuple) and isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
             values[name] = value
+        if values.get("continue_job"):
+            values = _with_saved_parameters(spec, values)
         try:
             params = spec.params(**values)
         except ValidationError as exc:
@@ -93,9 +110,13 @@ def _make_command(spec: JobSpec) -> click.Command:
             click.secho(f"ERROR: internal error in subtomo {spec.command}: {type(exc).__name__}: {exc}{where}. "
                         f"Please report it with that file.", fg="red", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.secho("interrupted; the job is marked as failed and can be continued where supported", err=True)
-            sys.exit(130)
+        except (KeyboardInterrupt, JobTerminated) as exc:
+            job = getattr(exc, "subtomo_job", None)
+            again = (f"; continue it with: subtomo {spec.command} --continue-job {job}"
+                     if job and "continue_job" in spec.params.model_fields else "")
+            click.secho(f"{'terminated' if isinstance(exc, JobTerminated) else 'interrupted'}: the job is marked as "
+                        f"failed{again}", err=True)
+            sys.exit(143 if isinstance(exc, JobTerminated) else 130)
 
     return click.Command(spec.command, callback=callback, params=_options_for(spec), help=spec.summary)
 
@@ -118,6 +139,28 @@ def _contracts_command() -> click.Command:
              "parameter schema): what a GUI or a scheduler reads without running a job.")
 
 
+def _pipeline_command() -> click.Command:
+    def callback(rebuild: bool) -> None:
+        project = Path.cwd()
+        if rebuild:
+            pipeline = pipeline_file.rebuild(project)
+            click.echo(f"rebuilt {pipeline_file.PIPELINE_FILE} from {len(pipeline.processes)} job directories")
+            return
+        try:
+            pipeline = pipeline_file.Pipeline(project)
+        except SubtomoError as exc:
+            click.secho(f"ERROR: {exc}", fg="red", err=True)
+            sys.exit(1)
+        for proc in pipeline.processes:
+            click.echo(f"{proc.name:<24} {proc.status:<10} {len(proc.inputs)} in, {len(proc.outputs)} out")
+
+    return click.Command(
+        "pipeline", callback=callback,
+        params=[click.Option(["--rebuild"], is_flag=True, help="Rebuild default_pipeline.star from the job "
+                             "directories (each job.json records its type, status, inputs and outputs).")],
+        help="List the project's jobs and their state, or rebuild a damaged pipeline file.")
+
+
 def build_cli() -> click.Group:
     group = _OrderedGroup(
         name="subtomo",
@@ -127,6 +170,7 @@ def build_cli() -> click.Group:
     for spec in all_specs():
         group.add_command(_make_command(spec))
     group.add_command(_contracts_command())
+    group.add_command(_pipeline_command())
     return click.version_option(__version__, prog_name="subtomo")(group)
 
 

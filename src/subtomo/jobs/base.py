@@ -14,10 +14,13 @@ written (validation that must leave no trace), and ``run(ctx)``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -30,9 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from subtomo import __version__
 from subtomo.errors import SubtomoError
+from subtomo.jobs import pipeline as pipeline_file
 from subtomo.jobs.contracts import InputSpec, NodeType, OutputSpec
 from subtomo.jobs.monitor import ResourceMonitor
-from subtomo.jobs.pipeline import STATUS_FAILED, STATUS_RUNNING, STATUS_SUCCEEDED, Pipeline, Process
+from subtomo.jobs.pipeline import STATUS_FAILED, STATUS_RUNNING, STATUS_SUCCEEDED, Process
 
 T = TypeVar("T")
 SUCCESS_SENTINEL = "RELION_JOB_EXIT_SUCCESS"
@@ -208,32 +212,80 @@ class JobSpec:
                 "parameters": self.params.model_json_schema()}
 
 
-def _job_dir_for(spec: JobSpec, params: JobParams, project: Path, pipeline: Pipeline) -> tuple[Path, str]:
+def _continued_job_dir(spec: JobSpec, params: JobParams, project: Path, cont: str) -> tuple[Path, str]:
+    """The directory of ``--continue-job``, refused unless it is an unfinished job of this type on the same input."""
+    d = Path(cont) if Path(cont).is_absolute() else project / cont
+    if not (d / "job.json").exists():
+        raise SubtomoError(f"--continue-job {cont}: not a job directory (no job.json). Give the directory of the job to continue.")
+    try:
+        record = json.loads((d / "job.json").read_text())
+    except ValueError as exc:
+        raise SubtomoError(f"--continue-job {cont}: {d / 'job.json'} is damaged ({exc}); this job cannot be continued. "
+                           "Start a new job.") from exc
+    if record.get("job_type") != spec.job_type:
+        raise SubtomoError(f"--continue-job {cont}: a {record.get('job_type')} job; subtomo {spec.command} continues only "
+                           f"{spec.job_type} jobs. Give a {spec.job_type}/jobNNN/ directory.")
+    if (d / SUCCESS_SENTINEL).exists():
+        raise SubtomoError(f"--continue-job {cont}: this job finished; its results are kept as they are. To refine "
+                           f"further, start a new {spec.command} job from its outputs (e.g. --i {cont.rstrip('/')}/run_data.star).")
+    saved_input = (record.get("parameters") or {}).get("i")
+    given_input = getattr(params, "i", None)
+    if given_input and saved_input and Path(given_input) != Path(saved_input):
+        raise SubtomoError(f"--continue-job {cont}: it ran on --i {saved_input}, not {given_input}. Continue with the same "
+                           "input (omit --i), or start a new job.")
+    return d, os.path.relpath(d, project).rstrip("/") + "/"
+
+
+def _job_dir_for(spec: JobSpec, params: JobParams, project: Path) -> tuple[Path, str]:
     cont = getattr(params, "continue_job", None)
     if cont:
-        d = Path(cont) if Path(cont).is_absolute() else project / cont
-        if not (d / "job.json").exists():
-            raise SubtomoError(f"--continue-job {cont}: not a job directory (no job.json). Give the directory of the job to continue.")
-        return d, os.path.relpath(d, project).rstrip("/") + "/"
+        return _continued_job_dir(spec, params, project, cont)
     if params.output:
         d = Path(params.output) if Path(params.output).is_absolute() else project / params.output
         if d.exists() and any(d.iterdir()):
             raise SubtomoError(f"--output {params.output}: directory exists and is not empty; nothing of it is overwritten. Choose a new directory.")
         d.mkdir(parents=True, exist_ok=True)
         return d, os.path.relpath(d, project).rstrip("/") + "/"
-    name = pipeline.next_job_name(spec.job_type)
-    while (project / name).exists():
-        pipeline.counter += 1
-        name = pipeline.next_job_name(spec.job_type)
-    d = project / name
-    d.mkdir(parents=True)
+    with pipeline_file.locked(project) as pipeline:
+        d, name = pipeline.reserve_job_dir(spec.job_type)
+        pipeline.add(Process(name, spec.job_type, STATUS_RUNNING))
     return d, name
 
 
-def _record_end(job_dir: Path, record: dict, monitor: ResourceMonitor, status: str) -> None:
-    """Add the end time, status and resource usage (wall, CPU, peak memory) to job.json."""
+class JobTerminated(BaseException):
+    """SIGTERM (a scheduler's wall-time limit, ``kill``): handled like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    """Turn SIGTERM into :class:`JobTerminated` while a job runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise JobTerminated("terminated by SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _finish(project: Path, proc: Process, ctx: JobContext, status: str) -> None:
+    """Record the job's final state in the pipeline (under the lock)."""
+    proc.status = status
+    proc.inputs, proc.outputs = list(ctx.inputs), list(ctx.outputs)
+    with pipeline_file.locked(project) as pipeline:
+        pipeline.add(proc)
+
+
+def _record_end(job_dir: Path, record: dict, monitor: ResourceMonitor, status: str, ctx: JobContext) -> None:
+    """Add the end time, status, nodes and resource usage (wall, CPU, peak memory) to job.json."""
     record["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
     record["status"] = status
+    record["inputs"], record["outputs"] = list(ctx.inputs), [list(o) for o in ctx.outputs]
     if monitor.usage is not None:
         record["resources"] = monitor.usage.as_dict()
     (job_dir / "job.json").write_text(json.dumps(record, indent=2, default=str))
@@ -248,8 +300,7 @@ def execute(spec: JobSpec, params: JobParams, project: str | Path = ".", argv: l
     state = spec.check(params, project) if spec.check else None
     if spec.project_param:
         project.mkdir(parents=True, exist_ok=True)
-    pipeline = Pipeline(project)
-    job_dir, name = _job_dir_for(spec, params, project, pipeline)
+    job_dir, name = _job_dir_for(spec, params, project)
     for sentinel in (SUCCESS_SENTINEL, FAILURE_SENTINEL):
         (job_dir / sentinel).unlink(missing_ok=True)
     record = {
@@ -258,44 +309,35 @@ def execute(spec: JobSpec, params: JobParams, project: str | Path = ".", argv: l
         "parameters": params.model_dump(), "subtomo_version": __version__,
         "torch_version": torch.__version__, "started": _dt.datetime.now().isoformat(timespec="seconds"),
     }
+    proc = Process(name, spec.job_type, STATUS_RUNNING)
     ctx = JobContext(spec, params, project, job_dir, name, state, quiet=quiet)
     record["device"] = str(ctx.device)
     (job_dir / "job.json").write_text(json.dumps(record, indent=2, default=str))
     with open(job_dir / "note.txt", "a") as fh:
         fh.write(f"++++ executing at {record['started']}\n{record['command_line']}\n")
-    proc = Process(name, spec.job_type, STATUS_RUNNING)
-    pipeline.add(proc)
-    pipeline.save()
+    _finish(project, proc, ctx, STATUS_RUNNING)
     ctx.log(f"subtomo {__version__} {spec.command} -> {name} (device {ctx.device})")
     monitor = ResourceMonitor(ctx.device)
     try:
-        with monitor:
+        with _sigterm_as_exception(), monitor:
             spec.run(ctx)
     except BaseException as exc:
-        _record_end(job_dir, record, monitor, "failed")
-        proc.status = STATUS_FAILED
-        proc.inputs, proc.outputs = ctx.inputs, ctx.outputs
+        _record_end(job_dir, record, monitor, "failed", ctx)
         with open(job_dir / "run.err", "a") as fh:
             fh.write(str(exc) + "\n")
-            if not isinstance(exc, SubtomoError):
+            if not isinstance(exc, (SubtomoError, KeyboardInterrupt, JobTerminated)):
                 fh.write(traceback.format_exc())
         (job_dir / FAILURE_SENTINEL).touch()
         if not hasattr(exc, "subtomo_job"):
             try:
-                exc.subtomo_job = name  # the innermost failing job, for the CLI's message
+                exc.subtomo_job = name  # type: ignore[attr-defined]  # the innermost failing job, for the CLI
             except AttributeError:
                 pass
-        pipeline = Pipeline(project)
-        pipeline.add(proc)
-        pipeline.save()
+        _finish(project, proc, ctx, STATUS_FAILED)
         ctx.close()
         raise
-    _record_end(job_dir, record, monitor, "succeeded")
-    proc.status = STATUS_SUCCEEDED
-    proc.inputs, proc.outputs = ctx.inputs, ctx.outputs
-    pipeline = Pipeline(project)
-    pipeline.add(proc)
-    pipeline.save()
+    _record_end(job_dir, record, monitor, "succeeded", ctx)
+    _finish(project, proc, ctx, STATUS_SUCCEEDED)
     (job_dir / SUCCESS_SENTINEL).touch()
     usage = monitor.usage
     peak = f", peak memory {usage.peak_rss_MB:.0f} MB" if usage and usage.peak_rss_MB is not None else ""

@@ -3,16 +3,32 @@
 It records every job (process), its status, and the files (nodes) it read and wrote,
 so jobs can default their inputs to the previous stage's outputs and a GUI can draw
 the flow. Paths are relative to the project directory.
+
+Several jobs (terminals, a GUI, cluster workers) may update the file at once: every change
+is a read-modify-write inside an exclusive lock (:func:`locked`, ``fcntl`` on POSIX) with an
+atomic replace, and job numbers are reserved inside the same lock. A damaged file is an
+error with the fix: ``subtomo pipeline --rebuild`` rebuilds it from the job directories
+(each ``job.json`` records its job type, status, inputs and outputs).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
+from subtomo.errors import SubtomoError
 from subtomo.io.star import read_star, write_star
+
+try:  # POSIX advisory locks; elsewhere jobs must not be started concurrently
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 PIPELINE_FILE = "default_pipeline.star"
 STATUS_RUNNING, STATUS_SUCCEEDED, STATUS_FAILED = "Running", "Succeeded", "Failed"
@@ -39,7 +55,12 @@ class Pipeline:
             self._load(path)
 
     def _load(self, path: Path) -> None:
-        blocks = read_star(path)
+        try:
+            blocks = read_star(path)
+        except SubtomoError as exc:
+            raise _damaged(path, str(exc)) from exc
+        if "pipeline_processes" in blocks and not {"pipeline_general", "pipeline_nodes"} <= set(blocks):
+            raise _damaged(path, "blocks are missing (the file is truncated)")
         general = blocks.get("pipeline_general", {})
         if isinstance(general, pd.DataFrame):
             general = general.iloc[0].to_dict()
@@ -76,6 +97,19 @@ class Pipeline:
 
     def next_job_name(self, job_type: str) -> str:
         return f"{job_type}/job{self.counter:03d}/"
+
+    def reserve_job_dir(self, job_type: str) -> tuple[Path, str]:
+        """Make the next free ``<JobType>/jobNNN/`` directory (call inside :func:`locked`)."""
+        while True:
+            name = self.next_job_name(job_type)
+            number_taken = any(p.name.rstrip("/").endswith(f"job{self.counter:03d}") for p in self.processes)
+            try:
+                if number_taken:
+                    raise FileExistsError(name)
+                (self.project / name).mkdir(parents=True)
+                return self.project / name, name
+            except FileExistsError:
+                self.counter += 1
 
     def add(self, process: Process) -> None:
         self.processes = [p for p in self.processes if p.name != process.name] + [process]
@@ -121,3 +155,57 @@ class Pipeline:
                 "rlnPipeLineEdgeToNode": [n for p in self.processes for n, _ in p.outputs]}),
         }
         write_star(self.project / PIPELINE_FILE, blocks)
+
+
+def _damaged(path: Path, problem: str) -> SubtomoError:
+    return SubtomoError(f"{path}: the pipeline file is damaged ({problem}). Rebuild it from the job directories with "
+                        "'subtomo pipeline --rebuild' (the damaged file is kept as default_pipeline.star.damaged).")
+
+
+@contextlib.contextmanager
+def locked(project: Path) -> Iterator[Pipeline]:
+    """The project's pipeline, read and written back under an exclusive lock.
+
+    Use for every change: ``with locked(project) as pipeline: pipeline.add(...)``. The file
+    is saved (atomically) when the block ends without an exception.
+    """
+    project = Path(project)
+    project.mkdir(parents=True, exist_ok=True)
+    with open(project / f".{PIPELINE_FILE}.lock", "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            pipeline = Pipeline(project)
+            yield pipeline
+            pipeline.save()
+        finally:
+            if fcntl is not None:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def rebuild(project: Path) -> Pipeline:
+    """A new pipeline file from the ``job.json`` of every job directory (the old one kept aside)."""
+    project = Path(project)
+    with open(project / f".{PIPELINE_FILE}.lock", "a") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        old = project / PIPELINE_FILE
+        if old.exists():
+            os.replace(old, old.with_name(PIPELINE_FILE + ".damaged"))
+        pipeline = Pipeline(project)
+        records = []
+        for record_path in project.glob("*/job[0-9][0-9][0-9]*/job.json"):
+            try:
+                record = json.loads(record_path.read_text())
+            except (OSError, ValueError):
+                continue
+            name = record_path.parent.relative_to(project).as_posix() + "/"
+            status = {"succeeded": STATUS_SUCCEEDED, "failed": STATUS_FAILED}.get(record.get("status", ""), STATUS_FAILED)
+            records.append(Process(name, str(record.get("job_type", record_path.parent.parent.name)), status,
+                                   list(record.get("inputs", [])), [tuple(o) for o in record.get("outputs", [])]))
+        for process in sorted(records, key=lambda p: int(p.name.rstrip("/").rsplit("job", 1)[-1])):
+            pipeline.add(process)
+        pipeline.save()
+        if fcntl is not None:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    return pipeline

@@ -1,0 +1,63 @@
+"""The code's shape, enforced: short functions in the science packages, short job modules,
+no package imports hidden inside science functions, and the import contracts of pyproject.toml."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "subtomo"
+SCIENCE = ("em", "tomo", "ctf", "post")
+MAX_FUNCTION_LINES = 60
+MAX_JOB_MODULE_LINES = 250
+
+
+def _functions(path: Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+
+
+def test_science_functions_are_short():
+    long = []
+    for package in SCIENCE:
+        for path in sorted((SRC / package).rglob("*.py")):
+            for fn in _functions(path):
+                length = fn.end_lineno - fn.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(SRC)}:{fn.lineno} {fn.name} ({length} lines)")
+    assert not long, f"functions longer than {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
+
+
+def test_job_modules_are_short():
+    long = [f"{p.name} ({n} lines)" for p in sorted((SRC / "jobs").glob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_JOB_MODULE_LINES]
+    assert not long, f"job modules longer than {MAX_JOB_MODULE_LINES} lines: {', '.join(long)}"
+
+
+def test_science_imports_sit_at_module_top():
+    """Imports inside functions hide the layering from the linter; only jobs and the CLI may defer them."""
+    inner = []
+    for path in sorted(SRC.rglob("*.py")):
+        if path.relative_to(SRC).parts[0] in ("jobs", "cli"):
+            continue
+        for fn in _functions(path):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("subtomo"):
+                    inner.append(f"{path.relative_to(SRC)}:{node.lineno} from {node.module}")
+    assert not inner, "package imports inside functions:\n" + "\n".join(inner)
+
+
+@pytest.mark.skipif(shutil.which("lint-imports") is None and shutil.which("lint-imports", path=str(Path(sys.executable).parent)) is None,
+                    reason="import-linter is not installed (pip install -e '.[test]' installs it)")
+def test_import_contracts_hold():
+    exe = shutil.which("lint-imports", path=str(Path(sys.executable).parent)) or "lint-imports"
+    run = subprocess.run([exe, "--config", str(SRC.parents[1] / "pyproject.toml")], capture_output=True, text=True,
+                         cwd=SRC.parents[1])
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
