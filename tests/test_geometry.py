@@ -55,9 +55,11 @@ def test_inverse_at_gimbal_lock(tilt):
     assert np.allclose(euler_to_matrix(rot, t, psi), a, atol=1e-12)
 
 
-def test_torch_matches_numpy():
+def test_torch_matches_numpy(device):
     ang = np.random.default_rng(6).uniform(-180, 180, size=(50, 3))
-    assert torch.allclose(euler_to_matrix_torch(torch.tensor(ang)), torch.tensor(euler_to_matrix(*ang.T)), atol=1e-12)
+    got = euler_to_matrix_torch(torch.tensor(ang, device=device))
+    assert got.device.type == device.type
+    assert torch.allclose(got.cpu(), torch.tensor(euler_to_matrix(*ang.T)), atol=1e-12)
 
 
 def test_projection_direction_is_third_row():
