@@ -143,3 +143,15 @@ def test_serialem_extended_header_tilt_angles(tmp_path):
 def test_no_extended_header_gives_none(tmp_path):
     write_mrc(tmp_path / "plain.mrcs", np.zeros((3, 4, 4)), 2.0, stack=True)
     assert read_tilt_angles_from_header(tmp_path / "plain.mrcs") is None
+
+
+def test_truncated_mrc_is_refused_by_header_reads(tmp_path):
+    from subtomo.io.mrc import open_mrc_mmap, read_mrc_header
+
+    path = write_mrc(tmp_path / "t.mrc", np.ones((4, 8, 8), np.float32), 2.0)
+    assert read_mrc_header(path) == ((4, 8, 8), 2.0)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])  # an interrupted copy
+    for reader in (read_mrc_header, read_mrc, open_mrc_mmap):
+        with pytest.raises(SubtomoError, match=r"t.mrc: the file is truncated \(.* needs 2048\)"):
+            reader(path)

@@ -127,3 +127,12 @@ def test_reads_real_relion5_and_warp_particles(shared_data):
     assert r5.pixel_size_A > 0 and r5.rotations().shape == (len(r5), 3, 3)
     warp = ParticleSet.read(fmt / "warp" / "warp2_particles_matching.star")
     assert warp.box_px == 64
+
+
+@pytest.mark.parametrize("bad", ["../../../../x", "a/b", "..", "", "a\\b"])
+def test_names_used_in_output_paths_cannot_escape(bad):
+    from subtomo.io.particles import path_component
+
+    with pytest.raises(SubtomoError, match="rlnTomoName .* cannot be used as a file name"):
+        path_component(bad, "rlnTomoName", "tomograms.star")
+    assert path_component(" TS_01 ", "rlnTomoName", "tomograms.star") == "TS_01"

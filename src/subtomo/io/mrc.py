@@ -16,6 +16,24 @@ import numpy as np
 from subtomo.errors import SubtomoError
 
 
+_BITS_PER_VOXEL = {0: 8, 1: 16, 2: 32, 3: 32, 4: 64, 6: 16, 12: 16, 101: 4}  # MRC mode -> bits
+
+
+def _check_complete(path: Path, header: np.recarray) -> None:
+    """Refuse a file shorter than its header says (an interrupted copy): the data would be garbage or None."""
+    mode = int(header.mode)
+    bits = _BITS_PER_VOXEL.get(mode)
+    if bits is None:
+        raise SubtomoError(f"{path}: MRC mode {mode} is not supported. Convert it to float32 (mode 2), e.g. with "
+                           "IMOD's newstack -mode 2.")
+    voxels = int(header.nx) * int(header.ny) * int(header.nz)
+    expected = 1024 + int(header.nsymbt) + (voxels * bits + 7) // 8
+    actual = path.stat().st_size
+    if actual < expected:
+        raise SubtomoError(f"{path}: the file is truncated ({actual} bytes; its header ({int(header.nx)} x "
+                           f"{int(header.ny)} x {int(header.nz)}, mode {mode}) needs {expected}). Copy or write it again.")
+
+
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
@@ -46,8 +64,7 @@ def write_mrc(path: str | Path, data: np.ndarray, pixel_size_A: float = 1.0, *, 
 def read_mrc(path: str | Path) -> tuple[np.ndarray, float]:
     """Read a whole MRC file into memory: (float32 array, pixel size in Å)."""
     path = Path(path)
-    if not path.exists():
-        raise SubtomoError(f"{path}: file not found. Check the path, or run the step that writes it.")
+    read_mrc_header(path)  # missing, unreadable or truncated: a message that names the file
     try:
         with mrcfile.open(path, permissive=True) as mrc:
             if mrc.data is None:
@@ -65,6 +82,7 @@ def open_mrc_mmap(path: str | Path) -> mrcfile.mrcmemmap.MrcMemmap:
     path = Path(path)
     if not path.exists():
         raise SubtomoError(f"{path}: file not found.")
+    read_mrc_header(path)  # refuses truncated files before mapping them
     try:
         return mrcfile.mmap(path, mode="r", permissive=True)
     except (ValueError, OSError) as exc:
@@ -74,12 +92,16 @@ def open_mrc_mmap(path: str | Path) -> mrcfile.mrcmemmap.MrcMemmap:
 def read_mrc_header(path: str | Path) -> tuple[tuple[int, int, int], float]:
     """Shape (nz, ny, nx) and pixel size (Å) from the header only."""
     path = Path(path)
+    if not path.exists():
+        raise SubtomoError(f"{path}: file not found. Check the path, or run the step that writes it.")
     try:
         with mrcfile.open(path, header_only=True, permissive=True) as mrc:
             h = mrc.header
-            return (int(h.nz), int(h.ny), int(h.nx)), float(mrc.voxel_size.x)
+            shape, pixel_size_A = (int(h.nz), int(h.ny), int(h.nx)), float(mrc.voxel_size.x)
     except (ValueError, OSError) as exc:
         raise SubtomoError(f"{path}: not a valid MRC file ({exc}).") from exc
+    _check_complete(path, h)
+    return shape, pixel_size_A
 
 
 def read_tilt_angles_from_header(path: str | Path) -> np.ndarray | None:

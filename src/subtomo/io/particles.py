@@ -91,6 +91,38 @@ def resolve_project_path(project: str | Path, path: str | Path) -> Path:
     return p if p.is_absolute() else Path(project) / p
 
 
+def path_component(name: object, label: str, source: str | Path) -> str:
+    """A name from a STAR file (a tomogram, a micrograph) checked for use as one path component.
+
+    Output paths are built from such names (``Subtomograms/<rlnTomoName>/...``); a name with a
+    separator or ``..`` would write outside the job directory.
+
+    Parameters
+    ----------
+    name : object
+        The value from the file.
+    label : str
+        Its column, for the message (``rlnTomoName``).
+    source : str or Path
+        The file it came from, for the message.
+
+    Returns
+    -------
+    str
+        The name, unchanged.
+
+    Raises
+    ------
+    SubtomoError
+        The name is empty, contains ``/``, ``\\`` or a NUL byte, or is ``.``/``..``.
+    """
+    text = str(name).strip()
+    if not text or text in (".", "..") or any(c in text for c in "/\\\0"):
+        raise SubtomoError(f"{source}: {label} {str(name)!r} cannot be used as a file name (outputs are named after "
+                           "it). Use a plain name without '/', '\\' or '..'.")
+    return text
+
+
 @dataclass(frozen=True)
 class ParticleSet:
     """Particle rows + optics + the project they belong to.
