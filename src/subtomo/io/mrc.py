@@ -15,7 +15,6 @@ import numpy as np
 
 from subtomo.errors import SubtomoError
 
-
 _BITS_PER_VOXEL = {0: 8, 1: 16, 2: 32, 3: 32, 4: 64, 6: 16, 12: 16, 101: 4}  # MRC mode -> bits
 
 

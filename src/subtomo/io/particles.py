@@ -92,7 +92,7 @@ def resolve_project_path(project: str | Path, path: str | Path) -> Path:
 
 
 def path_component(name: object, label: str, source: str | Path) -> str:
-    """A name from a STAR file (a tomogram, a micrograph) checked for use as one path component.
+    r"""A name from a STAR file (a tomogram, a micrograph) checked for use as one path component.
 
     Output paths are built from such names (``Subtomograms/<rlnTomoName>/...``); a name with a
     separator or ``..`` would write outside the job directory.

@@ -8,7 +8,9 @@ block. Writing is atomic and always uses an explicit float format (starfile's de
 
 from __future__ import annotations
 
+import gzip
 import os
+import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -36,9 +38,7 @@ def read_star(path: str | Path) -> dict[str, pd.DataFrame | dict]:
 
 
 def _read_gzipped(path: Path) -> dict:
-    """starfile reads plain text only: decompress to a temporary file first."""
-    import gzip
-    import tempfile
+    """Decompress to a temporary file first (starfile reads plain text only)."""
 
     with gzip.open(path, "rt") as src, tempfile.NamedTemporaryFile("w", suffix=".star", delete=False) as dst:
         dst.write(src.read())
