@@ -39,7 +39,6 @@ def read_star(path: str | Path) -> dict[str, pd.DataFrame | dict]:
 
 def _read_gzipped(path: Path) -> dict:
     """Decompress to a temporary file first (starfile reads plain text only)."""
-
     with gzip.open(path, "rt") as src, tempfile.NamedTemporaryFile("w", suffix=".star", delete=False) as dst:
         dst.write(src.read())
     try:
