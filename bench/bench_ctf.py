@@ -2,7 +2,7 @@
 
 Part 1 (always): a 41-image tilt series (-60..60 deg, 3 deg steps) of synthetic 1024²
 images at 2 Å/px (random-phase object x CTF with the tilted-plane defocus gradient,
-astigmatism, B envelope, noise; ``subtomo.ctf.estimate.synthetic_tilt_images``), fitted
+astigmatism, B envelope, noise; ``subtomo.ctf.synthetic.synthetic_tilt_images``), fitted
 with the job's defaults on ``--threads`` CPU threads. Prints the time per series (fit
 only and with the diagnostic PNGs) and |error| statistics of the mean defocus, the
 astigmatism and its angle.
@@ -41,8 +41,9 @@ def _stats(err: np.ndarray, figs: dict | None = None, key: str = "") -> str:
 
 
 def synthetic_series(args, figs: dict) -> None:
-    from subtomo.ctf.estimate import CtfSearchParams, Optics, estimate_ctf, synthetic_tilt_images
+    from subtomo.ctf.estimate import CtfSearchParams, Optics, estimate_ctf
     from subtomo.ctf.series import concat_fits
+    from subtomo.ctf.synthetic import synthetic_tilt_images
 
     optics = Optics(300.0, 2.7, 0.07, 2.0)
     rng = np.random.default_rng(args.seed)
@@ -65,8 +66,8 @@ def synthetic_series(args, figs: dict) -> None:
         fits = [estimate_ctf(imgs[i:i + 8], tilts[i:i + 8], optics, params, diagnostics=with_plots) for i in range(0, n, 8)]
         fit = concat_fits(fits)
         if with_plots:
-            from subtomo.plot.ctf import plot_image_fit, plot_series_summary
             from subtomo.ctf.series import results_table
+            from subtomo.plot.ctf import plot_image_fit, plot_series_summary
 
             out = Path(tempfile.mkdtemp(prefix="bench_ctf_"))
             for i, dg in enumerate(fit.diagnostics):
@@ -102,6 +103,24 @@ def synthetic_series(args, figs: dict) -> None:
           f"{fit0.significance[~low].mean():.1f} vs {fit.significance[~low].mean():.1f} with it")
 
 
+def _report_far_off(fit_err: np.ndarray, used_err: np.ndarray, flagged: np.ndarray, n_series: int, figs: dict,
+                    key: str) -> None:
+    """Fractions of images more than 1,000 A off, flagged and unflagged: of their own fit, and of the value used."""
+    n = len(fit_err)
+    fl = flagged > 0
+    far_fit, far_used = np.abs(fit_err) > 1000, np.abs(used_err) > 1000
+    print(f"  images > 1000 A off (own fit): {far_fit.sum()}/{n} = {far_fit.mean():.1%}: flagged {int((far_fit & fl).sum())} "
+          f"({(far_fit & fl).sum() / n:.1%} of all), unflagged {int((far_fit & ~fl).sum())} ({(far_fit & ~fl).sum() / n:.1%})")
+    print(f"  images > 1000 A off (value used downstream): {far_used.sum()}/{n} = {far_used.mean():.1%}: flagged "
+          f"{int((far_used & fl).sum())}, unflagged {int((far_used & ~fl).sum())}; flagged images' |err| median "
+          f"{np.median(np.abs(used_err[fl])) if fl.any() else float('nan'):.0f} A (own fit "
+          f"{np.median(np.abs(fit_err[fl])) if fl.any() else float('nan'):.0f} A)")
+    figs.update({f"{key}.far_off_fraction": float(far_fit.mean()),
+                 f"{key}.far_off_flagged_fraction": float((far_fit & fl).sum() / n),
+                 f"{key}.far_off_unflagged_fraction": float((far_fit & ~fl).sum() / n),
+                 f"{key}.far_off_used_fraction": float(far_used.mean())})
+
+
 def simulated_project(args, preset: str, figs: dict) -> None:
     try:
         from subtomo.jobs import simulate as sim_job
@@ -130,7 +149,7 @@ def simulated_project(args, preset: str, figs: dict) -> None:
         ctx = execute(ctf_job.SPEC, ctf_job.CtfParams(plots=False, threads=args.threads, device="cpu", **kw), root, quiet=True)
         wall = time.time() - t0
         tomos = read_star_table(ctx.path("ctf_tomograms.star"))
-        errs, tilts, failed = [], [], []
+        errs, fit_errs, tilts, failed = [], [], [], []
         for _, row in tomos.iterrows():
             res = read_star_table(root / row["rlnCtfFindResultsStar"])
             gt = truth[truth["rlnTomoName"] == row["rlnTomoName"]].reset_index(drop=True)
@@ -140,9 +159,12 @@ def simulated_project(args, preset: str, figs: dict) -> None:
                 ref_tr = (gt["subtomoTrialDefocus1"] + gt["subtomoTrialDefocus2"]).to_numpy() / 2
                 print(f"  ({row['rlnTomoName']}: mean |trial - exposure defocus| {np.abs(ref_tr - ref).mean():.0f} A)")
             errs.append(est - ref)
+            fitted = res["subtomoCtfFittedDefocus"].to_numpy() if "subtomoCtfFittedDefocus" in res.columns else est
+            fit_errs.append(fitted - ref)
             tilts.append(res["rlnTomoNominalStageTiltAngle"].to_numpy())
             failed.append(res["subtomoCtfFitFailed"].to_numpy())
         err, tilt, fl = np.concatenate(errs), np.concatenate(tilts), np.concatenate(failed)
+        fit_err = np.concatenate(fit_errs)
         low = np.abs(tilt) <= 30
         key = f"ctf.{preset}.{label}"
         print(f"simulated project ({label}): {len(tomos)} tilt series, {wall / len(tomos):.1f} s per series "
@@ -158,9 +180,14 @@ def simulated_project(args, preset: str, figs: dict) -> None:
         print(f"  not flagged |tilt|> 30: {_stats(err[~low & ok])}")
         print(f"  wrong (|err| > 1000 A) but not flagged: {int((ok & low & (np.abs(err) > 1000)).sum())} with |tilt|<=30, "
               f"{int((ok & ~low & (np.abs(err) > 1000)).sum())} with |tilt|>30")
+        _report_far_off(fit_err, err, fl, len(tomos), figs, key)
+        if "subtomoCtfReplacedByTrend" in tomos.columns:
+            print("  replaced by the series' trend: " + ", ".join(
+                f"{r['rlnTomoName']} {int(r['subtomoCtfReplacedByTrend'])}" + (" (CTF unknown)" if int(r.get("subtomoCtfUnknown", 0)) else "")
+                for _, r in tomos.iterrows()))
         if args.per_tilt:
-            for t, e, f in sorted(zip(tilt, err, fl)):
-                print(f"    tilt {t:6.1f}  err {e:7.0f} A{'  flagged' if f else ''}")
+            for t, e, e_fit, f in sorted(zip(tilt, err, fit_err, fl)):
+                print(f"    tilt {t:6.1f}  err {e:7.0f} A (own fit {e_fit:7.0f} A){'  flagged' if f else ''}")
     if not args.project:
         shutil.rmtree(root.parent, ignore_errors=True)
 

@@ -177,7 +177,6 @@ def bench_ctf_accuracy(figs: dict, seed: int = 0) -> None:
     particles in resolution bands, for the exact and relion defocus models, the wedge-only model, a model with
     the CTF sign flipped, and no model at all (M = map).
     """
-    import pandas as pd
     import torch
 
     from subtomo.fourier import fft_centered, phase_shift, shell_index

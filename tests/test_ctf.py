@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from subtomo.ctf.estimate import (CtfSearchParams, Optics, astig_vector, effective_band, estimate_ctf,
-                                  synthetic_tilt_images, uv_angle)
+from subtomo.ctf.estimate import CtfSearchParams, Optics, astig_vector, effective_band, estimate_ctf, uv_angle
 from subtomo.ctf.importers import ctffind_to_table, find_result_file, read_ctffind4, read_imod_defocus
 from subtomo.ctf.series import apply_lower_tilt_defoci, average_trials
+from subtomo.ctf.synthetic import synthetic_tilt_images
 from subtomo.errors import SubtomoError
 from subtomo.io.mrc import write_mrc
 from subtomo.io.star import read_star_table
@@ -230,6 +230,8 @@ def test_job_writes_contract_outputs(fitted_project):
     tomos = read_star_table(ctx.path("ctf_tomograms.star"))
     assert tomos["rlnCtfFindResultsStar"].tolist() == [f"{ctx.name}TS01_ctffind.star"]
     assert tomos["subtomoSkipCtf"].tolist() == [0]
+    assert tomos["subtomoCtfReplacedByTrend"].tolist() == [0] and tomos["subtomoCtfUnknown"].tolist() == [0]
+    assert np.allclose(table["subtomoCtfFittedDefocus"], mean)
     assert "rlnTomoTiltSeriesName" in tomos.columns
     cmds = ctx.path("relion_subtomo_commands.txt").read_text().splitlines()
     assert len(cmds) == 7 and "--tomo TS01 --image 7" in cmds[6] and f"--update {ctx.name}" in cmds[0]
@@ -293,7 +295,7 @@ def test_job_skip_ctf_and_imports(fitted_project, tmp_path):
     _write(res / "TS01_ctffind4.txt", rows[: rows.index("\n") + 1])
     with pytest.raises(SubtomoError, match="1 CTFFIND rows but the tilt series has 7"):
         run_ctf(root, import_ctffind="ctffind_results")
-    imod = _write(root / "imod_TS01.defocus", "1 0 0. 0. 0 3\n1 7 -45 45 2500 2600 100\n")
+    _write(root / "imod_TS01.defocus", "1 0 0. 0. 0 3\n1 7 -45 45 2500 2600 100\n")
     ctx = run_ctf(root, import_imod="imod_{name}.defocus")
     t = read_star_table(ctx.path("TS01_ctffind.star"))
     assert np.allclose(t["rlnDefocusU"], 26000.0) and np.allclose(t["rlnDefocusAngle"], 10.0)
@@ -314,14 +316,21 @@ def test_job_use_trials(tmp_path):
     assert t["subtomoCtfFitFailed"].sum() == 0 and set(t["subtomoCtfSource"]) == {"trials"}
     plain = run_ctf(root)
     assert read_star_table(plain.path("TS01_ctffind.star"))["subtomoCtfFitFailed"].sum() >= 6
+    # no Thon rings at low tilt: the CTF is unknown (said in ctf_tomograms.star), and prepare refuses it
+    tomos = read_star_table(plain.path("ctf_tomograms.star"))
+    assert tomos["subtomoCtfUnknown"].tolist() == [1] and tomos["subtomoCtfReplacedByTrend"].tolist() == [0]
+    from subtomo.jobs import prepare
+
+    with pytest.raises(SubtomoError, match="CTF is unknown.*--skip-ctf"):
+        execute(prepare.SPEC, prepare.PrepareParams(i=str(plain.path("ctf_tomograms.star"))), root, quiet=True)
 
 
 # ----------------------------------------------------------------------------- guards of the fast paths
 
 def test_fast_ctf2_equals_model():
     """The hot-loop CTF² of estimate.py is RELION's CTF (subtomo.ctf.model) squared."""
-    from subtomo.ctf.estimate import _ctf2
     from subtomo.ctf.model import ctf_from_defocus
+    from subtomo.ctf.model import ctf_squared as _ctf2
 
     s2 = torch.linspace(0, 0.25 ** 2, 2001, dtype=torch.float64)
     for optics in (OPTICS, Optics(200.0, 0.01, 0.1, 1.0), Optics(300.0, 2.7, 0.0, 5.0)):
@@ -335,7 +344,9 @@ def test_running_mean_over_one_period_removes_ctf2_oscillation():
     """Background by a running mean over one CTF period: the mean of CTF² is 1/2 on unevenly
     spaced bins (uniform in s, not in phase), so a smooth background plus rings leaves the
     rings minus 1/2 (the CTFFIND-like pre-processing the defocus search relies on)."""
-    from subtomo.ctf.estimate import _ctf2, _phase_periods, _window_matrix
+    from subtomo.ctf.estimate import _window_matrix
+    from subtomo.ctf.model import ctf_squared as _ctf2
+    from subtomo.ctf.model import phase_periods as _phase_periods
 
     s = torch.linspace(1 / 30, 1 / 8, 400, dtype=torch.float64)
     d = torch.tensor(25000.0, dtype=torch.float64)
@@ -396,3 +407,138 @@ def test_job_flags_inconsistent_image_and_lower_tilt_mean_skips_it(tmp_path):
     expect = ((t2["rlnDefocusU"] + t2["rlnDefocusV"]) / 2)[low_ok].mean()
     assert abs((out["rlnDefocusU"][0] + out["rlnDefocusV"][0]) / 2 - expect) < 1.0
     assert out["subtomoCtfFitFailed"][3] == 1 and out["rlnDefocusU"][3] == 40000.0
+
+
+# ----------------------------------------------------------------------------- the one CTF phase
+
+def test_chi_analytic_value_and_ctf_zeros():
+    """chi at one frequency by hand, and the CTF vanishes where chi = atan(Q0 / sqrt(1 - Q0²)) - k pi."""
+    import math
+
+    from subtomo.ctf.model import chi, cs_to_angstrom, ctf_from_defocus, electron_wavelength_A
+
+    lam = electron_wavelength_A(300.0)
+    assert lam == pytest.approx(0.019687, abs=1e-6)  # 300 kV
+    assert cs_to_angstrom(2.7) == 2.7e7
+    s2 = torch.tensor([0.01], dtype=torch.float64)  # (1/10 Å)²
+    expect = -math.pi * lam * 20000.0 * 0.01 + 0.5 * math.pi * 2.7e7 * lam ** 3 * 0.01 ** 2
+    assert float(chi(s2, 20000.0, 300.0, 2.7)) == pytest.approx(expect, rel=1e-12)
+    assert float(chi(s2, 20000.0, 300.0, 2.7, phase_shift_deg=90.0)) == pytest.approx(expect - math.pi / 2, rel=1e-12)
+    # zeros without Cs: pi lam D s² = k pi + atan(Q0/sqrt(1-Q0²)), k = 0, 1, ...
+    q0, d = 0.07, 25000.0
+    alpha = math.atan2(q0, math.sqrt(1 - q0 * q0))
+    for k in range(1, 6):
+        s2_zero = torch.tensor([(k * math.pi - alpha) / (math.pi * lam * d)], dtype=torch.float64)
+        assert abs(float(ctf_from_defocus(s2_zero, torch.tensor(d, dtype=torch.float64), 300.0, 0.0, q0))) < 1e-9
+        just_off = s2_zero * 1.01
+        assert abs(float(ctf_from_defocus(just_off, torch.tensor(d, dtype=torch.float64), 300.0, 0.0, q0))) > 1e-3
+    # at s = 0 only the amplitude contrast remains: -(sqrt(1-Q0²) sin 0 - Q0 cos 0) = Q0
+    assert float(ctf_from_defocus(torch.zeros(1, dtype=torch.float64), torch.tensor(d), 300.0, 2.7, q0)) == pytest.approx(q0)
+
+
+def test_one_optics_for_estimation_3d_models_and_simulator():
+    from subtomo.ctf import estimate, model
+    from subtomo.simulate import tiltseries
+
+    assert estimate.Optics is model.Optics and tiltseries.Optics is model.Optics
+    assert model.Optics(300.0, 2.7, 0.07, 2.0).cs_A == 2.7e7
+
+
+# ----------------------------------------------------------------------------- the series' defocus trend
+
+def _series_table(defocus_A: np.ndarray, tilts: np.ndarray, dose: np.ndarray, failed=None):
+    import pandas as pd
+
+    n = len(tilts)
+    return pd.DataFrame({
+        "rlnMicrographName": [f"{i + 1}@s.mrcs" for i in range(n)], "rlnTomoNominalStageTiltAngle": tilts,
+        "rlnMicrographPreExposure": dose, "rlnDefocusU": defocus_A + 250.0, "rlnDefocusV": defocus_A - 250.0,
+        "rlnDefocusAngle": np.full(n, 30.0), "rlnCtfFigureOfMerit": np.ones(n), "rlnCtfMaxResolution": np.full(n, 10.0),
+        "subtomoCtfFitFailed": np.zeros(n, int) if failed is None else np.asarray(failed, int),
+        "subtomoCtfSignificance": np.full(n, 10.0), "subtomoCtfSource": ["fit"] * n,
+    })
+
+
+def _dose_symmetric_series(seed: int, drift_A: float):
+    """41 tilts (-60..60, 3 deg, dose-symmetric), true defocus 30000 Å + a drift over the acquisition,
+    and fits scattered by 150 Å / cos(tilt)."""
+    from subtomo.simulate.tiltseries import tilt_scheme
+
+    tilts, acq = tilt_scheme(-60.0, 60.0, 3.0, "dose-symmetric")
+    true = 30000.0 + drift_A * acq / acq.max()
+    rng = np.random.default_rng(seed)
+    fitted = true + 150.0 * rng.standard_normal(len(tilts)) / np.cos(np.radians(tilts))
+    return tilts, 3.0 * acq, true, fitted
+
+
+def test_trend_flags_a_planted_high_tilt_outlier_and_replaces_it_by_the_trend():
+    from subtomo.ctf.trend import check_against_trend
+
+    for seed, drift in ((0, 0.0), (1, 2000.0)):
+        tilts, dose, true, fitted = _dose_symmetric_series(seed, drift)
+        wrong = int(np.flatnonzero(tilts == 54.0)[0])
+        fitted[wrong] = true[wrong] + 3000.0  # a neighbouring ring order at high tilt
+        check = check_against_trend(_series_table(fitted, tilts, dose))
+        assert check.flagged == [wrong], check.messages
+        t = check.table
+        assert t["subtomoCtfFitFailed"].tolist() == [int(i == wrong) for i in range(len(tilts))]
+        assert t["subtomoCtfSource"][wrong] == "trend" and check.replaced == [wrong]
+        replaced = (t["rlnDefocusU"][wrong] + t["rlnDefocusV"][wrong]) / 2
+        assert abs(replaced - check.trend.predict(tilts[wrong:wrong + 1], dose[wrong:wrong + 1] / dose.max())[0]) < 1e-6
+        assert abs(replaced - true[wrong]) < 400  # the trend, not the plain mean (~ 31000 Å with the drift)
+        assert t["rlnDefocusU"][wrong] - t["rlnDefocusV"][wrong] == pytest.approx(500.0)  # the series' astigmatism
+        others = np.arange(len(tilts)) != wrong
+        assert np.allclose(t["rlnDefocusU"][others], fitted[others] + 250.0)
+        assert "image" in check.messages[0] and "tilt 54.0" in check.messages[0]
+
+
+def test_smooth_acquisition_drift_keeps_the_fitted_values():
+    from subtomo.ctf.trend import check_against_trend
+
+    for seed in range(3):
+        tilts, dose, true, fitted = _dose_symmetric_series(seed, 2000.0)
+        check = check_against_trend(_series_table(fitted, tilts, dose))
+        assert check.flagged == [] and check.replaced == [] and not check.unknown
+        assert np.array_equal(check.table["rlnDefocusU"].to_numpy(), fitted + 250.0)
+        # the plain mean would be off by up to 1000 Å at the ends of the acquisition; the trend is not
+        err = check.trend.predict(tilts, dose / dose.max()) - true
+        assert np.abs(err).max() < 300
+
+
+def test_failed_fits_get_the_trend_and_no_low_tilt_success_means_unknown():
+    from subtomo.ctf.series import apply_lower_tilt_defoci
+    from subtomo.ctf.trend import check_against_trend
+
+    tilts, dose, true, fitted = _dose_symmetric_series(2, 2000.0)
+    failed = np.abs(tilts) > 45
+    fitted[failed] = 9000.0  # garbage of failed fits
+    check = check_against_trend(_series_table(fitted, tilts, dose, failed))
+    assert sorted(check.replaced) == list(np.flatnonzero(failed)) and check.flagged == []
+    got = ((check.table["rlnDefocusU"] + check.table["rlnDefocusV"]) / 2)[failed]
+    assert np.abs(got - true[failed]).max() < 600
+    # no successful fit with |tilt| <= 30: the CTF is unknown, nothing is replaced, no mean of failed fits
+    failed = np.abs(tilts) <= 30
+    table = _series_table(fitted, tilts, dose, failed)
+    check = check_against_trend(table)
+    assert check.unknown and check.replaced == [] and check.table["rlnDefocusU"].equals(table["rlnDefocusU"])
+    with pytest.raises(SubtomoError, match="CTF is unknown.*--skip-ctf"):
+        apply_lower_tilt_defoci(table, 30.0)
+
+
+def test_one_wrong_high_tilt_fit_does_not_set_a_slope():
+    """Only low-tilt fits succeeded, plus one wrong fit at -39 deg late in the acquisition: the
+    trend stays the robust mean instead of a slope through that one point (terms need 3 fits
+    at each end of their variable)."""
+    from subtomo.ctf.trend import check_against_trend, supported_terms
+
+    tilts, dose, true, fitted = _dose_symmetric_series(4, 0.0)
+    failed = np.abs(tilts) > 24
+    lone = int(np.flatnonzero(tilts == -39.0)[0])
+    failed[lone] = False
+    fitted[lone] = true[lone] + 2500.0
+    acq = dose / dose.max()
+    assert supported_terms(tilts[~failed], acq[~failed], tilts) == [0]
+    check = check_against_trend(_series_table(fitted, tilts, dose, failed))
+    assert check.trend.terms == (0,)
+    got = ((check.table["rlnDefocusU"] + check.table["rlnDefocusV"]) / 2)[failed]
+    assert np.abs(got - 30000.0).max() < 150

@@ -17,8 +17,7 @@ from subtomo.geometry.euler import euler_to_matrix
 from subtomo.io.mrc import write_mrc
 from subtomo.io.star import read_particles, read_star, write_star
 from subtomo.jobs.base import execute
-from subtomo.tomo.ctf3d import (ParticleCtfModels, ctf3d_from_tilts, from_relion_cube, grid_indices,
-                                to_relion_cube)
+from subtomo.tomo.ctf3d import ParticleCtfModels, ctf3d_from_tilts, from_relion_cube, grid_indices, to_relion_cube
 from subtomo.tomo.defocus import beam_height_A, particle_defocus_A
 
 KV, CS, Q0 = 300.0, 2.7, 0.07
@@ -313,3 +312,27 @@ def test_prepare_skip_ctf_and_zero_defocus(tmp_path):
                   tmp_path, quiet=True)
     table = read_star(ctx.dir / "CtfModels/tomo1_ctf.star")["ctf_models"]
     assert np.all(table["rlnDefocusU"] == 0) and len(table) == 3 * len(tilts)
+
+
+def test_prepare_gives_failed_fits_the_series_trend_and_refuses_an_unknown_ctf(tmp_path):
+    from subtomo.jobs.prepare import SPEC, PrepareParams
+
+    _, tilts, dose, ctf_rows = _project(tmp_path)  # 7 tilts, defocus 30000 + 100 i (U), 29000 + 100 i (V)
+    table = ctf_rows.copy()
+    table["subtomoCtfFitFailed"] = [0, 0, 0, 0, 0, 0, 1]
+    table.loc[6, ["rlnDefocusU", "rlnDefocusV"]] = [9000.0, 9000.0]  # the failed fit's garbage
+    write_star(tmp_path / "CtfFind/job002/tomo1_ctffind.star", {"tomo1": table})
+    ctx = execute(SPEC, PrepareParams(i="CtfFind/job002/ctf_tomograms.star", plot_box=16, device="cpu"), tmp_path, quiet=True)
+    models = read_star(ctx.dir / "CtfModels/tomo1_ctf.star")["ctf_models"]
+    centre = models[models["rlnTomoParticleId"] == 1]  # particle 1 sits at the tomogram centre: no offset
+    good_mean = ((ctf_rows["rlnDefocusU"] + ctf_rows["rlnDefocusV"]) / 2)[:6]
+    # a short series (6 good fits) has a constant trend: its robust mean, with the mean astigmatism
+    got = (centre["rlnDefocusU"].iloc[6] + centre["rlnDefocusV"].iloc[6]) / 2
+    assert abs(got - good_mean.mean()) < 60 and abs(got - 9000.0) > 10000
+    assert centre["rlnDefocusU"].iloc[6] - centre["rlnDefocusV"].iloc[6] == pytest.approx(1000.0)
+    np.testing.assert_allclose(centre["rlnDefocusU"].iloc[:6], ctf_rows["rlnDefocusU"][:6], atol=1e-6)
+    # every fit with |tilt| <= 30 failed: the CTF is unknown, and prepare says what to do
+    table["subtomoCtfFitFailed"] = (np.abs(tilts) <= 30).astype(int)
+    write_star(tmp_path / "CtfFind/job002/tomo1_ctffind.star", {"tomo1": table})
+    with pytest.raises(SubtomoError, match=r"CTF is unknown.*(--import-ctffind).*--skip-ctf"):
+        execute(SPEC, PrepareParams(i="CtfFind/job002/ctf_tomograms.star", plot_box=16, device="cpu"), tmp_path, quiet=True)

@@ -12,8 +12,7 @@ from subtomo.fourier import fft_centered, ifft_centered, phase_shift
 from subtomo.io.mrc import read_mrc, write_mrc
 from subtomo.io.star import read_particles, write_particles
 from subtomo.jobs.base import execute
-from subtomo.tomo.extract import (ExtractionSettings, TomogramBoxReader, box_start, extract_one, normalise,
-                                  outside_sphere_mask)
+from subtomo.tomo.extract import ExtractionSettings, TomogramBoxReader, box_start, extract_one, normalise, outside_sphere_mask
 
 PX = 3.0
 SHAPE = (40, 48, 56)  # z, y, x

@@ -12,7 +12,7 @@ import pytest
 import torch
 from scipy.ndimage import affine_transform, map_coordinates
 
-from subtomo.ctf.model import ctf_1d, ctf_2d
+from subtomo.ctf.model import Optics, ctf_1d, ctf_2d
 from subtomo.errors import SubtomoError
 from subtomo.fourier import lowpass
 from subtomo.geometry.euler import euler_to_matrix, random_rotations
@@ -23,9 +23,7 @@ from subtomo.jobs.base import execute
 from subtomo.jobs.simulate import SPEC, SimulateParams
 from subtomo.simulate import potential as pot
 from subtomo.simulate.presets import config_for
-from subtomo.simulate.tiltseries import (
-    FourierSliceProjector, ImageCtfGrid, Optics, interaction_constant, tilt_scheme,
-)
+from subtomo.simulate.tiltseries import Detector, FourierSliceProjector, ImageCtfGrid, interaction_constant, tilt_scheme
 
 P_ZYX = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]])  # (x, y, z) <-> (z, y, x)
 
@@ -181,7 +179,8 @@ def test_layout_and_ground_truth(tiny):
 
 
 def test_output_passes_import(tiny):
-    from subtomo.jobs.import_tomograms import SPEC as IMPORT, ImportParams
+    from subtomo.jobs.import_tomograms import SPEC as IMPORT
+    from subtomo.jobs.import_tomograms import ImportParams
 
     ctx = execute(IMPORT, ImportParams(), tiny, quiet=True)
     table = read_star_table(ctx.dir / "all_tomograms.star")
@@ -323,7 +322,8 @@ def test_object_defocus_follows_its_height_and_position():
     x_img = centre[0, 0] * math.cos(th) + centre[0, 2] * math.sin(th)
     pad = 96
     canvas = torch.zeros(1, 96 + 2 * pad, 768 + 2 * pad)
-    render_objects(canvas, pad, proj, centre, np.eye(3)[None], geom, optics, image_filters(proj.k2d / px, np.zeros(1), optics))
+    render_objects(canvas, pad, proj, centre, np.eye(3)[None], geom, optics,
+                   image_filters(proj.k2d / px, np.zeros(1), Detector()))
     img = canvas[0, pad:pad + 96, pad:pad + 768]
     col = int(round(768 / 2 + x_img / px))
     smooth = lowpass(img, 40.0, px)

@@ -48,9 +48,17 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from subtomo.ctf.model import ctf_from_defocus, electron_wavelength_A
+from subtomo.ctf.model import Optics, chi, ctf_squared, electron_wavelength_A, phase_coefficients, phase_periods
+from subtomo.ctf.spectra import (
+    Band,
+    SpectrumGrid,
+    display_spectrum,
+    legendre_basis,
+    make_grid,
+    radial_profiles,
+    strip_log_spectra,
+)
 from subtomo.errors import SubtomoError
-
 
 
 def model_degrees(s_lo: float, s_hi: float, defocus_A: float, optics: Optics, max_bg: int = 4,
@@ -60,6 +68,22 @@ def model_degrees(s_lo: float, s_hi: float, defocus_A: float, optics: Optics, ma
     A polynomial of degree k can mimic about k/2 oscillations, so with only one or two CTF
     zeros in the band (large pixels) a flexible background would absorb the rings; the
     degrees grow with the number of zeros expected at ``defocus_A``.
+
+    Parameters
+    ----------
+    s_lo, s_hi : float
+        Band limits [1/Å].
+    defocus_A : float
+        Defocus [Å].
+    optics : Optics
+        Microscope.
+    max_bg, max_env : int
+        Largest degrees allowed.
+
+    Returns
+    -------
+    tuple of int
+        (background degree, envelope degree).
     """
     lam = electron_wavelength_A(optics.voltage_kV)
     n_zeros = lam * defocus_A * (s_hi ** 2 - s_lo ** 2)
@@ -69,7 +93,25 @@ def model_degrees(s_lo: float, s_hi: float, defocus_A: float, optics: Optics, ma
 
 @dataclass(frozen=True)
 class CtfSearchParams:
-    """Search options, named and defaulted like CTFFIND's (lengths in Å)."""
+    """Search options, named and defaulted like CTFFIND's.
+
+    Attributes
+    ----------
+    box_px : int
+        Tile box of the power spectra [px] (reduced for small images).
+    res_min_A, res_max_A : float
+        Resolution band of the fit [Å] (low, high).
+    defocus_min_A, defocus_max_A, defocus_step_A : float
+        Exhaustive search range and step [Å].
+    astigmatism_A : float
+        Expected |U - V| [Å]; 0 fits no astigmatism.
+    tilt_gradient : bool
+        Model the defocus gradient across tilted images.
+    cc_threshold : float
+        Windowed correlation that defines the fit resolution.
+    min_significance : float
+        Fits whose Thon-ring t statistic is below this are flagged as failed.
+    """
 
     box_px: int = 256
     res_min_A: float = 30.0
@@ -83,30 +125,29 @@ class CtfSearchParams:
     min_significance: float = 6.0  # t statistic of the fitted Thon-ring amplitude; below: failed
 
 
-@dataclass(frozen=True)
-class Optics:
-    voltage_kV: float
-    cs_mm: float
-    amplitude_contrast: float
-    pixel_size_A: float
-
-
-@dataclass(frozen=True)
-class Band:
-    """Box and fitting band actually used for an image size (after adapting to Nyquist)."""
-
-    box_px: int
-    res_min_A: float
-    res_max_A: float
-    notes: tuple[str, ...] = ()
-
-    def radii_px(self, pixel_size_A: float) -> tuple[float, float]:
-        return self.box_px * pixel_size_A / self.res_min_A, self.box_px * pixel_size_A / self.res_max_A
-
-
 @dataclass
 class CtfFit:
-    """Per-image results of :func:`estimate_ctf` (numpy arrays of length N)."""
+    """Per-image results of :func:`estimate_ctf`.
+
+    Attributes
+    ----------
+    defocus_u_A, defocus_v_A : numpy.ndarray
+        (N,) float64 defocus U >= V at the image centre [Å].
+    defocus_angle_deg : numpy.ndarray
+        (N,) angle of U from x towards y [deg], (-90, 90].
+    figure_of_merit : numpy.ndarray
+        (N,) 2D correlation of data and model.
+    max_resolution_A : numpy.ndarray
+        (N,) resolution up to which the rings were fit [Å].
+    failed : numpy.ndarray
+        (N,) bool, the fit is not trustworthy.
+    significance : numpy.ndarray
+        (N,) t statistic of the Thon-ring amplitude (about N(0, 1) without rings).
+    reasons : list of str
+        Why each fit failed ("" when fine).
+    diagnostics : list of dict or None
+        Per-image spectra and profiles for the plots.
+    """
 
     defocus_u_A: np.ndarray
     defocus_v_A: np.ndarray
@@ -120,6 +161,7 @@ class CtfFit:
 
     @property
     def defocus_mean_A(self) -> np.ndarray:
+        """Mean of DefocusU and DefocusV [Å], (N,)."""
         return (self.defocus_u_A + self.defocus_v_A) / 2
 
 
@@ -128,6 +170,20 @@ def effective_band(shape_yx: tuple[int, int], pixel_size_A: float, params: CtfSe
 
     The box shrinks for small images (at least 2 x 2 tiles); the high-resolution limit
     stays inside Nyquist (>= 2.2 pixels) and the low limit at least 2.5x coarser.
+
+    Parameters
+    ----------
+    shape_yx : tuple of int
+        Image size (ny, nx) [px].
+    pixel_size_A : float
+        Pixel size [Å].
+    params : CtfSearchParams
+        The requested box and band.
+
+    Returns
+    -------
+    Band
+        The box [px] and band [Å] used, with notes on what was changed and why.
     """
     ny, nx = shape_yx
     notes = []
@@ -159,136 +215,8 @@ def effective_band(shape_yx: tuple[int, int], pixel_size_A: float, params: CtfSe
 
 # ----------------------------------------------------------------------------- spectra
 
-def _taper(box: int, device, dtype) -> torch.Tensor:
-    """Flat window with raised-cosine edges (box/8 wide) against tile-edge streaks."""
-    edge = max(2, box // 8)
-    w = torch.ones(box, device=device, dtype=dtype)
-    ramp = 0.5 - 0.5 * torch.cos(math.pi * (torch.arange(edge, device=device, dtype=dtype) + 0.5) / edge)
-    w[:edge] = ramp
-    w[-edge:] = ramp.flip(0)
-    return w[:, None] * w[None, :]
-
-
-def _tiling(n: int, box: int) -> tuple[int, int, int]:
-    """(stride, count, offset) of 50 %-overlapping tiles centred in a length-n axis."""
-    stride = box // 2
-    count = max(1, (n - box) // stride + 1)
-    offset = (n - box - (count - 1) * stride) // 2
-    return stride, count, offset
-
-
-def strip_log_spectra(images: torch.Tensor, box: int, pixel_size_A: float,
-                      chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log power spectra per column strip.
-
-    images: (N, ny, nx) real. Returns (log P of shape (N, S, box, box//2+1) in the rfft
-    layout, strip centre x positions (S,) in Å from the image centre, + to the right).
-    """
-    n, ny, nx = images.shape
-    sy, cy, oy = _tiling(ny, box)
-    sx, cx, ox = _tiling(nx, box)
-    win = _taper(box, images.device, torch.float32)
-    coord = torch.arange(box, device=images.device, dtype=torch.float32) - (box - 1) / 2
-    ramp_y, ramp_x = coord[:, None].expand(box, box), coord[None, :].expand(box, box)
-    ramp_norm = (coord ** 2).sum() * box
-    out = []
-    for i in range(0, n, chunk):
-        x = images[i:i + chunk, oy:oy + box + (cy - 1) * sy, ox:ox + box + (cx - 1) * sx].to(torch.float32)
-        t = x.unfold(1, box, sy).unfold(2, box, sx)  # (n, cy, cx, box, box)
-        # remove each tile's mean and linear ramp (ice/illumination gradients leak along the axes)
-        t = t - t.mean(dim=(-2, -1), keepdim=True)
-        t = t - (t * ramp_y).sum(dim=(-2, -1), keepdim=True) / ramp_norm * ramp_y
-        t = t - (t * ramp_x).sum(dim=(-2, -1), keepdim=True) / ramp_norm * ramp_x
-        t = t * win
-        p = torch.fft.rfft2(t).abs().square().mean(dim=1)  # (n, cx, box, box//2+1)
-        out.append(p)
-    power = torch.cat(out)
-    scale = power.mean(dim=(-3, -2, -1), keepdim=True).clamp(min=1e-30)
-    logp = torch.log(power / scale + 1e-12)
-    centres = ox + torch.arange(cx, device=images.device, dtype=torch.float32) * sx + box / 2 - nx // 2
-    return logp, centres * pixel_size_A
-
-
-@dataclass
-class _Grid:
-    """Geometry of the tile spectrum: band pixels, radial bins and their frequencies."""
-
-    box: int
-    s2: torch.Tensor  # (P,) squared frequency (1/Å²) of band pixels
-    cos2: torch.Tensor  # (P,) cos 2φ
-    sin2: torch.Tensor  # (P,)
-    flat_index: torch.Tensor  # (P,) index into the flattened rfft grid
-    bin_of_pixel: torch.Tensor  # (P,) radial bin 0..R-1
-    s_bin: torch.Tensor  # (R,) mean frequency (1/Å) of each bin
-    t_bin: torch.Tensor  # (R,) frequency mapped to [-1, 1] over the band
-    t_pixel: torch.Tensor  # (P,)
-    count_bin: torch.Tensor  # (R,)
-
-
-def _make_grid(box: int, pixel_size_A: float, band: Band, device) -> _Grid:
-    ky = torch.fft.fftfreq(box, device=device)
-    kx = torch.fft.rfftfreq(box, device=device)
-    KY, KX = torch.meshgrid(ky, kx, indexing="ij")
-    r = torch.sqrt(KX ** 2 + KY ** 2) * box
-    r_lo, r_hi = band.radii_px(pixel_size_A)
-    sel = ((r >= r_lo) & (r <= r_hi)).reshape(-1)
-    flat_index = torch.nonzero(sel).squeeze(1)
-    rr = r.reshape(-1)[flat_index]
-    phi = torch.atan2(KY.reshape(-1)[flat_index], KX.reshape(-1)[flat_index])
-    b0 = int(math.floor(r_lo))
-    bins = (torch.round(rr) - b0).long()
-    bins = bins - bins.min()
-    n_bins = int(bins.max()) + 1
-    count = torch.zeros(n_bins, device=device).index_add_(0, bins, torch.ones_like(rr))
-    rsum = torch.zeros(n_bins, device=device).index_add_(0, bins, rr)
-    keep = count > 0
-    # drop empty bins (can only happen at the band edges)
-    remap = torch.cumsum(keep.long(), 0) - 1
-    bins = remap[bins]
-    count = count[keep]
-    s_bin = (rsum[keep] / count) / (box * pixel_size_A)
-    s = rr / (box * pixel_size_A)
-    s_lo, s_hi = 1.0 / band.res_min_A, 1.0 / band.res_max_A
-    to_t = lambda v: 2 * (v - s_lo) / (s_hi - s_lo) - 1  # noqa: E731
-    return _Grid(box, s ** 2, torch.cos(2 * phi), torch.sin(2 * phi), flat_index, bins, s_bin,
-                 to_t(s_bin), to_t(s), count)
-
-
-def _poly_basis(t: torch.Tensor, degree: int) -> torch.Tensor:
-    """Legendre polynomials P_0..P_degree at t in [-1, 1]: (..., degree+1)."""
-    cols = [torch.ones_like(t), t]
-    for k in range(1, degree):
-        cols.append(((2 * k + 1) * t * cols[k] - k * cols[k - 1]) / (k + 1))
-    return torch.stack(cols[: degree + 1], dim=-1)
-
-
-def _radial_profiles(values: torch.Tensor, grid: _Grid) -> torch.Tensor:
-    """Mean of band pixels per radial bin: (..., P) -> (..., R)."""
-    out = torch.zeros(*values.shape[:-1], len(grid.count_bin), device=values.device, dtype=values.dtype)
-    out.index_add_(-1, grid.bin_of_pixel, values)
-    return out / grid.count_bin
-
 
 # ----------------------------------------------------------------------------- 1D search
-
-def _ctf2(s2: torch.Tensor, defocus_A: torch.Tensor, optics: Optics) -> torch.Tensor:
-    """CTF² without envelope, identical to ``ctf_from_defocus(...)**2`` but cheaper (hot loop).
-
-    With ``CTF = -(sqrt(1-Q²) sin χ - Q cos χ) = -sin(χ - α)``, ``α = atan2(Q, sqrt(1-Q²))``,
-    ``CTF² = (1 - cos(2χ - 2α)) / 2``.
-    """
-    lam = electron_wavelength_A(optics.voltage_kV)
-    q = optics.amplitude_contrast
-    alpha = math.atan2(q, math.sqrt(max(0.0, 1 - q * q)))
-    quartic = (math.pi * optics.cs_mm * 1e7 * lam ** 3) * s2 * s2 - 2 * alpha  # 2x the Cs term, minus 2α
-    two_chi = (-2 * math.pi * lam) * s2 * defocus_A + quartic
-    return 0.5 - 0.5 * torch.cos(two_chi)
-
-
-def _phase_periods(s2: torch.Tensor, defocus_A: torch.Tensor, optics: Optics) -> torch.Tensor:
-    """``u = -chi / pi``: CTF² = sin²(pi u + alpha) has period 1 in u (u grows with s)."""
-    lam = electron_wavelength_A(optics.voltage_kV)
-    return lam * defocus_A * s2 - (0.5 * optics.cs_mm * 1e7 * lam ** 3) * s2 * s2
 
 
 def _window_matrix(u: torch.Tensor, width: float = 1.0) -> torch.Tensor:
@@ -346,13 +274,27 @@ def min_identifiable_defocus_A(band: Band, optics: Optics, min_periods: float = 
     With fewer periods Thon rings cannot be told apart from a smooth background (any
     running-mean background of one period then absorbs them), so such candidates are not
     searched.
+
+    Parameters
+    ----------
+    band : Band
+        Fitting band.
+    optics : Optics
+        Microscope.
+    min_periods : float
+        Periods of CTF² required.
+
+    Returns
+    -------
+    float
+        Defocus [Å].
     """
     lam = electron_wavelength_A(optics.voltage_kV)
     s_lo2, s_hi2 = (1.0 / band.res_min_A) ** 2, (1.0 / band.res_max_A) ** 2
     return min_periods / (lam * (s_hi2 - s_lo2))
 
 
-def _search_1d(y1: torch.Tensor, delta: torch.Tensor, grid: _Grid, optics: Optics, params: CtfSearchParams,
+def _search_1d(y1: torch.Tensor, delta: torch.Tensor, grid: SpectrumGrid, optics: Optics, params: CtfSearchParams,
                d_min_A: float, chunk: int = 64):
     """Exhaustive then fine 1D defocus search on the strip profiles y1 (N, S, R).
 
@@ -372,18 +314,18 @@ def _search_1d(y1: torch.Tensor, delta: torch.Tensor, grid: _Grid, optics: Optic
     w = grid.count_bin.sqrt()
 
     def window(d_ref: torch.Tensor) -> torch.Tensor:  # d_ref (N,) -> W (N, S, R, R)
-        return _window_matrix(_phase_periods(s2, d_ref[:, None, None] + delta[:, :, None], optics))
+        return _window_matrix(phase_periods(s2, d_ref[:, None, None] + delta[:, :, None], optics))
 
     def scores_for(cand: torch.Tensor, W: torch.Tensor) -> torch.Tensor:  # cand (N, C)
         zn = _normalised_data(y1, W)[2][:, None]
         res = []
         for j in range(0, cand.shape[1], chunk):
             d = cand[:, j:j + chunk, None, None] + delta[:, None, :, None]  # (N, c, S, 1)
-            res.append(_period_scores(zn, _ctf2(s2, d, optics), W, w))
+            res.append(_period_scores(zn, ctf_squared(s2, d, optics), W, w))
         return torch.cat(res, 1)
 
     d_ref = torch.full((n,), math.sqrt(lo * hi), device=dev)
-    best = None
+    best = cands[:1].expand(n)
     for _ in range(2):
         W = window(d_ref)
         coarse = scores_for(cands[None].expand(n, -1), W)
@@ -397,7 +339,7 @@ def _search_1d(y1: torch.Tensor, delta: torch.Tensor, grid: _Grid, optics: Optic
     D = fine[idx, k]
     W = window(D)
     bg, z, _ = _normalised_data(y1, W)
-    c = _ctf2(s2, D[:, None, None] + delta[:, :, None], optics)[:, None]
+    c = ctf_squared(s2, D[:, None, None] + delta[:, :, None], optics)[:, None]
     mc = _apply(W, c)
     m = c - mc
     env = (_apply(W, z[:, None] * m) / _apply(W, m * m).clamp(min=1e-12)).clamp(min=0)
@@ -406,7 +348,7 @@ def _search_1d(y1: torch.Tensor, delta: torch.Tensor, grid: _Grid, optics: Optic
 
 # ----------------------------------------------------------------------------- 2D refine
 
-def _refine_2d(z2: torch.Tensor, env: torch.Tensor, offset: torch.Tensor, delta: torch.Tensor, grid: _Grid,
+def _refine_2d(z2: torch.Tensor, env: torch.Tensor, offset: torch.Tensor, delta: torch.Tensor, grid: SpectrumGrid,
                optics: Optics, D0: torch.Tensor, params: CtfSearchParams, max_iter: int = 60):
     """Pattern search on (D, a1, a2) maximising the 2D correlation.
 
@@ -432,12 +374,12 @@ def _refine_2d(z2: torch.Tensor, env: torch.Tensor, offset: torch.Tensor, delta:
             m = torch.zeros(3, device=dev)
             m[p] = sgn
             moves.append(m)
-    moves = torch.stack(moves)  # (M, 3)
+    move_steps = torch.stack(moves)  # (M, 3)
 
     def cc_of(params_: torch.Tensor) -> torch.Tensor:  # (N, M, 3) -> (N, M)
         d = (params_[..., 0:1] + params_[..., 1:2] * grid.cos2 + params_[..., 2:3] * grid.sin2)  # (N, M, P)
         d = d[:, :, None, :] + delta[:, None, :, None]  # (N, M, S, P)
-        m = (_ctf2(grid.s2, d, optics) - offset[:, None]) * env[:, None]
+        m = (ctf_squared(grid.s2, d, optics) - offset[:, None]) * env[:, None]
         count = m.shape[2] * m.shape[3]
         num = (m * zc[:, None]).sum(dim=(2, 3))  # zc has zero mean: no need to centre m
         var = m.square().sum(dim=(2, 3)) - m.sum(dim=(2, 3)).square() / count
@@ -448,7 +390,7 @@ def _refine_2d(z2: torch.Tensor, env: torch.Tensor, offset: torch.Tensor, delta:
         active = (step[:, :n_par] > min_step[:n_par]).any(1)
         if not bool(active.any()):
             break
-        cand = x[:, None] + moves[None] * step[:, None]  # (N, M, 3)
+        cand = x[:, None] + move_steps[None] * step[:, None]  # (N, M, 3)
         if fit_astig:
             amp = cand[..., 1:].norm(dim=-1, keepdim=True)
             cand[..., 1:] = cand[..., 1:] * torch.clamp(a_max / amp.clamp(min=1e-9), max=1.0)
@@ -467,22 +409,20 @@ def _refine_2d(z2: torch.Tensor, env: torch.Tensor, offset: torch.Tensor, delta:
 
 def _equiphase_frequency2(chi: torch.Tensor, defocus_A: torch.Tensor, optics: Optics) -> torch.Tensor:
     """s² at which a CTF of ``defocus_A`` (no astigmatism) has phase ``chi``."""
-    lam = electron_wavelength_A(optics.voltage_kV)
-    a = 0.5 * math.pi * optics.cs_mm * 1e7 * lam ** 3
-    nb = math.pi * lam * defocus_A  # -b
+    k_defocus, a = phase_coefficients(optics.voltage_kV, optics.cs_mm)
+    nb = -k_defocus * defocus_A  # -b
     disc = (nb * nb + 4 * a * chi).clamp(min=0)
     return (-2 * chi / (nb + torch.sqrt(disc))).clamp(min=0)
 
 
-def _chi(s2: torch.Tensor, defocus_A: torch.Tensor, optics: Optics) -> torch.Tensor:
-    lam = electron_wavelength_A(optics.voltage_kV)
-    return -math.pi * lam * defocus_A * s2 + 0.5 * math.pi * optics.cs_mm * 1e7 * lam ** 3 * s2 * s2
+def _equiphase_average(logp: torch.Tensor, delta: torch.Tensor, D: torch.Tensor, a1: torch.Tensor, a2: torch.Tensor,
+                       optics: Optics) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Average of the whole spectrum along lines of equal CTF phase, per image.
 
-
-def _fit_statistics(logp: torch.Tensor, delta: torch.Tensor, D: torch.Tensor, a1: torch.Tensor,
-                    a2: torch.Tensor, optics: Optics, band: Band, params: CtfSearchParams,
-                    want_diagnostics: bool):
-    """Equiphase 1D average over the whole spectrum, windowed CC, fit resolution."""
+    Every pixel of every strip goes to the frequency where an unastigmatic CTF at the
+    image's mean defocus has the same phase (bins of half a Fourier pixel). Returns
+    (sums (N, B), counts (N, B), bin frequencies (B,) [1/Å]).
+    """
     n, S, box, nh = logp.shape
     dev = logp.device
     p = optics.pixel_size_A
@@ -497,8 +437,8 @@ def _fit_statistics(logp: torch.Tensor, delta: torch.Tensor, D: torch.Tensor, a1
     vals = logp.reshape(n, S, -1)[..., sel]  # (N, S, Q)
     d_pix = D[:, None] + a1[:, None] * c2 + a2[:, None] * s2phi  # (N, Q)
     d_pix = d_pix[:, None, :] + delta[:, :, None]  # (N, S, Q)
-    chi = _chi(s2, d_pix, optics)
-    seq = _equiphase_frequency2(chi, D[:, None, None], optics).sqrt()  # (N, S, Q) 1/Å
+    phase = chi(s2, d_pix, optics.voltage_kV, optics.cs_mm)
+    seq = _equiphase_frequency2(phase, D[:, None, None], optics).sqrt()  # (N, S, Q) 1/Å
     # bins of half a Fourier pixel along s
     ds = 0.5 / (box * p)
     n_bins = int(0.5 / p / ds) + 2
@@ -506,162 +446,185 @@ def _fit_statistics(logp: torch.Tensor, delta: torch.Tensor, D: torch.Tensor, a1
     flat_b = (b + torch.arange(n, device=dev)[:, None, None] * n_bins).reshape(-1)
     sums = torch.zeros(n * n_bins, device=dev).index_add_(0, flat_b, vals.reshape(-1)).reshape(n, n_bins)
     cnts = torch.zeros(n * n_bins, device=dev).index_add_(0, flat_b, torch.ones_like(flat_b, dtype=torch.float32)).reshape(n, n_bins)
-    s_axis = torch.arange(n_bins, device=dev) * ds
-    results = []
-    s_lo_band = 1.0 / band.res_min_A
-    for i in range(n):
-        ok = (cnts[i] >= 4) & (s_axis >= s_lo_band * 0.999) & (s_axis <= 1.0 / (2 * p))
-        s_i = s_axis[ok]
-        y_i = sums[i][ok] / cnts[i][ok]
-        ctf2_i = _ctf2(s_i ** 2, D[i], optics)
-        chi_i = _chi(s_i ** 2, D[i], optics)
-        # background and envelope over the whole range (higher order than in the band)
-        t = 2 * (s_i - s_i[0]) / (s_i[-1] - s_i[0]).clamp(min=1e-12) - 1
-        kb, ke = model_degrees(float(s_i[0]), float(s_i[-1]), float(D[i]), optics, 6, 4)
-        Bb = _poly_basis(t, kb)
-        Be = _poly_basis(t, ke)
-        X = torch.cat([Bb, Be * ctf2_i[:, None]], 1)
-        G = X.T @ X
-        G = G + 1e-6 * G.diagonal().mean() * torch.eye(G.shape[0], device=dev)
-        Ginv = torch.linalg.inv(G)
-        beta = Ginv @ (X.T @ y_i)
-        bg = Bb @ beta[: Bb.shape[1]]
-        env = Be @ beta[Bb.shape[1]:]
-        # t statistic of the mean envelope (CTF amplitude): ~N(0,1) without Thon rings
-        dof = max(1, len(y_i) - X.shape[1])
-        sigma2 = (y_i - X @ beta).square().sum() / dof
-        w = torch.zeros(X.shape[1], device=dev)
-        w[Bb.shape[1]:] = Be.mean(0)
-        t_env = float((w @ beta) / torch.sqrt(sigma2 * (w @ Ginv @ w)).clamp(min=1e-12))
-        resid = y_i - bg
-        # windowed correlation: window = +-1 period of CTF² (|Δχ| <= π) around each bin
-        W = ((chi_i[:, None] - chi_i[None, :]).abs() <= math.pi).float()  # (L, L)
-        cnt = W.sum(1)
-        mx = W @ resid / cnt
-        my = W @ ctf2_i / cnt
-        sxy = W @ (resid * ctf2_i) / cnt - mx * my
-        sxx = (W @ resid.square() / cnt - mx * mx).clamp(min=1e-12)
-        syy = (W @ ctf2_i.square() / cnt - my * my).clamp(min=1e-12)
-        cc = sxy / torch.sqrt(sxx * syy)
-        cc = torch.where(cnt >= 5, cc, torch.zeros_like(cc))
-        # zeros of the CTF: phases zero_phase - kπ (k = 0, 1, ...) for underfocus
-        zero_phase = math.atan2(optics.amplitude_contrast, math.sqrt(1 - optics.amplitude_contrast ** 2))
-        order = torch.floor((zero_phase - chi_i) / math.pi)  # zeros passed at each s
-        first = s_i[order >= 1]
-        s1 = float(first[0]) if len(first) else float(s_i[-1])
-        below = (cc < params.cc_threshold) & (s_i > s1)
-        s_fail = float(s_i[below][0]) if bool(below.any()) else float(s_i[-1])
-        fit_res = 1.0 / max(s_fail, 1e-6)
-        zeros_fitted = int(order[s_i < s_fail].max()) if bool((s_i < s_fail).any()) else 0
-        diag = None
-        if want_diagnostics:
-            diag = {"s_A": s_i.cpu().numpy(), "profile": resid.cpu().numpy(), "model": (env * ctf2_i).cpu().numpy(),
-                    "cc": cc.cpu().numpy(), "first_zero_A": 1.0 / s1}
-        results.append({"fit_res_A": fit_res, "first_zero_A": 1.0 / s1, "zeros_fitted": zeros_fitted,
-                        "t_env": t_env, "diag": diag})
-    return results
+    return sums, cnts, torch.arange(n_bins, device=dev) * ds
 
 
-def _display_spectrum(logp: torch.Tensor, delta: torch.Tensor, D: torch.Tensor, a1, a2, bg_bin: torch.Tensor,
-                      env_bin: torch.Tensor, grid: _Grid, optics: Optics, band: Band) -> tuple[np.ndarray, np.ndarray]:
-    """Centred (box, box) spectrum of one image (strips stretched onto the central defocus)
-    and the fitted model, both background-subtracted and scaled alike (for plots)."""
-    box = logp.shape[-2]
-    dev = logp.device
+def _ring_amplitude_fit(s_i: torch.Tensor, y_i: torch.Tensor, ctf2_i: torch.Tensor, defocus_A: float,
+                        optics: Optics) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Background + envelope x CTF² least squares on an equiphase profile.
+
+    Returns (background (L,), envelope (L,), t statistic of the mean envelope: ~N(0, 1)
+    without Thon rings).
+    """
+    dev = s_i.device
+    # background and envelope over the whole range (higher order than in the band)
+    t = 2 * (s_i - s_i[0]) / (s_i[-1] - s_i[0]).clamp(min=1e-12) - 1
+    kb, ke = model_degrees(float(s_i[0]), float(s_i[-1]), defocus_A, optics, 6, 4)
+    Bb = legendre_basis(t, kb)
+    Be = legendre_basis(t, ke)
+    X = torch.cat([Bb, Be * ctf2_i[:, None]], 1)
+    G = X.T @ X
+    G = G + 1e-6 * G.diagonal().mean() * torch.eye(G.shape[0], device=dev)
+    Ginv = torch.linalg.inv(G)
+    beta = Ginv @ (X.T @ y_i)
+    bg = Bb @ beta[: Bb.shape[1]]
+    env = Be @ beta[Bb.shape[1]:]
+    dof = max(1, len(y_i) - X.shape[1])
+    sigma2 = (y_i - X @ beta).square().sum() / dof
+    w = torch.zeros(X.shape[1], device=dev)
+    w[Bb.shape[1]:] = Be.mean(0)
+    t_env = float((w @ beta) / torch.sqrt(sigma2 * (w @ Ginv @ w)).clamp(min=1e-12))
+    return bg, env, t_env
+
+
+def _windowed_cc(resid: torch.Tensor, ctf2_i: torch.Tensor, chi_i: torch.Tensor) -> torch.Tensor:
+    """Correlation of data and CTF² in a window of +-1 period of CTF² (|Δχ| <= π) around each bin."""
+    W = ((chi_i[:, None] - chi_i[None, :]).abs() <= math.pi).float()  # (L, L)
+    cnt = W.sum(1)
+    mx = W @ resid / cnt
+    my = W @ ctf2_i / cnt
+    sxy = W @ (resid * ctf2_i) / cnt - mx * my
+    sxx = (W @ resid.square() / cnt - mx * mx).clamp(min=1e-12)
+    syy = (W @ ctf2_i.square() / cnt - my * my).clamp(min=1e-12)
+    cc = sxy / torch.sqrt(sxx * syy)
+    return torch.where(cnt >= 5, cc, torch.zeros_like(cc))
+
+
+def _profile_statistics(s_i: torch.Tensor, y_i: torch.Tensor, defocus_A: torch.Tensor, optics: Optics,
+                        params: CtfSearchParams, want_diagnostics: bool) -> dict:
+    """Fit resolution, first zero, zeros fitted, ring significance (and diagnostics) of one profile."""
+    ctf2_i = ctf_squared(s_i ** 2, defocus_A, optics)
+    chi_i = chi(s_i ** 2, defocus_A, optics.voltage_kV, optics.cs_mm)
+    bg, env, t_env = _ring_amplitude_fit(s_i, y_i, ctf2_i, float(defocus_A), optics)
+    resid = y_i - bg
+    cc = _windowed_cc(resid, ctf2_i, chi_i)
+    # zeros of the CTF: phases zero_phase - kπ (k = 0, 1, ...) for underfocus
+    zero_phase = math.atan2(optics.amplitude_contrast, math.sqrt(1 - optics.amplitude_contrast ** 2))
+    order = torch.floor((zero_phase - chi_i) / math.pi)  # zeros passed at each s
+    first = s_i[order >= 1]
+    s1 = float(first[0]) if len(first) else float(s_i[-1])
+    below = (cc < params.cc_threshold) & (s_i > s1)
+    s_fail = float(s_i[below][0]) if bool(below.any()) else float(s_i[-1])
+    zeros_fitted = int(order[s_i < s_fail].max()) if bool((s_i < s_fail).any()) else 0
+    diag = None
+    if want_diagnostics:
+        diag = {"s_A": s_i.cpu().numpy(), "profile": resid.cpu().numpy(), "model": (env * ctf2_i).cpu().numpy(),
+                "cc": cc.cpu().numpy(), "first_zero_A": 1.0 / s1}
+    return {"fit_res_A": 1.0 / max(s_fail, 1e-6), "first_zero_A": 1.0 / s1, "zeros_fitted": zeros_fitted,
+            "t_env": t_env, "diag": diag}
+
+
+def _fit_statistics(logp: torch.Tensor, delta: torch.Tensor, D: torch.Tensor, a1: torch.Tensor,
+                    a2: torch.Tensor, optics: Optics, band: Band, params: CtfSearchParams,
+                    want_diagnostics: bool) -> list[dict]:
+    """Equiphase 1D average over the whole spectrum, windowed CC, fit resolution (one dict per image)."""
+    sums, cnts, s_axis = _equiphase_average(logp, delta, D, a1, a2, optics)
     p = optics.pixel_size_A
-    S = logp.shape[0]
-    full = []
-    for j in range(S):
-        h = logp[j]
-        f = torch.empty(box, box, device=dev)
-        f[:, : box // 2 + 1] = h
-        # Hermitian mate: P(-ky, -kx) = P(ky, kx)
-        idx_y = (-torch.arange(box, device=dev)) % box
-        kxs = torch.arange(box // 2 + 1, box, device=dev)
-        f[:, kxs] = h[idx_y][:, (box - kxs)]
-        full.append(torch.fft.fftshift(f))
-    full = torch.stack(full)  # (S, box, box) centred
-    c = torch.arange(box, device=dev, dtype=torch.float32) - box // 2
-    KY, KX = torch.meshgrid(c, c, indexing="ij")
-    scale = torch.sqrt(D / (D + delta).clamp(min=1.0))  # (S,)
-    gx = (KX[None] * scale[:, None, None] + box // 2) / (box - 1) * 2 - 1
-    gy = (KY[None] * scale[:, None, None] + box // 2) / (box - 1) * 2 - 1
-    g = torch.stack([gx, gy], -1)
-    samp = torch.nn.functional.grid_sample(full[:, None], g, mode="bilinear", align_corners=True, padding_mode="border")
-    avg = samp[:, 0].mean(0)
-    r = torch.sqrt(KX ** 2 + KY ** 2)
-    s = r / (box * p)
-    s_lo, s_hi = 1.0 / band.res_min_A, 1.0 / band.res_max_A
-    # background per radial bin, linearly interpolated at each pixel's radius (held beyond the band)
-    r_bin = grid.s_bin * box * p
-    pos = torch.from_numpy(np.interp(r.reshape(-1).cpu().numpy(), r_bin.cpu().numpy(),
-                                     np.arange(len(r_bin), dtype=np.float64))).to(dev, torch.float32)
-    lo_i = pos.floor().long().clamp(max=len(r_bin) - 2)
-    fr = pos - lo_i
-    bg = (bg_bin[lo_i] * (1 - fr) + bg_bin[lo_i + 1] * fr).reshape(box, box)
-    phi = torch.atan2(KY, KX)
-    d = D + a1 * torch.cos(2 * phi) + a2 * torch.sin(2 * phi)
-    # data: background removed, lightly smoothed, scaled to unit spread on every ring
-    data = torch.nn.functional.avg_pool2d((avg - bg)[None, None], 3, stride=1, padding=1, count_include_pad=False)[0, 0]
-    ring = torch.round(r).long().clamp(max=box)
-    cnt = torch.zeros(box + 1, device=dev).index_add_(0, ring.reshape(-1), torch.ones(box * box, device=dev))
-    m1 = torch.zeros(box + 1, device=dev).index_add_(0, ring.reshape(-1), data.reshape(-1)) / cnt.clamp(min=1)
-    m2 = torch.zeros(box + 1, device=dev).index_add_(0, ring.reshape(-1), data.reshape(-1) ** 2) / cnt.clamp(min=1)
-    sd = (m2 - m1 ** 2).clamp(min=1e-12).sqrt()
-    data = data / sd[ring]
-    model = _ctf2(s * s, d, optics)
-    inband = (s >= s_lo) & (s <= s_hi)
-    if bool(inband.any()):
-        lo, hi = torch.quantile(data[inband], 0.03), torch.quantile(data[inband], 0.97)
-        data = (data - lo) / (hi - lo).clamp(min=1e-9)
-    data = torch.where(s < s_lo, torch.full_like(data, 0.5), data)
-    model = torch.where(s < s_lo, torch.full_like(model, 0.5), model)
-    # show the spectrum out to a little beyond the fitting band
-    half = min(box // 2, int(math.ceil(1.15 * box * p * s_hi)))
-    sl = slice(box // 2 - half, box // 2 + half)
-    data, model = data[sl, sl], model[sl, sl]
-    return data.cpu().numpy(), model.cpu().numpy()
+    s_lo_band = 1.0 / band.res_min_A
+    results = []
+    for i in range(logp.shape[0]):
+        ok = (cnts[i] >= 4) & (s_axis >= s_lo_band * 0.999) & (s_axis <= 1.0 / (2 * p))
+        results.append(_profile_statistics(s_axis[ok], sums[i][ok] / cnts[i][ok], D[i], optics, params, want_diagnostics))
+    return results
 
 
 # ----------------------------------------------------------------------------- driver
 
 def uv_angle(D: np.ndarray, a1: np.ndarray, a2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean defocus, a1, a2) -> (DefocusU >= DefocusV, angle of U in degrees, (-90, 90])."""
+    """(mean defocus, astigmatism vector) -> (DefocusU >= DefocusV, angle of U).
+
+    Parameters
+    ----------
+    D, a1, a2 : numpy.ndarray
+        (N,) mean defocus and astigmatism vector ``ΔD(φ) = a1 cos 2φ + a2 sin 2φ`` [Å].
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        (U [Å], V [Å], angle of U [deg] in (-90, 90]), each (N,).
+    """
     amp = np.hypot(a1, a2)
     ang = 0.5 * np.degrees(np.arctan2(a2, a1))
     return D + amp, D - amp, ang
 
 
 def astig_vector(u: np.ndarray, v: np.ndarray, angle_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inverse of :func:`uv_angle`: (U, V, angle) -> (mean defocus, a1, a2)."""
+    """Inverse of :func:`uv_angle`: (U, V, angle) -> (mean defocus, a1, a2).
+
+    Parameters
+    ----------
+    u, v : numpy.ndarray
+        (N,) defocus U and V [Å].
+    angle_deg : numpy.ndarray
+        (N,) angle of U [deg].
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        (mean defocus, a1, a2) [Å], each (N,); averaging these averages CTFs correctly.
+    """
     half = (np.asarray(u, float) - np.asarray(v, float)) / 2
     th = np.radians(2 * np.asarray(angle_deg, float))
     return (np.asarray(u, float) + np.asarray(v, float)) / 2, half * np.cos(th), half * np.sin(th)
+
+
+def _checked_tilts(tilt_deg, n: int, params: CtfSearchParams, device) -> torch.Tensor:
+    """The (n,) tilt angles [deg] as a float32 tensor, after checking them and the search range."""
+    if params.defocus_max_A <= params.defocus_min_A or params.defocus_step_A <= 0:
+        raise SubtomoError(f"defocus search range {params.defocus_min_A:g}-{params.defocus_max_A:g} A, step "
+                           f"{params.defocus_step_A:g} A: need min < max and step > 0.")
+    tilt = torch.as_tensor(np.asarray(tilt_deg, dtype=np.float32).reshape(-1), device=device)
+    if len(tilt) != n:
+        raise SubtomoError(f"{n} images but {len(tilt)} tilt angles given.")
+    return tilt
+
+
+def _failure_reasons(significance: np.ndarray, score_1d: torch.Tensor, params: CtfSearchParams) -> list[str]:
+    """Why each fit failed ("" when it did not): rings not significant, or in anti-phase."""
+    reasons = []
+    for t, score in zip(significance, score_1d.tolist()):
+        why = []
+        if t < params.min_significance:
+            why.append(f"Thon rings not significant (t = {t:.1f} < {params.min_significance:g})")
+        if float(score) <= 0:
+            why.append("the fitted Thon rings are out of phase with the data")
+        reasons.append("; ".join(why))
+    return reasons
 
 
 def estimate_ctf(images: torch.Tensor, tilt_deg, optics: Optics, params: CtfSearchParams = CtfSearchParams(),
                  diagnostics: bool = False) -> CtfFit:
     """Estimate defocus, astigmatism and fit quality of a batch of same-size images.
 
-    images: (N, ny, nx) tensor (any device; computation follows it). tilt_deg: N tilt
-    angles (°) for the defocus-gradient model. Defoci are at the image centre.
+    Parameters
+    ----------
+    images : torch.Tensor
+        (N, ny, nx) or (ny, nx) tilt images (any device; the computation follows it).
+    tilt_deg : array_like
+        (N,) tilt angles [deg] for the defocus-gradient model.
+    optics : Optics
+        Microscope and pixel size [Å].
+    params : CtfSearchParams
+        Search options.
+    diagnostics : bool
+        Also return the spectra and profiles for the diagnostic plots.
+
+    Returns
+    -------
+    CtfFit
+        N fits; defoci are at the image centre (the tilt axis).
     """
     if images.ndim == 2:
         images = images[None]
     n, ny, nx = images.shape
     dev = images.device
     band = effective_band((ny, nx), optics.pixel_size_A, params)
-    if params.defocus_max_A <= params.defocus_min_A or params.defocus_step_A <= 0:
-        raise SubtomoError(f"defocus search range {params.defocus_min_A:g}-{params.defocus_max_A:g} A, step "
-                           f"{params.defocus_step_A:g} A: need min < max and step > 0.")
-    tilt = torch.as_tensor(np.asarray(tilt_deg, dtype=np.float32).reshape(-1), device=dev)
-    if len(tilt) != n:
-        raise SubtomoError(f"{n} images but {len(tilt)} tilt angles given.")
+    tilt = _checked_tilts(tilt_deg, n, params, dev)
     logp, strip_x = strip_log_spectra(images, band.box_px, optics.pixel_size_A)
-    grid = _make_grid(band.box_px, optics.pixel_size_A, band, dev)
+    grid = make_grid(band.box_px, optics.pixel_size_A, band, dev)
     S = logp.shape[1]
     y2 = logp.reshape(n, S, -1)[..., grid.flat_index]  # (N, S, P)
-    y1 = _radial_profiles(y2, grid)  # (N, S, R)
+    y1 = radial_profiles(y2, grid)  # (N, S, R)
     delta = _strip_offsets(strip_x, tilt, params.tilt_gradient)
     d_min = min_identifiable_defocus_A(band, optics)
     D1, score1, bg1, env1, mc1 = _search_1d(y1, delta, grid, optics, params, d_min)
@@ -677,88 +640,39 @@ def estimate_ctf(images: torch.Tensor, tilt_deg, optics: Optics, params: CtfSear
     u, v, ang = uv_angle(Dn, a1n, a2n)
     signif = np.array([st["t_env"] for st in stats], dtype=np.float64)
     fit_res = np.array([st["fit_res_A"] for st in stats])
-    failed = np.zeros(n, dtype=bool)
-    reasons = []
-    for i in range(n):
-        why = []
-        if signif[i] < params.min_significance:
-            why.append(f"Thon rings not significant (t = {signif[i]:.1f} < {params.min_significance:g})")
-        if float(score1[i]) <= 0:
-            why.append("the fitted Thon rings are out of phase with the data")
-        failed[i] = bool(why)
-        reasons.append("; ".join(why))
+    reasons = _failure_reasons(signif, score1, params)
+    failed = np.array([bool(r) for r in reasons], dtype=bool)
     diags = None
     if diagnostics:
         diags = []
         for i in range(n):
-            data2d, model2d = _display_spectrum(logp[i], delta[i], D[i], a1[i], a2[i], bg1[i].mean(0),
-                                                env1[i].mean(0), grid, optics, band)
-            d = dict(stats[i]["diag"])
-            d.update({"spectrum": data2d, "model2d": model2d, "band": band, "pixel_size_A": optics.pixel_size_A,
-                      "fit_res_A": float(fit_res[i]), "significance": float(signif[i]),
-                      "tilt_deg": float(tilt[i]), "strip_defocus_offsets_A": delta[i].cpu().numpy()})
-            diags.append(d)
+            data2d, model2d = display_spectrum(logp[i], delta[i], D[i], a1[i], a2[i], bg1[i].mean(0),
+                                               env1[i].mean(0), grid, optics, band)
+            diags.append({**stats[i]["diag"], "spectrum": data2d, "model2d": model2d, "band": band,
+                          "pixel_size_A": optics.pixel_size_A, "fit_res_A": float(fit_res[i]),
+                          "significance": float(signif[i]), "tilt_deg": float(tilt[i]),
+                          "strip_defocus_offsets_A": delta[i].cpu().numpy()})
     return CtfFit(u, v, ang, cc.cpu().numpy().astype(np.float64), fit_res, failed, signif, reasons, diags)
 
 
 def with_band_notes(params: CtfSearchParams, shape_yx, pixel_size_A) -> tuple[CtfSearchParams, list[str]]:
-    """Params with box/resolution replaced by the effective ones, and the notes why."""
+    """Params with box and band replaced by the effective ones (:func:`effective_band`).
+
+    Parameters
+    ----------
+    params : CtfSearchParams
+        Requested options.
+    shape_yx : tuple of int
+        Image size (ny, nx) [px].
+    pixel_size_A : float
+        Pixel size [Å].
+
+    Returns
+    -------
+    tuple
+        (new params, notes on what changed).
+    """
     band = effective_band(shape_yx, pixel_size_A, params)
     return replace(params, box_px=band.box_px, res_min_A=band.res_min_A, res_max_A=band.res_max_A), list(band.notes)
 
 
-def synthetic_tilt_images(defocus_u_A, defocus_v_A, angle_deg, tilt_deg, optics: Optics, size: int = 512,
-                          snr: float = 0.3, bfactor_A2: float = 150.0, seed: int = 0,
-                          device=None) -> torch.Tensor:
-    """Simulated tilt images with known CTF, for tests and benchmarks.
-
-    A random-phase object (white noise with a mild low-pass), multiplied by the CTF with
-    the tilted-plane defocus ``D + x tan θ`` across x (Å from the centre), an envelope
-    exp(-B s²/4), scaled to variance ``snr`` (0: no signal), plus unit white noise and a
-    slowly varying background.
-    Returns (N, size, size) float32.
-    """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    du = np.atleast_1d(np.asarray(defocus_u_A, float))
-    dv = np.atleast_1d(np.asarray(defocus_v_A, float))
-    an = np.atleast_1d(np.asarray(angle_deg, float))
-    tl = np.atleast_1d(np.asarray(tilt_deg, float))
-    n = len(du)
-    p = optics.pixel_size_A
-    ky = torch.fft.fftfreq(size, d=p)
-    kx = torch.fft.rfftfreq(size, d=p)
-    KY, KX = torch.meshgrid(ky, kx, indexing="ij")
-    s2 = KX ** 2 + KY ** 2
-    phi = torch.atan2(KY, KX)
-    x_A = (torch.arange(size, dtype=torch.float32) - size // 2) * p
-    shape = 1.0 / (1.0 + s2 * 40.0 ** 2) ** 0.25  # mild fall-off of the object spectrum
-    env = torch.exp(-bfactor_A2 * s2 / 4)
-    out = torch.empty(n, size, size)
-    for i in range(n):
-        obj = torch.fft.rfft2(torch.randn(size, size, generator=gen)) * shape
-        half = (du[i] - dv[i]) / 2
-        ddef = half * torch.cos(2 * (phi - math.radians(an[i])))
-        grad = math.tan(math.radians(tl[i]))
-        span = float(x_A.abs().max()) * abs(grad)
-        k = max(2, int(math.ceil(2 * span / 100.0)) + 1) if span > 0 else 1
-        offsets = np.linspace(-span, span, k) if k > 1 else np.zeros(1)
-        layers = []
-        for off in offsets:
-            d = (du[i] + dv[i]) / 2 + off + ddef
-            c = ctf_from_defocus(s2, d, optics.voltage_kV, optics.cs_mm, optics.amplitude_contrast)
-            layers.append(torch.fft.irfft2(obj * c * env, s=(size, size)))
-        if k == 1:
-            img = layers[0]
-        else:
-            pos = torch.from_numpy(np.interp((x_A * grad).numpy(), offsets, np.arange(k))).float()
-            lo = pos.floor().long().clamp(max=k - 2)
-            w = pos - lo
-            stack = torch.stack(layers)  # (k, y, x)
-            cols = torch.arange(size)
-            img = stack[lo, :, cols].T * (1 - w) + stack[lo + 1, :, cols].T * w
-        sig = img / img.std() * math.sqrt(max(snr, 0.0))
-        noise = torch.randn(size, size, generator=gen)
-        yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-        background = 0.5 * torch.cos(2.0 * xx + 1.0) * torch.cos(1.5 * yy)
-        out[i] = sig + noise + background + 10.0
-    return out.to(device) if device is not None else out

@@ -21,17 +21,32 @@ from __future__ import annotations
 
 import glob
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from subtomo.ctf.estimate import CtfFit
 from subtomo.errors import SubtomoError
+from subtomo.io.particles import resolve_project_path
 
 CTFFIND_COLUMNS = ["micrograph", "defocus_u_A", "defocus_v_A", "angle_deg", "phase_shift_rad", "cc", "fit_res_A"]
 
 
 def read_ctffind4(path: str | Path) -> pd.DataFrame:
-    """Rows of a CTFFIND4 output text file, ordered by micrograph number (columns CTFFIND_COLUMNS)."""
+    """Rows of a CTFFIND4 output text file.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.txt`` file CTFFIND4 writes beside its diagnostic image.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per micrograph, ordered by micrograph number, columns :data:`CTFFIND_COLUMNS`
+        (defocus in Å, azimuth in deg, phase shift in rad, fit resolution in Å).
+    """
     path = Path(path)
     if not path.exists():
         raise SubtomoError(f"{path}: CTFFIND output not found.")
@@ -58,7 +73,23 @@ def read_ctffind4(path: str | Path) -> pd.DataFrame:
 
 
 def ctffind_to_table(df: pd.DataFrame, n_images: int, path: Path | str) -> dict[str, np.ndarray]:
-    """Per-image arrays (stack order) from CTFFIND rows; the row count must match the stack."""
+    """Per-image arrays (stack order) from CTFFIND rows; the row count must match the stack.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Rows of :func:`read_ctffind4`.
+    n_images : int
+        Images in the tilt series.
+    path : Path or str
+        The file (for messages).
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        (n_images,) arrays: defocus_u_A, defocus_v_A [Å], angle_deg, fom, max_res_A [Å],
+        phase_shift_rad.
+    """
     if len(df) != n_images:
         raise SubtomoError(f"{path}: {len(df)} CTFFIND rows but the tilt series has {n_images} images. Give the result "
                            f"of running CTFFIND on this exact aligned stack (one row per image).")
@@ -100,11 +131,23 @@ def _imod_rows(path: Path) -> tuple[int, list[list[float]]]:
     return flags, rows
 
 
-def read_imod_defocus(path: str | Path, n_images: int) -> dict[str, np.ndarray]:
-    """Per-image defocus (Å, RELION U >= V and angle) from an IMOD .defocus file.
+def read_imod_defocus(path: str | Path, n_images: int) -> dict[str, Any]:
+    """Per-image defocus from an IMOD ctfplotter ``.defocus`` file (module docstring: versions, angle).
 
-    Views not covered by any line take the value of the nearest covered view; the
-    returned ``covered`` array says which were covered.
+    Views not covered by any line take the value of the nearest covered view.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.defocus`` file.
+    n_images : int
+        Images in the tilt series (views are numbered from 1).
+
+    Returns
+    -------
+    dict
+        ``defocus_u_A``, ``defocus_v_A`` (n_images,) [Å] (RELION U >= V), ``angle_deg``
+        (n_images,) [deg] (RELION convention), ``covered`` (n_images,) bool, ``flags`` int.
     """
     path = Path(path)
     if not path.exists():
@@ -146,11 +189,25 @@ def read_imod_defocus(path: str | Path, n_images: int) -> dict[str, np.ndarray]:
 def find_result_file(spec: str, tomo_name: str, project: Path, suffixes: tuple[str, ...]) -> Path:
     """The result file of one tomogram from ``--import-ctffind``/``--import-imod``'s value.
 
-    ``spec`` is a directory (searched for ``<t><suffix>``, ``<t>*<suffix>`` and
-    ``<t>/<...>``), a pattern with ``{name}`` (the tomogram name), a glob pattern (the
-    one match whose file name contains the tomogram name), or one file.
+    Parameters
+    ----------
+    spec : str
+        A directory (searched for ``<t><suffix>``, ``<t>*<suffix>`` and ``<t>/<...>``), a
+        pattern with ``{name}`` (the tomogram name), a glob pattern (the one match whose file
+        name contains the tomogram name), or one file; relative to the project.
+    tomo_name : str
+        The tomogram.
+    project : Path
+        Project directory.
+    suffixes : tuple of str
+        File suffixes to look for in a directory.
+
+    Returns
+    -------
+    Path
+        The file.
     """
-    base = Path(spec) if Path(spec).is_absolute() else project / spec
+    base = resolve_project_path(project, spec)
     if "{name}" in spec:
         p = Path(str(base).replace("{name}", tomo_name))
         if not p.exists():
@@ -177,3 +234,43 @@ def find_result_file(spec: str, tomo_name: str, project: Path, suffixes: tuple[s
     if base.is_file():
         return base
     raise SubtomoError(f"{spec}: no such file or directory.")
+
+
+def imported_fit(path: Path, kind: str, n_images: int) -> tuple[CtfFit, str, list[str]]:
+    """Per-image CTF of a tilt series from another program's result file.
+
+    Parameters
+    ----------
+    path : Path
+        A CTFFIND4 ``.txt`` (``kind`` ``ctffind``) or IMOD ``.defocus`` file (``imod``).
+    kind : str
+        ``ctffind`` or ``imod``.
+    n_images : int
+        Images in the tilt series (stack order).
+
+    Returns
+    -------
+    fit : CtfFit
+        n_images imported values (none flagged as failed; figure of merit and fit
+        resolution 0 for IMOD).
+    source : str
+        ``subtomoCtfSource`` of the rows (= ``kind``).
+    warnings : list of str
+        Phase shifts ignored, views not covered.
+    """
+    warnings = []
+    if kind == "ctffind":
+        vals = ctffind_to_table(read_ctffind4(path), n_images, path)
+        if np.any(np.abs(vals["phase_shift_rad"]) > 1e-3):
+            warnings.append(f"{path}: non-zero phase shifts are ignored (phase-plate data: consider --skip-ctf).")
+        fom, res = vals["fom"], vals["max_res_A"]
+    else:
+        vals = read_imod_defocus(path, n_images)
+        if not vals["covered"].all():
+            miss = np.flatnonzero(~vals["covered"]) + 1
+            warnings.append(f"{path}: views {', '.join(map(str, miss))} are not covered; they take the nearest covered "
+                            "view's defocus.")
+        fom, res = np.zeros(n_images), np.zeros(n_images)
+    fit = CtfFit(vals["defocus_u_A"], vals["defocus_v_A"], vals["angle_deg"], fom, res, np.zeros(n_images, bool),
+                 np.zeros(n_images), [""] * n_images)
+    return fit, kind, warnings

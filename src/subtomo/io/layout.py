@@ -79,10 +79,10 @@ def _scan_one(project: Path, d: Path, pixel_size_A: float | None, problems: list
     name = d.name
     files = {ext: d / f"{name}{ext}" for ext in (".mrc", ".coords", ".mrcs", ".tlt", ".order", ".trial")}
     n_before = len(problems)
-    for ext, what, step in ((".mrc", "tomogram", "Step 2"), (".coords", "particle coordinates", "Step 3"),
+    for ext, what, protocol_step in ((".mrc", "tomogram", "Step 2"), (".coords", "particle coordinates", "Step 3"),
                             (".mrcs", "aligned tilt series", "Step 4"), (".order", "tilt angle / accumulated dose list", "Step 6")):
         if not files[ext].exists():
-            problems.append(f"{_rel(project, files[ext])}: file not found ({what}). Fix: {step} of the protocol; "
+            problems.append(f"{_rel(project, files[ext])}: file not found ({what}). Fix: {protocol_step} of the protocol; "
                             f"the file must be named after its directory.")
     if len(problems) > n_before:
         return None

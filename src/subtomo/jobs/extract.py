@@ -21,11 +21,12 @@ import pandas as pd
 from pydantic import Field
 
 from subtomo.errors import SubtomoError
-from subtomo.io.mrc import read_mrc_header, write_mrc
-from subtomo.io.star import read_particles, write_particles
-from subtomo.jobs.base import ComputeParams, JobContext, JobSpec, default_input
-from subtomo.tomo.extract import (ExtractionSettings, TomogramBoxReader, default_bg_radius_A, extract_one,
-                                  max_bg_radius_A)
+from subtomo.io.mrc import write_mrc
+from subtomo.io.particles import ParticleSet, resolve_project_path
+from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
+from subtomo.jobs.contracts import NodeType, OutputSpec, Source, particles_spec
+from subtomo.tomo.ctf_models import tomogram_pixel_size_A
+from subtomo.tomo.extract import ExtractionSettings, TomogramBoxReader, default_bg_radius_A, extract_one, max_bg_radius_A
 
 EDGE_COLUMN = "subtomoBoxCrossesEdge"
 
@@ -46,14 +47,6 @@ class ExtractParams(ComputeParams):
                                              "tomogram) and subtomo_proj2d.star.")
 
 
-def _pixel_size(row: pd.Series, tomo: Path) -> float:
-    """The tomogram's pixel size: rlnTomoTiltSeriesPixelSize (from prepare), else the header."""
-    px = row.get("rlnTomoTiltSeriesPixelSize")
-    if px is not None and np.isfinite(float(px)) and float(px) > 0:
-        return float(px)
-    return read_mrc_header(tomo)[1]
-
-
 def _check(params: ExtractParams, project: Path):
     problems = []
     if params.box % 2:
@@ -62,9 +55,9 @@ def _check(params: ExtractParams, project: Path):
         problems.append(f"--rescale {params.rescale}: must be even.")
     if problems:
         raise SubtomoError("invalid extraction options", problems)
-    star = default_input(project, params.i, ("Prepare",), "particles_subtomo.star", "--i",
-                         "Run subtomo prepare first, or pass --i.")
-    particles, optics = read_particles(star)
+    star = SPEC.input("i").resolve(project, params.i)
+    particle_set = ParticleSet.read(star, project)
+    particles, optics = particle_set.merged(), particle_set.optics
     need = {"rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"}
     if missing := need - set(particles.columns):
         raise SubtomoError(f"{star}: missing column(s) {', '.join(sorted(missing))}. Give the particles_subtomo.star of subtomo prepare.")
@@ -72,15 +65,16 @@ def _check(params: ExtractParams, project: Path):
         raise SubtomoError(f"{star}: contains no particles.")
     pixel = {}
     for name, rows in particles.groupby("rlnMicrographName", sort=False):
-        tomo = project / str(name)
+        tomo = resolve_project_path(project, str(name))
         if not tomo.exists():
             problems.append(f"{tomo}: tomogram not found (rlnMicrographName of {len(rows)} particle(s) in {star}).")
             continue
-        pixel[name] = _pixel_size(rows.iloc[0], tomo)
+        # the tomogram's pixel size (one rule, shared with prepare): rlnTomoTiltSeriesPixelSize, else its header
+        pixel[name] = tomogram_pixel_size_A(rows.iloc[0], tomo)
     if problems:
         raise SubtomoError(f"{star}: cannot extract", problems)
     out_box = params.rescale or params.box
-    for name, px in pixel.items():
+    for px in pixel.values():
         out_px = px * params.box / out_box
         if params.bg_diameter is not None and params.bg_diameter / 2 >= max_bg_radius_A(out_box, out_px):
             raise SubtomoError(f"--bg-diameter {params.bg_diameter:g} A: must be smaller than the box ({out_box} px x "
@@ -100,7 +94,7 @@ class _TomogramPass:
         self.settings = ExtractionSettings(box=p.box, bg_radius_A=bg_radius, pixel_size_A=px, invert=p.invert_contrast,
                                            normalise=p.normalise, new_box=p.rescale, project=p.project, device=ctx.device)
         self.tname = str(rows["rlnTomoName"].iloc[0]) if "rlnTomoName" in rows else Path(str(name)).stem
-        self.reader = TomogramBoxReader(ctx.project / str(name))
+        self.reader = TomogramBoxReader(resolve_project_path(ctx.project, str(name)))
         if abs(self.reader.pixel_size_A - px) > 1e-3 * px and self.reader.pixel_size_A not in (0.0, 1.0):
             ctx.warn(f"{name}: header pixel size {self.reader.pixel_size_A:.4f} A differs from {px:.4f} A in "
                      f"{ctx.rel(star)}; using {px:.4f} A.")
@@ -154,7 +148,7 @@ def _run(ctx: JobContext) -> None:
     try:
         for i in ctx.progress(order, total=n, description="extracting subtomograms"):
             name = tomo_of[i]
-            if cur is None or cur.reader.path != ctx.project / name:
+            if cur is None or cur.reader.path != resolve_project_path(ctx.project, name):
                 if cur is not None:
                     finish(cur)
                     cur = None
@@ -189,7 +183,7 @@ def _run(ctx: JobContext) -> None:
     kept = particles[keep].reset_index(drop=True)
     kept_px = pd.Series(out_px[keep])
     new_optics = _output_optics(kept, optics, kept_px, out_box, dim=3)
-    out = write_particles(ctx.path("particles_subtomo.star"), kept, new_optics)
+    out = ParticleSet.from_table(kept, new_optics, ctx.project).write(ctx.path("particles_subtomo.star"))
     ctx.add_output(out, "ParticlesData")
     ctx.log(f"wrote {ctx.rel(out)}: {len(kept)} subtomograms of {out_box} px at {kept_px.iloc[0]:.4f} A/px")
     if p.project:
@@ -199,7 +193,7 @@ def _run(ctx: JobContext) -> None:
         proj.insert(0, "rlnImageOriginalName", kept["rlnImageName"].to_numpy())
         proj.insert(0, "rlnImageName", np.asarray(proj_names, dtype=object)[keep])
         opt2 = _output_optics(proj, optics, kept_px, out_box, dim=2)
-        out2 = write_particles(ctx.path("subtomo_proj2d.star"), proj, opt2)
+        out2 = ParticleSet.from_table(proj, opt2, ctx.project).write(ctx.path("subtomo_proj2d.star"))
         ctx.add_output(out2, "ParticlesData")
         ctx.log(f"wrote {ctx.rel(out2)}: {len(proj)} z-projections")
 
@@ -233,4 +227,9 @@ def _output_optics(particles: pd.DataFrame, optics: pd.DataFrame | None, out_px:
 SPEC = JobSpec(
     command="extract", job_type="Extract", params=ExtractParams, run=_run, check=_check,
     summary="Steps 13-14: cut normalised subtomograms (and z-projections) from the tomograms; particles_subtomo.star.",
+    inputs=(particles_spec("i", (Source("Prepare", ("particles_subtomo.star",)),), "Run subtomo prepare first, or pass --i."),),
+    outputs=(
+        OutputSpec("particles_subtomo.star", NodeType.PARTICLES, "the extracted subtomograms (rlnImageName)"),
+        OutputSpec("subtomo_proj2d.star", NodeType.PARTICLES, "their z-projections (--project)", optional=True),
+    ),
 )

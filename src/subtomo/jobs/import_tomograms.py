@@ -8,8 +8,10 @@ import pandas as pd
 from pydantic import Field
 
 from subtomo.io.layout import TomogramInputs, scan_layout
+from subtomo.io.particles import resolve_project_path
 from subtomo.io.star import write_star
 from subtomo.jobs.base import JobContext, JobParams, JobSpec
+from subtomo.jobs.contracts import NodeType, OutputSpec
 from subtomo.plot.coordinates import plot_coordinates_on_tilts
 
 
@@ -55,9 +57,9 @@ def _run(ctx: JobContext) -> None:
                 + (", trials" if t.trial else ""))
         for note in t.notes:
             ctx.log(note)
-        ctx.add_input(ctx.project / t.tomogram)
+        ctx.add_input(resolve_project_path(ctx.project, t.tomogram))
         if p.check_coordinates:
-            png = plot_coordinates_on_tilts(ctx.project / t.tilt_series, t.tilts_deg, t.coords_xyz, (nx, ny, nz),
+            png = plot_coordinates_on_tilts(resolve_project_path(ctx.project, t.tilt_series), t.tilts_deg, t.coords_xyz, (nx, ny, nz),
                                             t.pixel_size_A, ctx.path(f"coordinates/{t.name}.png"))
             ctx.log(f"{t.name}: particle positions drawn on tilt images: {ctx.rel(png)}")
     out = write_star(ctx.path("all_tomograms.star"), pd.DataFrame(rows))
@@ -68,4 +70,9 @@ def _run(ctx: JobContext) -> None:
 SPEC = JobSpec(
     command="import", job_type="Import", params=ImportParams, run=_run, check=_check,
     summary="Steps 1-7: check Tomograms/<name>/ (.mrc .coords .mrcs .tlt .order [.trial]) and write all_tomograms.star.",
+    outputs=(
+        OutputSpec("all_tomograms.star", NodeType.TOMOGRAM_SET, "one row per tomogram with its inputs and optics"),
+        OutputSpec("tilt_series/*.star", NodeType.FILE, "per-tilt table (angle, dose, order) of each tilt series"),
+        OutputSpec("coordinates/*.png", NodeType.IMAGE, "picks drawn on the tilt images", optional=True),
+    ),
 )

@@ -17,6 +17,7 @@ from pydantic import Field, create_model
 
 from subtomo.errors import SubtomoError
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
+from subtomo.jobs.contracts import NodeType, OutputSpec
 from subtomo.simulate.presets import SimulationConfig, config_for
 
 
@@ -82,6 +83,14 @@ SPEC = JobSpec(
     command="simulate", job_type="Simulate", params=SimulateParams, run=_run, check=_check,
     project_param="project_dir",
     summary="Create a synthetic cryo-ET project (tilt series, WBP tomograms, picks, trials) with its ground truth in GroundTruth/.",
+    outputs=(
+        OutputSpec("Tomograms/*/*.mrc", NodeType.TOMOGRAM, "tomograms and tilt series", in_project=True),
+        OutputSpec("Tomograms/*/*.coords", NodeType.COORDINATES, "picked coordinates", in_project=True),
+        OutputSpec("GroundTruth/picks.star", NodeType.GROUND_TRUTH_PICKS, "true poses and kinds", in_project=True),
+        OutputSpec("GroundTruth/tilts.star", NodeType.GROUND_TRUTH_TILTS, "true per-tilt defoci", in_project=True),
+        OutputSpec("GroundTruth/class*.mrc", NodeType.DENSITY_MAP, "true maps", in_project=True),
+        OutputSpec("GroundTruth/simulation.json", NodeType.GROUND_TRUTH_SUMMARY, "simulation settings", in_project=True),
+    ),
 )
 
 __all__ = ["SPEC", "SimulateParams"]

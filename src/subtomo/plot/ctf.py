@@ -62,6 +62,19 @@ def plot_image_fit(diag: dict, title: str, path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def plot_image_fits(diagnostics: list[dict], labels: list[tuple[int, int]], name: str, tilts_deg: np.ndarray,
+                    directory: Path) -> None:
+    """One :func:`plot_image_fit` PNG per diagnostic: ``<name>_NNN[_trialK].png`` in ``directory``.
+
+    ``labels`` are (0-based image, trial 1/2 or 0) of each diagnostic.
+    """
+    for (i, k), d in zip(labels, diagnostics):
+        tag = f"{name}_{i + 1:03d}" + (f"_trial{k}" if k else "")
+        title = (f"{name} image {i + 1} ({'trial ' + str(k) + ', ' if k else ''}tilt {tilts_deg[i]:.1f}°)  "
+                 f"res {d['fit_res_A']:.1f} Å, t = {d['significance']:.1f}")
+        plot_image_fit(d, title, directory / f"{tag}.png")
+
+
 def plot_series_summary(table: pd.DataFrame, name: str, path: str | Path) -> Path:
     """Defocus (U, V) and fit resolution against tilt angle; failed fits marked."""
     fig, (ax0, ax1) = new_figure(2, 1, figsize=(6.5, 6), sharex=True)
@@ -73,7 +86,11 @@ def plot_series_summary(table: pd.DataFrame, name: str, path: str | Path) -> Pat
     ax0.plot(tilt[order], u[order], "o-", ms=3, lw=0.8, label="DefocusU")
     ax0.plot(tilt[order], v[order], "s-", ms=3, lw=0.8, label="DefocusV")
     if failed.any():
-        ax0.plot(tilt[failed], u[failed], "x", color="r", ms=8, label="fit failed")
+        ax0.plot(tilt[failed], u[failed], "x", color="r", ms=8, label="fit failed / off trend")
+    trend = table.get("subtomoCtfSource", pd.Series([""] * len(table))).astype(str).to_numpy() == "trend"
+    if trend.any() and "subtomoCtfFittedDefocus" in table.columns:
+        fitted = table["subtomoCtfFittedDefocus"].to_numpy(float) / 1e4
+        ax0.plot(tilt[trend], fitted[trend], "o", mfc="none", color="r", ms=6, label="its own fit (replaced by trend)")
     ax0.set_ylabel("defocus (µm)")
     ax0.legend(fontsize=8)
     res = table["rlnCtfMaxResolution"].to_numpy(float)

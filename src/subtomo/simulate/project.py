@@ -30,9 +30,10 @@ import pandas as pd
 import torch
 
 import subtomo
-from subtomo.ctf.model import electron_wavelength_A
+from subtomo.ctf.model import Optics, electron_wavelength_A
 from subtomo.errors import SubtomoError
 from subtomo.io.mrc import read_mrc, write_mrc
+from subtomo.io.mtf import read_mtf
 from subtomo.io.star import write_star
 from subtomo.io.text import write_text_rows
 from subtomo.simulate import potential as pot
@@ -40,9 +41,23 @@ from subtomo.simulate.presets import SimulationConfig
 from subtomo.simulate.reconstruct import weighted_backprojection
 from subtomo.simulate.sample import Objects, gold_bead_map, junk_map, place_spheres, random_poses
 from subtomo.simulate.tiltseries import (
-    WATER_MOLECULES_PER_A3, WATER_POTENTIAL_INTEGRAL_V_A3, FourierSliceProjector, Optics, TiltGeometry,
-    ImageCtfGrid, ctf_filter_layers, electrons_per_pixel, mean_exposure, ice_texture_field, image_filters, interaction_constant,
-    project_texture, read_mtf, render_objects, shot_noise, tilt_scheme, water_noise_std,
+    WATER_MOLECULES_PER_A3,
+    WATER_POTENTIAL_INTEGRAL_V_A3,
+    Detector,
+    FourierSliceProjector,
+    ImageCtfGrid,
+    TiltGeometry,
+    ctf_filter_layers,
+    electrons_per_pixel,
+    ice_texture_field,
+    image_filters,
+    interaction_constant,
+    mean_exposure,
+    project_texture,
+    render_objects,
+    shot_noise,
+    tilt_scheme,
+    water_noise_std,
 )
 
 DATA_DIR = Path(subtomo.__file__).resolve().parent / "data"
@@ -343,7 +358,8 @@ def simulate_project(cfg: SimulationConfig, project: Path, seed: int, log: Calla
         if not mtf_path.exists():
             raise SubtomoError(f"--mtf {cfg.mtf}: not 'none', 'k3' or an existing RELION MTF STAR file.")
         mtf = read_mtf(mtf_path)
-    optics = Optics(cfg.voltage, cfg.cs, cfg.amplitude_contrast, cfg.image_bfactor, mtf, cfg.detector_pixel_size)
+    optics = Optics(cfg.voltage, cfg.cs, cfg.amplitude_contrast, p)
+    detector = Detector(cfg.image_bfactor, mtf, cfg.detector_pixel_size)
 
     # acquisition and specimen of every tomogram first: a crowded slab fails before anything is written
     specimens = []
@@ -366,7 +382,7 @@ def simulate_project(cfg: SimulationConfig, project: Path, seed: int, log: Calla
             sel = np.nonzero(objs.template == ti_)[0]
             if len(sel) == 0:
                 continue
-            filt = image_filters(tp.projector.k2d / p, mean_exposure(geom), optics)
+            filt = image_filters(tp.projector.k2d / p, mean_exposure(geom), detector)
             render_objects(canvas, pad, tp.projector, objs.centre_A[sel], objs.matrices[sel], geom, optics, filt)
         contrast = canvas[:, pad:pad + ny, pad:pad + nx].cpu()
         del canvas
@@ -374,7 +390,7 @@ def simulate_project(cfg: SimulationConfig, project: Path, seed: int, log: Calla
             trng, (nx * p / 2 / math.cos(math.radians(max(abs(cfg.tilt_min), abs(cfg.tilt_max)))) + cfg.ice_thickness,
                    ny * p / 2 + cfg.ice_texture_length), cfg.ice_thickness, cfg.ice_texture_length, cfg.ice_texture)
         images = np.zeros((n_t, ny, nx), np.float32)
-        grid = ImageCtfGrid((ny, nx), p, optics)
+        grid = ImageCtfGrid((ny, nx), p, optics, detector)
         trials = np.zeros((2 * n_t, ny, nx), np.float32) if cfg.trials else None
         trial_defocus = np.zeros((n_t, 2))
         n0s = np.zeros(n_t)

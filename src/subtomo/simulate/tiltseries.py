@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from subtomo.ctf.model import ctf_2d, electron_wavelength_A
+from subtomo.ctf.model import Optics, ctf_2d, ctf_of_phase, electron_wavelength_A, phase_coefficients
 from subtomo.errors import SubtomoError
 from subtomo.fourier import fft_centered, ifft_centered, phase_shift, rfft_frequencies
 from subtomo.geometry.tilt import project_to_tilt
@@ -108,27 +107,16 @@ class TiltGeometry:
         return self.defocus_A - self.astigmatism_A / 2
 
 
-@dataclass
-class Optics:
-    voltage_kV: float = 300.0
-    cs_mm: float = 2.7
-    amplitude_contrast: float = 0.07
-    image_bfactor_A2: float = 0.0
+@dataclass(frozen=True)
+class Detector:
+    """What the image goes through after the CTF: the detector MTF and an image B-factor.
+
+    The microscope itself is :class:`subtomo.ctf.model.Optics`.
+    """
+
+    image_bfactor_A2: float = 0.0  # drift, vibration
     mtf: tuple[np.ndarray, np.ndarray] | None = None  # (cycles per detector pixel, value)
     detector_pixel_A: float = 1.0
-
-
-def read_mtf(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """A RELION MTF STAR file: (frequency in cycles per detector pixel, MTF)."""
-    from subtomo.io.star import read_star_table
-
-    table = read_star_table(path)
-    try:
-        f = table["rlnResolutionInversePixel"].to_numpy(float)
-        v = table["rlnMtfValue"].to_numpy(float)
-    except KeyError as exc:
-        raise SubtomoError(f"{path}: not a RELION MTF file (needs rlnResolutionInversePixel and rlnMtfValue).") from exc
-    return f, v
 
 
 def mean_exposure(geom: TiltGeometry) -> np.ndarray:
@@ -136,15 +124,15 @@ def mean_exposure(geom: TiltGeometry) -> np.ndarray:
     return geom.pre_dose + geom.dose_per_tilt / 2
 
 
-def image_filters(freq_A: torch.Tensor, dose_e_A2: np.ndarray, optics: Optics) -> torch.Tensor:
+def image_filters(freq_A: torch.Tensor, dose_e_A2: np.ndarray, detector: Detector) -> torch.Tensor:
     """Object-independent amplitude filters (T, *grid) at each dose: radiation damage × MTF × B envelope."""
     s = freq_A.norm(dim=-1)
     dose = torch.as_tensor(np.asarray(dose_e_A2, dtype=np.float64), dtype=s.dtype, device=s.device)
     filt = torch.exp(-dose.reshape(-1, *([1] * s.ndim)) / (2 * critical_exposure(s)))
-    filt = filt * torch.exp(-optics.image_bfactor_A2 * s ** 2 / 4)
-    if optics.mtf is not None:
-        fx, fv = optics.mtf
-        sd = (s * optics.detector_pixel_A).cpu().numpy()
+    filt = filt * torch.exp(-detector.image_bfactor_A2 * s ** 2 / 4)
+    if detector.mtf is not None:
+        fx, fv = detector.mtf
+        sd = (s * detector.detector_pixel_A).cpu().numpy()
         filt = filt * torch.as_tensor(np.interp(sd, fx, fv), dtype=s.dtype, device=s.device)
     return filt
 
@@ -241,23 +229,24 @@ class ImageCtfGrid:
     defocus-dependent phase term changes between calls.
     """
 
-    def __init__(self, shape: tuple[int, int], pixel_size_A: float, optics: Optics, device=None) -> None:
+    def __init__(self, shape: tuple[int, int], pixel_size_A: float, optics: Optics, detector: Detector = Detector(),
+                 device=None) -> None:
         freq_A = rfft_frequencies(shape, device=device) / pixel_size_A
         self.shape = shape
         self.s2 = (freq_A ** 2).sum(-1)
         phi = torch.atan2(freq_A[..., 1], freq_A[..., 0])
         self.cos2, self.sin2 = torch.cos(2 * phi), torch.sin(2 * phi)
-        self.lam = electron_wavelength_A(optics.voltage_kV)
-        self.cs_term = 0.5 * math.pi * optics.cs_mm * 1e7 * self.lam ** 3 * self.s2 ** 2
+        self.lam = optics.wavelength_A
+        self.k_defocus, k_cs = phase_coefficients(optics.voltage_kV, optics.cs_mm)
+        self.cs_term = k_cs * self.s2 ** 2
         self.q0 = optics.amplitude_contrast
         self.ne = critical_exposure(self.s2.sqrt())
-        self.static = image_filters(freq_A, np.zeros(1), optics)[0]  # MTF x B envelope (no dose)
+        self.static = image_filters(freq_A, np.zeros(1), detector)[0]  # MTF x B envelope (no dose)
 
     def ctf(self, defocus_A: float, half_astig_A: float, angle_deg: float) -> torch.Tensor:
         a = math.radians(angle_deg)
         d = defocus_A + half_astig_A * (self.cos2 * math.cos(2 * a) + self.sin2 * math.sin(2 * a))
-        chi = -math.pi * self.lam * d * self.s2 + self.cs_term
-        return -(math.sqrt(max(0.0, 1 - self.q0 ** 2)) * torch.sin(chi) - self.q0 * torch.cos(chi))
+        return ctf_of_phase(self.k_defocus * d * self.s2 + self.cs_term, self.q0)
 
     def filters(self, dose_e_A2: float) -> torch.Tensor:
         return self.static * torch.exp(-dose_e_A2 / (2 * self.ne))

@@ -33,9 +33,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from subtomo.ctf.model import electron_wavelength_A
+from subtomo.ctf.model import chi
 from subtomo.errors import SubtomoError
 from subtomo.fourier import crop_rfft
+from subtomo.io.mrc import read_mrc
+from subtomo.io.particles import ParticleSet
+from subtomo.io.star import read_star
 
 # Entries (pairs × voxels) evaluated at once; bounds temporary memory (~10 float32 arrays).
 _CHUNK_ENTRIES = 4_000_000
@@ -55,117 +58,202 @@ def _as_2d(x, name: str, device, dtype=torch.float32) -> torch.Tensor:
 
 
 def grid_indices(size: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Integer frequency indices (as float) of the cropped rfft grid: kz (size,), ky (size,), kx (size//2+1,)."""
+    """Integer frequency indices (as float32) of the cropped rfft grid.
+
+    Parameters
+    ----------
+    size : int
+        Current size (even).
+    device : torch.device or str, optional
+        Where the tensors live.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        kz (size,), ky (size,), kx (size//2+1,).
+    """
     full = torch.fft.fftfreq(size, d=1.0 / size, device=device, dtype=torch.float32)
     half = torch.arange(size // 2 + 1, device=device, dtype=torch.float32)
     return full, full.clone(), half
 
 
-def ctf3d_from_tilts(defocus_A, tilt_deg, bfactor_A2, scale, box: int, pixel_size_A: float,
-                     voltage_kV: float, cs_mm: float, amplitude_contrast: float, size: int | None = None,
-                     skip_ctf: bool = False, device=None, defocus_v_A=None, astig_angle_deg=None) -> torch.Tensor:
-    """3D CTF models of a batch of particles: (B, size, size, size//2+1) float32.
+@dataclass
+class _TiltParams:
+    """Per-(particle, tilt) inputs of :func:`ctf3d_from_tilts` on the device, each (B, T)."""
 
-    ``defocus_A`` (defocus U, or the mean defocus without astigmatism), ``tilt_deg``,
-    ``bfactor_A2`` and ``scale`` are (B, T) per particle and tilt (numpy or torch). A tilt
-    given as NaN is absent (lets particles with different numbers of tilts share a batch).
-    ``defocus_v_A``/``astig_angle_deg`` (B, T) add astigmatism (angle from image x to y, deg).
-    ``skip_ctf`` makes each tilt's CTF 1 (only scale and B envelope remain: wedge-only model).
-    ``size`` (even, <= box) is the current size of the cropped rfft grid (default ``box``).
-    The device is ``device`` if given, else that of ``defocus_A`` if it is a tensor.
-    """
-    if device is None:
-        device = defocus_A.device if isinstance(defocus_A, torch.Tensor) else torch.device("cpu")
-    device = torch.device(device)
-    size = int(box if size is None else size)
-    if box % 2 or size % 2 or size > box or size <= 0:
-        raise ValueError(f"box {box} and size {size} must be even with 0 < size <= box")
+    tilt: torch.Tensor  # float64 [deg], NaN = absent
+    def_u: torch.Tensor  # [Å]
+    bfac: torch.Tensor  # [Å²]
+    scl: torch.Tensor
+    def_v: torch.Tensor | None  # [Å]; None: no astigmatism
+    ang: torch.Tensor | None  # [deg]
+    skip_ctf: bool
+
+
+def _tilt_params(defocus_A, tilt_deg, bfactor_A2, scale, device, skip_ctf: bool, defocus_v_A,
+                 astig_angle_deg) -> _TiltParams:
     tilt = _as_2d(tilt_deg, "tilt_deg", device, torch.float64)
-    nb, nt = tilt.shape
-    shape2 = (nb, nt)
+    shape2 = tuple(tilt.shape)
     def_u = _as_2d(defocus_A, "defocus_A", device).expand(shape2)
     bfac = _as_2d(bfactor_A2, "bfactor_A2", device).expand(shape2)
     scl = _as_2d(scale, "scale", device).expand(shape2)
-    astig = defocus_v_A is not None and not skip_ctf
-    if astig:
+    def_v = ang = None
+    if defocus_v_A is not None and not skip_ctf:
         def_v = _as_2d(defocus_v_A, "defocus_v_A", device).expand(shape2)
         ang = _as_2d(astig_angle_deg if astig_angle_deg is not None else torch.zeros(shape2),
                      "astig_angle_deg", device).expand(shape2)
-        astig = bool(torch.any(def_u != def_v))
-    h = size // 2
-    nx = h + 1
-    nvox = size * size * nx
-    num = torch.zeros(nb, nvox, device=device, dtype=torch.float32)
-    kz, ky, kx = grid_indices(size, device)
-    inv_len2 = 1.0 / (box * pixel_size_A) ** 2
-    lam = electron_wavelength_A(voltage_kV)
-    cs_A = cs_mm * 1e7
-    q0 = float(amplitude_contrast)
-    phase_k = math.asin(max(-1.0, min(1.0, q0)))  # -(sqrt(1-Q0²) sin χ - Q0 cos χ) = -sin(χ - asin Q0)
+        if not bool(torch.any(def_u != def_v)):
+            def_v = ang = None
+    return _TiltParams(tilt, def_u, bfac, scl, def_v, ang, skip_ctf)
 
+
+@dataclass
+class _PlaneEntries:
+    """The Fourier voxels within one voxel of a tilt's central plane (E entries)."""
+
+    flat: torch.Tensor  # (E,) index into the (size, size, size//2+1) grid
+    weight: torch.Tensor  # (E,) 1 - |k·n|
+    s2: torch.Tensor  # (E,) in-plane squared frequency [1/Å²]
+    cos2: torch.Tensor | None  # (E,) cos 2φ of the in-plane direction (astigmatism only)
+    sin2: torch.Tensor | None
+
+
+def _plane_entries(tilt_deg: float, size: int, inv_len2: float, astig: bool, device) -> _PlaneEntries | None:
+    """Voxels near the central plane of tilt ``tilt_deg`` (None if there are none)."""
+    kz, ky, kx = grid_indices(size, device)
+    nx = size // 2 + 1
+    theta = math.radians(tilt_deg)
+    c, s = math.cos(theta), math.sin(theta)
+    d = kz[:, None] * c - kx[None, :] * s  # k·n on the (kz, kx) grid
+    zsel, xsel = torch.nonzero(d.abs() < 1.0, as_tuple=True)
+    if zsel.numel() == 0:
+        return None
+    w = (1.0 - d[zsel, xsel].abs())[:, None].expand(-1, size).reshape(-1)  # (E,)
+    kxp = (kx[xsel] * c + kz[zsel] * s)[:, None]  # in-plane x index
+    kyp = ky[None, :]
+    r2 = (kxp ** 2 + kyp ** 2).reshape(-1)
+    yi = torch.arange(size, device=device)
+    flat = ((zsel[:, None] * size + yi[None, :]) * nx + xsel[:, None]).reshape(-1)
+    cos2 = sin2 = None
+    if astig:
+        rr = r2.clamp(min=1e-12)
+        cos2 = ((kxp ** 2 - kyp ** 2).reshape(-1) / rr)
+        sin2 = ((2 * kxp * kyp).reshape(-1) / rr)
+    return _PlaneEntries(flat, w, r2 * inv_len2, cos2, sin2)
+
+
+def _plane_values(p: _TiltParams, pb: torch.Tensor, pt: torch.Tensor, plane: _PlaneEntries, voltage_kV: float,
+                  cs_mm: float, phase_k: float) -> torch.Tensor:
+    """Weighted CTF x envelope of (particle, tilt) pairs on a plane's entries: (len(pb), E)."""
+    s2 = plane.s2
+    env = p.scl[pb, pt][:, None] * torch.exp(-p.bfac[pb, pt][:, None] * (s2 / 4)[None, :])
+    if p.skip_ctf:
+        val = env
+    else:
+        if p.def_v is not None and p.ang is not None and plane.cos2 is not None and plane.sin2 is not None:
+            du, dv = p.def_u[pb, pt][:, None], p.def_v[pb, pt][:, None]
+            a2 = torch.deg2rad(p.ang[pb, pt])[:, None] * 2
+            dfoc = (du + dv) / 2 + (du - dv) / 2 * (plane.cos2[None, :] * torch.cos(a2) + plane.sin2[None, :] * torch.sin(a2))
+        else:
+            dfoc = p.def_u[pb, pt][:, None]
+        phase = chi(s2[None, :], dfoc, voltage_kV, cs_mm)
+        val = torch.sin(phase - phase_k).mul_(env).neg_()
+    return val.mul_(plane.weight[None, :])
+
+
+def _insert_plane(num: torch.Tensor, den: torch.Tensor, p: _TiltParams, gb: torch.Tensor, gt: torch.Tensor,
+                  plane: _PlaneEntries, sig_of: torch.Tensor, per_sig: torch.Tensor,
+                  microscope: tuple[float, float, float]) -> None:
+    """Add the plane of the (particle gb, tilt gt) pairs sharing one tilt angle to num (B, V) and den (S, V)."""
+    n_e = plane.flat.numel()
+    sg, sg_count = torch.unique(sig_of[gb], return_counts=True)
+    mult = sg_count.float() / per_sig[sg]  # how often each particle of the signature has this angle
+    den.index_put_((sg[:, None].expand(-1, n_e), plane.flat[None, :].expand(len(sg), -1)),
+                   mult[:, None] * plane.weight[None, :], accumulate=True)
+    step = max(1, _CHUNK_ENTRIES // n_e)
+    for start in range(0, len(gb), step):
+        pb, pt = gb[start:start + step], gt[start:start + step]
+        num.index_put_((pb[:, None].expand(-1, n_e), plane.flat[None, :].expand(len(pb), -1)),
+                       _plane_values(p, pb, pt, plane, *microscope), accumulate=True)
+
+
+def _device_and_size(defocus_A, device, box: int, size: int | None) -> tuple[torch.device, int]:
+    """The device (given, else that of a tensor ``defocus_A``, else the CPU) and the checked current size."""
+    if device is None:
+        device = defocus_A.device if isinstance(defocus_A, torch.Tensor) else torch.device("cpu")
+    size = int(box if size is None else size)
+    if box % 2 or size % 2 or size > box or size <= 0:
+        raise ValueError(f"box {box} and size {size} must be even with 0 < size <= box")
+    return torch.device(device), size
+
+
+def _signatures(tilt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rounded tilt keys (B, T) and the set of tilts of each particle (signature id (B,), count per signature)."""
     valid = ~torch.isnan(tilt)
-    b_idx, t_idx = torch.nonzero(valid, as_tuple=True)
     keys_bt = torch.where(valid, torch.round(tilt * 1e4), torch.full_like(tilt, float("inf")))
     # particles sharing the same set of tilt angles share the denominator Σ_j w_j(k)
     sigs, sig_of = torch.unique(torch.sort(keys_bt, dim=1).values, dim=0, return_inverse=True)
-    den = torch.zeros(len(sigs), nvox, device=device, dtype=torch.float32)
-    per_sig = torch.bincount(sig_of, minlength=len(sigs)).float()
+    return keys_bt, sig_of, torch.bincount(sig_of, minlength=len(sigs)).float()
+
+
+def ctf3d_from_tilts(defocus_A, tilt_deg, bfactor_A2, scale, box: int, pixel_size_A: float,
+                     voltage_kV: float, cs_mm: float, amplitude_contrast: float, size: int | None = None,
+                     skip_ctf: bool = False, device=None, defocus_v_A=None, astig_angle_deg=None) -> torch.Tensor:
+    """3D CTF models of a batch of particles (module docstring: the data/weight definition).
+
+    Parameters
+    ----------
+    defocus_A : array_like or torch.Tensor
+        (B, T) defocus U per particle and tilt [Å] (the mean defocus without astigmatism).
+    tilt_deg : array_like or torch.Tensor
+        (B, T) tilt angles [deg]; NaN marks an absent tilt (particles with different numbers
+        of tilts can share a batch).
+    bfactor_A2, scale : array_like or torch.Tensor
+        (B, T) dose B-factor [Å²] and scale factor.
+    box : int
+        Particle box [px], even.
+    pixel_size_A : float
+        Particle pixel size [Å].
+    voltage_kV, cs_mm, amplitude_contrast : float
+        Microscope [kV], [mm], Q0.
+    size : int, optional
+        Current size of the cropped rfft grid (even, <= box; default ``box``).
+    skip_ctf : bool
+        Each tilt's CTF is 1 (only scale and B envelope remain: wedge-only model).
+    device : torch.device or str, optional
+        Default: that of ``defocus_A`` if it is a tensor, else the CPU.
+    defocus_v_A, astig_angle_deg : array_like, optional
+        (B, T) defocus V [Å] and angle of U from image x to y [deg] (astigmatism).
+
+    Returns
+    -------
+    torch.Tensor
+        (B, size, size, size//2+1) float32, internal rfft layout.
+    """
+    device, size = _device_and_size(defocus_A, device, box, size)
+    p = _tilt_params(defocus_A, tilt_deg, bfactor_A2, scale, device, skip_ctf, defocus_v_A, astig_angle_deg)
+    nb = p.tilt.shape[0]
+    nx = size // 2 + 1
+    nvox = size * size * nx
+    num = torch.zeros(nb, nvox, device=device, dtype=torch.float32)
+    inv_len2 = 1.0 / (box * pixel_size_A) ** 2
+    phase_k = math.asin(max(-1.0, min(1.0, float(amplitude_contrast))))  # -(sqrt(1-Q0²) sin χ - Q0 cos χ) = -sin(χ - asin Q0)
+    keys_bt, sig_of, per_sig = _signatures(p.tilt)
+    den = torch.zeros(len(per_sig), nvox, device=device, dtype=torch.float32)
+    b_idx, t_idx = torch.nonzero(~torch.isnan(p.tilt), as_tuple=True)
     if b_idx.numel():
-        keys = keys_bt[b_idx, t_idx].long()
-        uniq, inverse = torch.unique(keys, return_inverse=True)
-        order = torch.argsort(inverse)
-        counts = torch.bincount(inverse, minlength=len(uniq)).tolist()
-        groups = torch.split(order, counts)
-        yi = torch.arange(size, device=device)
-        for g in groups:
+        uniq, inverse = torch.unique(keys_bt[b_idx, t_idx].long(), return_inverse=True)
+        for g in torch.split(torch.argsort(inverse), torch.bincount(inverse, minlength=len(uniq)).tolist()):
             gb, gt = b_idx[g], t_idx[g]
-            theta = math.radians(float(tilt[gb[0], gt[0]]))
-            c, s = math.cos(theta), math.sin(theta)
-            d = kz[:, None] * c - kx[None, :] * s  # k·n on the (kz, kx) grid
-            zsel, xsel = torch.nonzero(d.abs() < 1.0, as_tuple=True)
-            if zsel.numel() == 0:
-                continue
-            w = (1.0 - d[zsel, xsel].abs())[:, None].expand(-1, size).reshape(-1)  # (E,)
-            kxp = (kx[xsel] * c + kz[zsel] * s)[:, None]  # in-plane x index
-            kyp = ky[None, :]
-            r2 = (kxp ** 2 + kyp ** 2).reshape(-1)
-            s2 = r2 * inv_len2
-            flat = ((zsel[:, None] * size + yi[None, :]) * nx + xsel[:, None]).reshape(-1)
-            n_e = flat.numel()
-            sg, sg_count = torch.unique(sig_of[gb], return_counts=True)
-            mult = sg_count.float() / per_sig[sg]  # how often each particle of the signature has this angle
-            den.index_put_((sg[:, None].expand(-1, n_e), flat[None, :].expand(len(sg), -1)),
-                           mult[:, None] * w[None, :], accumulate=True)
-            if astig:
-                rr = r2.clamp(min=1e-12)
-                cos2 = ((kxp ** 2 - kyp ** 2).reshape(-1) / rr)
-                sin2 = ((2 * kxp * kyp).reshape(-1) / rr)
-            step = max(1, _CHUNK_ENTRIES // n_e)
-            for start in range(0, len(gb), step):
-                pb, pt = gb[start:start + step], gt[start:start + step]
-                env = scl[pb, pt][:, None] * torch.exp(-bfac[pb, pt][:, None] * (s2 / 4)[None, :])
-                if skip_ctf:
-                    val = env
-                else:
-                    if astig:
-                        du, dv = def_u[pb, pt][:, None], def_v[pb, pt][:, None]
-                        a2 = torch.deg2rad(ang[pb, pt])[:, None] * 2
-                        dfoc = (du + dv) / 2 + (du - dv) / 2 * (cos2[None, :] * torch.cos(a2) + sin2[None, :] * torch.sin(a2))
-                    else:
-                        dfoc = def_u[pb, pt][:, None]
-                    chi = (-math.pi * lam) * dfoc * s2[None, :] + (0.5 * math.pi * cs_A * lam ** 3) * (s2 * s2)[None, :]
-                    val = torch.sin(chi - phase_k).mul_(env).neg_()
-                num.index_put_((pb[:, None].expand(-1, n_e), flat[None, :].expand(len(pb), -1)),
-                               val.mul_(w[None, :]), accumulate=True)
+            plane = _plane_entries(float(p.tilt[gb[0], gt[0]]), size, inv_len2, p.def_v is not None, device)
+            if plane is not None:
+                _insert_plane(num, den, p, gb, gt, plane, sig_of, per_sig, (voltage_kV, cs_mm, phase_k))
     # num is 0 wherever den is 0, so a clamped division leaves those voxels at 0
     den.clamp_(min=1e-30)
-    if len(sigs) == 1:
-        num.div_(den)
-    else:
-        num.div_(den.index_select(0, sig_of))
-    out = num.view(nb, size, size, nx)
+    num.div_(den if len(per_sig) == 1 else den.index_select(0, sig_of))
+    kz, ky, kx = grid_indices(size, device)
     sphere = (kz[:, None, None] ** 2 + ky[None, :, None] ** 2 + kx[None, None, :] ** 2) <= (box / 2) ** 2
-    return out.mul_(sphere)
+    return num.view(nb, size, size, nx).mul_(sphere)
 
 
 # ----------------------------------------------------------------------------------------
@@ -173,9 +261,19 @@ def ctf3d_from_tilts(defocus_A, tilt_deg, bfactor_A2, scale, box: int, pixel_siz
 
 
 def to_relion_cube(half: torch.Tensor) -> torch.Tensor:
-    """Internal half layout (..., N, N, N//2+1) -> centred full cube (..., N, N, N), DC at N/2.
+    """Internal half layout -> RELION's centred full cube, DC at N/2.
 
     value(k) for kx < 0 is taken from the Friedel mate −k (the model is real and even).
+
+    Parameters
+    ----------
+    half : torch.Tensor
+        (..., N, N, N//2+1).
+
+    Returns
+    -------
+    torch.Tensor
+        (..., N, N, N).
     """
     n = half.shape[-2]
     full = torch.zeros(*half.shape[:-1], n, dtype=half.dtype, device=half.device)
@@ -189,9 +287,19 @@ def to_relion_cube(half: torch.Tensor) -> torch.Tensor:
 
 
 def from_relion_cube(cube: torch.Tensor) -> torch.Tensor:
-    """Centred N³ cube (DC at N/2) -> internal half layout (N, N, N//2+1).
+    """RELION's centred N³ cube (DC at N/2) -> internal half layout, as RELION reads it (``Fctf(k) = cube(−k)``).
 
-    As RELION reads it (``Fctf(k) = cube(−k)``); equal to cube(k) for Friedel-symmetric files.
+    Equal to cube(k) for Friedel-symmetric files.
+
+    Parameters
+    ----------
+    cube : torch.Tensor
+        (N, N, N), N even.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, N, N//2+1).
     """
     n = cube.shape[-1]
     if cube.shape[-3:] != (n, n, n) or n % 2:
@@ -206,13 +314,75 @@ def from_relion_cube(cube: torch.Tensor) -> torch.Tensor:
 # Per-particle models referenced by rlnCtfImage.
 
 
+def _read_ctf_table(path: Path) -> tuple[dict, dict[int, pd.DataFrame]]:
+    """(general block, rows per rlnTomoParticleId) of a compact CTF table (:mod:`subtomo.tomo.ctf_models`)."""
+    blocks = read_star(path)
+    gen = blocks.get(CTF_GENERAL_BLOCK)
+    table = blocks.get(CTF_TABLE_BLOCK)
+    if table is None:
+        table = next((v for k, v in blocks.items() if isinstance(v, pd.DataFrame) and k != CTF_GENERAL_BLOCK), None)
+    if not isinstance(gen, dict) or not isinstance(table, pd.DataFrame) or "rlnTomoParticleId" not in table.columns:
+        raise SubtomoError(f"{path}: not a subtomo CTF model table (needs a data_{CTF_GENERAL_BLOCK} block and a loop "
+                           "with rlnTomoParticleId). Re-run subtomo prepare.")
+    ids = table["rlnTomoParticleId"].to_numpy().astype(np.int64)
+    order = np.argsort(ids, kind="stable")  # keeps each particle's rows in file order
+    uniq, starts = np.unique(ids[order], return_index=True)
+    return gen, {int(pid): table.iloc[rows] for pid, rows in zip(uniq, np.split(order, starts[1:]))}
+
+
+def _tilt_arrays(per: list[pd.DataFrame | None]) -> list[np.ndarray]:
+    """(tilt, U, V, angle, B, scale) arrays (P, T) from each particle's CTF rows (NaN tilt where absent)."""
+    n = len(per)
+    nt = max([len(p) for p in per if p is not None], default=1)
+    columns = (("rlnTomoNominalStageTiltAngle", np.nan), ("rlnDefocusU", 0.0), ("rlnDefocusV", None),
+               ("rlnDefocusAngle", 0.0), ("rlnCtfBfactor", 0.0), ("rlnCtfScalefactor", 1.0))
+    arrays = [np.full((n, nt), np.nan if c == "rlnTomoNominalStageTiltAngle" else 0.0) for c, _ in columns]
+    for i, p in enumerate(per):
+        if p is None:
+            continue
+        m = len(p)
+        for a, (c, default) in zip(arrays, columns):
+            if c in p:
+                a[i, :m] = p[c].to_numpy(float)
+            else:
+                a[i, :m] = arrays[1][i, :m] if default is None else default  # V defaults to U
+    return arrays
+
+
+def _microscope_arrays(general: list[dict], per: list[pd.DataFrame | None]) -> tuple[np.ndarray, ...]:
+    """Per-particle (voltage, Cs, Q0, skip CTF) arrays (P,) from the CTF tables' general blocks."""
+    keys = (("rlnVoltage", 300.0), ("rlnSphericalAberration", 2.7), ("rlnAmplitudeContrast", 0.07), ("subtomoSkipCtf", 0))
+    arrays = [np.zeros(len(general)) for _ in keys]
+    for i, (g, p) in enumerate(zip(general, per)):
+        if p is not None:
+            for a, (k, default) in zip(arrays, keys):
+                a[i] = float(g.get(k, default))
+    return arrays[0], arrays[1], arrays[2], arrays[3] > 0
+
+
 @dataclass
 class ParticleCtfModels:
-    """Compact 3D CTF parameters of a particle table, built into volumes on demand.
+    """Compact 3D CTF parameters of a particle set, built into volumes on demand.
 
-    Arrays are (P, T) with NaN tilts where a particle has fewer tilts; per-particle
-    microscope values are (P,). Particles whose ``rlnCtfImage`` is a RELION ``.mrc``
-    volume keep that volume (internal half layout) in ``volumes_half``.
+    Particles whose ``rlnCtfImage`` is a RELION ``.mrc`` volume keep that volume (internal
+    half layout) in ``volumes_half``.
+
+    Attributes
+    ----------
+    tilt_deg : numpy.ndarray
+        (P, T) tilt angles [deg], NaN where a particle has fewer tilts.
+    defocus_u_A, defocus_v_A, astig_angle_deg : numpy.ndarray
+        (P, T) position-dependent defocus [Å] and astigmatism angle [deg].
+    bfactor_A2, scale : numpy.ndarray
+        (P, T) dose B-factor [Å²] and scale factor.
+    voltage_kV, cs_mm, amplitude_contrast : numpy.ndarray
+        (P,) microscope [kV], [mm], Q0.
+    pixel_size_A : numpy.ndarray
+        (P,) particle pixel size [Å].
+    skip_ctf : numpy.ndarray
+        (P,) bool, wedge-only model.
+    volumes_half : dict of int to torch.Tensor
+        Row -> (N, N, N//2+1) volume read from a RELION file.
     """
 
     tilt_deg: np.ndarray
@@ -233,83 +403,80 @@ class ParticleCtfModels:
 
     @classmethod
     def from_particles(cls, particles: pd.DataFrame, project_dir: str | Path = ".") -> "ParticleCtfModels":
+        """:meth:`from_particle_set` of a particle table whose paths are relative to ``project_dir``."""
+        return cls.from_particle_set(ParticleSet.from_table(particles, None, Path(project_dir)))
+
+    @classmethod
+    def from_particle_set(cls, particles: ParticleSet) -> "ParticleCtfModels":
         """Read every particle's ``rlnCtfImage`` once.
 
         Accepted references: ``NNNNNN@<path>_ctf.star`` (rows of the compact CTF table with
         ``rlnTomoParticleId`` = NNNNNN) and RELION volumes ``<path>.mrc`` (centred cube).
-        The pixel size of each particle is ``rlnImagePixelSize`` when present (e.g. after
-        rescaled extraction), else the CTF table's.
-        """
-        from subtomo.io.mrc import read_mrc
-        from subtomo.io.star import read_star
 
-        project = Path(project_dir)
-        if "rlnCtfImage" not in particles.columns:
-            raise SubtomoError("particle table has no rlnCtfImage column. Run subtomo prepare (Step 9) and extract from its particles_subtomo.star.")
-        refs = particles["rlnCtfImage"].astype(str).tolist()
-        n = len(refs)
-        tables: dict[str, tuple[dict, dict[int, pd.DataFrame]]] = {}
+        Parameters
+        ----------
+        particles : ParticleSet
+            P particles with ``rlnCtfImage``.
+
+        Returns
+        -------
+        ParticleCtfModels
+            (P, T) arrays, T the largest number of tilts. The particle pixel size [Å] is
+            the particle set's (:data:`subtomo.io.particles.PIXEL_SIZE_RULE`, e.g. after a
+            rescaled extraction); particles that do not have one yet (not extracted) take
+            the pixel size of their CTF table (the tomogram's) or RELION volume.
+        """
+        if not particles.has("rlnCtfImage"):
+            raise SubtomoError(f"{particles.name}: no rlnCtfImage column. Run subtomo prepare (Step 9) and extract from "
+                               "its particles_subtomo.star.")
+        n = len(particles)
+        tables: dict[Path, tuple[dict, dict[int, pd.DataFrame]]] = {}
         per: list[pd.DataFrame | None] = [None] * n
         general: list[dict] = [{}] * n
         volumes: dict[int, torch.Tensor] = {}
         px = np.full(n, np.nan)
-        for i, ref in enumerate(refs):
-            if "@" in ref:
-                num, path = ref.split("@", 1)
-                if path not in tables:
-                    full = project / path
-                    blocks = read_star(full)
-                    gen = blocks.get(CTF_GENERAL_BLOCK)
-                    table = blocks.get(CTF_TABLE_BLOCK)
-                    if table is None:
-                        table = next((v for k, v in blocks.items() if isinstance(v, pd.DataFrame) and k != CTF_GENERAL_BLOCK), None)
-                    if not isinstance(gen, dict) or table is None or "rlnTomoParticleId" not in table.columns:
-                        raise SubtomoError(f"{full}: not a subtomo CTF model table (needs a data_{CTF_GENERAL_BLOCK} block and a loop with rlnTomoParticleId). Re-run subtomo prepare.")
-                    tables[path] = (gen, {int(k): g for k, g in table.groupby("rlnTomoParticleId", sort=False)})
-                gen, groups = tables[path]
-                try:
-                    pid = int(num)
-                except ValueError:
-                    raise SubtomoError(f"rlnCtfImage {ref!r}: the part before @ must be a particle number.") from None
-                if pid not in groups:
-                    raise SubtomoError(f"rlnCtfImage {ref!r}: {path} has no rows with rlnTomoParticleId {pid}. Re-run subtomo prepare.")
-                per[i] = groups[pid]
-                general[i] = gen
-                px[i] = float(gen.get("rlnTomoTiltSeriesPixelSize", np.nan))
-            else:
-                vol, vpx = read_mrc(project / ref)
+        for i, (ref, image) in enumerate(zip(particles.table["rlnCtfImage"].astype(str), particles.image_refs("rlnCtfImage"))):
+            if image.index is None:
+                vol, px[i] = read_mrc(image.path)
                 volumes[i] = from_relion_cube(torch.from_numpy(vol))
-                px[i] = vpx
-        if "rlnImagePixelSize" in particles.columns:
-            img_px = pd.to_numeric(particles["rlnImagePixelSize"], errors="coerce").to_numpy(dtype=np.float64)
-            px = np.where(np.isfinite(img_px) & (img_px > 0), img_px, px)
-        nt = max([len(p) for p in per if p is not None], default=1)
-        arrays = {k: np.full((n, nt), np.nan if k == "tilt" else 0.0) for k in ("tilt", "du", "dv", "ang", "b", "s")}
-        micro = {k: np.zeros(n) for k in ("kv", "cs", "q0", "skip")}
-        for i, p in enumerate(per):
-            if p is None:
                 continue
-            m = len(p)
-            arrays["tilt"][i, :m] = p["rlnTomoNominalStageTiltAngle"].to_numpy(float)
-            arrays["du"][i, :m] = p["rlnDefocusU"].to_numpy(float)
-            arrays["dv"][i, :m] = p["rlnDefocusV"].to_numpy(float) if "rlnDefocusV" in p else arrays["du"][i, :m]
-            arrays["ang"][i, :m] = p["rlnDefocusAngle"].to_numpy(float) if "rlnDefocusAngle" in p else 0.0
-            arrays["b"][i, :m] = p["rlnCtfBfactor"].to_numpy(float) if "rlnCtfBfactor" in p else 0.0
-            arrays["s"][i, :m] = p["rlnCtfScalefactor"].to_numpy(float) if "rlnCtfScalefactor" in p else 1.0
-            g = general[i]
-            micro["kv"][i] = float(g.get("rlnVoltage", 300.0))
-            micro["cs"][i] = float(g.get("rlnSphericalAberration", 2.7))
-            micro["q0"][i] = float(g.get("rlnAmplitudeContrast", 0.07))
-            micro["skip"][i] = float(g.get("subtomoSkipCtf", 0))
-        return cls(arrays["tilt"], arrays["du"], arrays["dv"], arrays["ang"], arrays["b"], arrays["s"],
-                   micro["kv"], micro["cs"], micro["q0"], px, micro["skip"] > 0, volumes)
+            if image.path not in tables:
+                tables[image.path] = _read_ctf_table(image.path)
+            general[i], groups = tables[image.path]
+            if image.index not in groups:
+                raise SubtomoError(f"rlnCtfImage {ref!r}: {image.path} has no rows with rlnTomoParticleId {image.index}. "
+                                   "Re-run subtomo prepare.")
+            per[i] = groups[image.index]
+            px[i] = float(general[i].get("rlnTomoTiltSeriesPixelSize", np.nan))
+        try:
+            px = particles.pixel_sizes_A()
+        except SubtomoError:
+            pass  # not extracted yet: the CTF tables' (tomogram) pixel size
+        tilt, du, dv, ang, bfac, scale = _tilt_arrays(per)
+        kv, cs, q0, skip = _microscope_arrays(general, per)
+        return cls(tilt, du, dv, ang, bfac, scale, kv, cs, q0, px, skip, volumes)
 
     def volumes(self, rows, box: int, size: int | None = None, device=None,
                 pixel_size_A: float | None = None) -> torch.Tensor:
-        """3D CTFs of particles ``rows`` (positions in the table): (len(rows), size, size, size//2+1).
+        """3D CTFs of some particles.
 
-        ``box`` is the particle box (pixels at the particle pixel size) and ``size`` the
-        current size (default ``box``). ``pixel_size_A`` overrides the per-particle value.
+        Parameters
+        ----------
+        rows : array_like
+            (B,) positions in the table.
+        box : int
+            Particle box [px] at the particle pixel size.
+        size : int, optional
+            Current size (default ``box``).
+        device : torch.device or str, optional
+            Where to build them.
+        pixel_size_A : float, optional
+            Overrides the per-particle pixel size [Å].
+
+        Returns
+        -------
+        torch.Tensor
+            (B, size, size, size//2+1) float32.
         """
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         size = int(box if size is None else size)

@@ -32,12 +32,39 @@ DEFOCUS_MODELS: tuple[str, ...] = ("exact", "relion")
 
 
 def beam_height_A(offsets_A: np.ndarray, tilt_deg: np.ndarray) -> np.ndarray:
-    """Height ``h = −x_t sin θ + z_t cos θ`` (Å) along the beam: (P, 3) × (T,) -> (P, T)."""
+    """Height ``h = −x_t sin θ + z_t cos θ`` of each particle along the beam in each tilt.
+
+    Parameters
+    ----------
+    offsets_A : numpy.ndarray
+        (P, 3) particle positions (x, y, z) from the tomogram centre [Å].
+    tilt_deg : numpy.ndarray
+        (T,) tilt angles [deg].
+
+    Returns
+    -------
+    numpy.ndarray
+        (P, T) heights [Å] (the beam travels towards +h).
+    """
     return project_to_tilt(offsets_A, tilt_deg)[2]
 
 
 def defocus_offset_A(offsets_A: np.ndarray, tilt_deg: np.ndarray, model: str = "exact") -> np.ndarray:
-    """Per-particle, per-tilt defocus change (Å) to add to the image defocus: (P, T)."""
+    """Per-particle, per-tilt defocus change to add to the image defocus.
+
+    Parameters
+    ----------
+    offsets_A, tilt_deg
+        (P, 3) particle positions from the tomogram centre [Å] and (T,) tilts [deg], as for
+        :func:`beam_height_A`.
+    model : str
+        ``exact`` (−h) or ``relion`` (x_img sin θ), see the module docstring.
+
+    Returns
+    -------
+    numpy.ndarray
+        (P, T) defocus offsets [Å].
+    """
     if model == "exact":
         return -beam_height_A(offsets_A, tilt_deg)
     if model == "relion":
@@ -48,7 +75,28 @@ def defocus_offset_A(offsets_A: np.ndarray, tilt_deg: np.ndarray, model: str = "
 
 def particle_defocus_A(image_defocus_A: np.ndarray, tilt_deg: np.ndarray, coords_px: np.ndarray,
                        tomo_size_xyz, pixel_size_A: float, model: str = "exact") -> np.ndarray:
-    """Defocus (Å) of each particle in each tilt image: image defocus (T,) or (P, T) + offset -> (P, T)."""
+    """Defocus of each particle in each tilt image: image defocus + position offset.
+
+    Parameters
+    ----------
+    image_defocus_A : numpy.ndarray
+        (T,) or (P, T) defocus at the tomogram centre [Å].
+    tilt_deg : numpy.ndarray
+        (T,) tilt angles [deg].
+    coords_px : numpy.ndarray
+        (P, 3) particle coordinates (x, y, z) in the tomogram [px].
+    tomo_size_xyz : sequence of int
+        Tomogram size (x, y, z) [px].
+    pixel_size_A : float
+        Tomogram pixel size [Å].
+    model : str
+        ``exact`` or ``relion``.
+
+    Returns
+    -------
+    numpy.ndarray
+        (P, T) defocus [Å].
+    """
     offsets = specimen_coordinates_A(coords_px, tomo_size_xyz, pixel_size_A)
     delta = defocus_offset_A(offsets, tilt_deg, model)
     return np.asarray(image_defocus_A, dtype=np.float64) + delta

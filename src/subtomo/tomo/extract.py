@@ -23,37 +23,98 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from subtomo.errors import SubtomoError
 from subtomo.fourier import fourier_resize
 from subtomo.io.mrc import open_mrc_mmap
 
 
 def box_start(coord_px: np.ndarray, box: int) -> tuple[np.ndarray, np.ndarray]:
-    """First voxel index (x, y, z) of the box and the fractional remainder ``c − floor(c)``."""
+    """First voxel of the box around a coordinate, and the coordinate's fractional part.
+
+    Parameters
+    ----------
+    coord_px : numpy.ndarray
+        (3,) coordinate (x, y, z) [px].
+    box : int
+        Box edge [px].
+
+    Returns
+    -------
+    start : numpy.ndarray
+        (3,) int64 first voxel index (x, y, z): floor(c) − box//2.
+    frac : numpy.ndarray
+        (3,) float64 ``c − floor(c)`` [px].
+    """
     c = np.asarray(coord_px, dtype=np.float64)
     fl = np.floor(c)
     return fl.astype(np.int64) - box // 2, c - fl
 
 
 def origin_angst(frac_xyz: np.ndarray, pixel_size_A: float) -> np.ndarray:
-    """``rlnOriginX/Y/ZAngst`` for a box cut at floor(c): ``−frac · pixel`` (RELION: centre = box centre − origin)."""
+    """``rlnOriginX/Y/ZAngst`` of a box cut at floor(c): ``−frac · pixel`` (RELION: centre = box centre − origin).
+
+    Parameters
+    ----------
+    frac_xyz : numpy.ndarray
+        (3,) fractional part of the coordinate [px].
+    pixel_size_A : float
+        Pixel size [Å].
+
+    Returns
+    -------
+    numpy.ndarray
+        (3,) origin [Å].
+    """
     return -np.asarray(frac_xyz, dtype=np.float64) * float(pixel_size_A)
 
 
 def outside_sphere_mask(box: int, radius_px: float, ndim: int = 3) -> np.ndarray:
-    """True for voxels farther than ``radius_px`` from the box centre N//2 (the background)."""
+    """True for voxels farther than ``radius_px`` from the box centre N//2 (the background).
+
+    Parameters
+    ----------
+    box : int
+        Box edge N [px].
+    radius_px : float
+        Sphere radius [px].
+    ndim : int
+        2 or 3.
+
+    Returns
+    -------
+    numpy.ndarray
+        (N,)*ndim bool.
+    """
     ax = np.arange(box, dtype=np.float64) - box // 2
     grids = np.meshgrid(*([ax] * ndim), indexing="ij")
-    return sum(g * g for g in grids) > radius_px * radius_px
+    return np.asarray(sum(g * g for g in grids) > radius_px * radius_px, dtype=bool)
 
 
 def read_box(data: np.ndarray, start_xyz: np.ndarray, box: int, release=None,
              planes_per_read: int | None = None) -> tuple[np.ndarray, tuple[slice, slice, slice] | None]:
     """Copy the box starting at voxel ``start_xyz`` out of a (z, y, x) array (memmap).
 
-    Returns (box array float32 (N, N, N) with zeros outside the tomogram, the slices of
-    the box that hold tomogram data — ``None`` when the whole box is inside). With
-    ``release`` (a callable) the box is read ``planes_per_read`` z-planes at a time and
+    With ``release`` (a callable) the box is read ``planes_per_read`` z-planes at a time and
     ``release()`` is called after each, bounding the memory mapped at any moment.
+
+    Parameters
+    ----------
+    data : numpy.ndarray
+        (Z, Y, X) tomogram.
+    start_xyz : numpy.ndarray
+        (3,) first voxel (x, y, z).
+    box : int
+        Box edge N [px].
+    release : callable, optional
+        Drops mapped pages.
+    planes_per_read : int, optional
+        z-planes per read.
+
+    Returns
+    -------
+    tuple
+        (box (N, N, N) float32 with zeros outside the tomogram, the slices of the box that
+        hold tomogram data — None when the whole box is inside).
     """
     shape_zyx = data.shape
     start_zyx = [int(start_xyz[2]), int(start_xyz[1]), int(start_xyz[0])]
@@ -82,7 +143,23 @@ def fill_outside(vol: np.ndarray, valid: tuple[slice, slice, slice], background:
     """Fill voxels outside ``valid`` with noise of the background statistics (in place).
 
     The statistics are those of the valid voxels in ``background`` (or of all valid voxels
-    when fewer than 100 background voxels are inside the tomogram). Returns (mean, std).
+    when fewer than 100 background voxels are inside the tomogram).
+
+    Parameters
+    ----------
+    vol : numpy.ndarray
+        (N, N, N) box.
+    valid : tuple of slice
+        The part of the box inside the tomogram.
+    background : numpy.ndarray
+        (N, N, N) bool background mask.
+    rng : numpy.random.Generator
+        Noise source.
+
+    Returns
+    -------
+    tuple of float
+        (mean, std) used.
     """
     inside = np.zeros(vol.shape, dtype=bool)
     inside[valid] = True
@@ -99,7 +176,20 @@ def fill_outside(vol: np.ndarray, valid: tuple[slice, slice, slice], background:
 
 
 def normalise(vol: np.ndarray, background: np.ndarray) -> np.ndarray:
-    """(vol − mean) / std with mean and std of the background voxels (RELION's normalisation)."""
+    """(vol − mean) / std with the mean and std of the background voxels (RELION's normalisation).
+
+    Parameters
+    ----------
+    vol : numpy.ndarray
+        Box (any shape).
+    background : numpy.ndarray
+        Bool mask of the same shape.
+
+    Returns
+    -------
+    numpy.ndarray
+        Normalised float32 box.
+    """
     bg = vol[background].astype(np.float64)
     mean, std = bg.mean(), bg.std()
     if not np.isfinite(std) or std <= 0:
@@ -108,7 +198,22 @@ def normalise(vol: np.ndarray, background: np.ndarray) -> np.ndarray:
 
 
 def rescale(vol: np.ndarray, new_box: int, device=None) -> np.ndarray:
-    """Fourier crop/pad to ``new_box`` (pixel size × old/new), on ``device``."""
+    """Fourier crop/pad a cubic box to ``new_box`` (the pixel size changes by old/new).
+
+    Parameters
+    ----------
+    vol : numpy.ndarray
+        (N, N, N) box.
+    new_box : int
+        New edge [px].
+    device : torch.device or str, optional
+        Where to compute.
+
+    Returns
+    -------
+    numpy.ndarray
+        (new_box,)*3 float32.
+    """
     if new_box == vol.shape[-1]:
         return vol
     t = torch.from_numpy(np.ascontiguousarray(vol)).to(device or "cpu")
@@ -117,7 +222,23 @@ def rescale(vol: np.ndarray, new_box: int, device=None) -> np.ndarray:
 
 @dataclass
 class ExtractionSettings:
-    """What is done to each box, in this order: cut, invert, fill edges, rescale, normalise."""
+    """What is done to each box, in this order: cut, invert, fill edges, rescale, normalise.
+
+    Attributes
+    ----------
+    box : int
+        Box cut from the tomogram [px].
+    bg_radius_A : float
+        Radius outside which the background statistics are taken [Å].
+    pixel_size_A : float
+        Tomogram pixel size [Å].
+    invert, normalise, project : bool
+        Invert the contrast, normalise, also make the z-projection.
+    new_box : int or None
+        Rescaled box [px].
+    device : str or torch.device
+        Where rescaling runs.
+    """
 
     box: int
     bg_radius_A: float
@@ -130,15 +251,19 @@ class ExtractionSettings:
 
     @property
     def out_box(self) -> int:
+        """Edge of the output box [px] (after rescaling)."""
         return self.new_box or self.box
 
     @property
     def out_pixel_size_A(self) -> float:
+        """Pixel size of the output box [Å]."""
         return self.pixel_size_A * self.box / self.out_box
 
 
 @dataclass
 class Subtomogram:
+    """One extracted particle: its box, z-projection, edge flag and origin offset [Å]."""
+
     volume: np.ndarray  # (N', N', N') float32
     projection: np.ndarray | None  # (N', N') float32
     crosses_edge: bool
@@ -154,7 +279,17 @@ MAPPED_BUDGET_BYTES = 32 * 1024 * 1024
 
 
 class TomogramBoxReader:
-    """Reads boxes from one tomogram through a read-only memory map, releasing mapped pages as it goes."""
+    """Reads boxes from one tomogram through a read-only memory map, releasing mapped pages as it goes.
+
+    Attributes
+    ----------
+    path : Path
+        The tomogram.
+    shape_zyx : tuple of int
+        Its size (z, y, x) [px].
+    pixel_size_A : float
+        Pixel size of its header [Å].
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -164,8 +299,6 @@ class TomogramBoxReader:
         self.pixel_size_A = float(self._mrc.voxel_size.x)
         self._mm = getattr(self.data, "_mmap", None)
         if self.data.ndim != 3:
-            from subtomo.errors import SubtomoError
-
             self.close()
             raise SubtomoError(f"{self.path}: not a 3D tomogram (shape {self.data.shape}).")
 
@@ -177,8 +310,14 @@ class TomogramBoxReader:
             except (OSError, ValueError):
                 self._mm = None
 
-    def read(self, coord_px: np.ndarray, box: int) -> tuple[np.ndarray, tuple | None, np.ndarray]:
-        """The box around ``coord_px`` (see :func:`read_box`) and the fractional part of the coordinate."""
+    def read(self, coord_px: np.ndarray, box: int) -> tuple[np.ndarray, tuple[slice, slice, slice] | None, np.ndarray]:
+        """The box around a coordinate (:func:`box_start` for the arguments, :func:`read_box` for the box).
+
+        Returns
+        -------
+        tuple
+            (box (N, N, N) float32, valid slices or None, fractional part of the coordinate (3,) [px]).
+        """
         start, frac = box_start(coord_px, box)
         row_cost = box * MAPPED_BYTES_PER_ROW
         planes = max(1, MAPPED_BUDGET_BYTES // row_cost)
@@ -186,6 +325,7 @@ class TomogramBoxReader:
         return vol, valid, frac
 
     def close(self) -> None:
+        """Close the memory map."""
         self.data = None
         self._mm = None
         self._mrc.close()
@@ -199,7 +339,26 @@ class TomogramBoxReader:
 
 def extract_one(reader: TomogramBoxReader, coord_px: np.ndarray, settings: ExtractionSettings,
                 rng: np.random.Generator, masks: dict | None = None) -> Subtomogram:
-    """Cut, invert, edge-fill, rescale and normalise one subtomogram (and its z-projection)."""
+    """Cut, invert, edge-fill, rescale and normalise one subtomogram (and its z-projection).
+
+    Parameters
+    ----------
+    reader : TomogramBoxReader
+        The tomogram.
+    coord_px : numpy.ndarray
+        (3,) coordinate (x, y, z) [px].
+    settings : ExtractionSettings
+        What to do.
+    rng : numpy.random.Generator
+        Noise for voxels outside the tomogram.
+    masks : dict, optional
+        Cache of background masks shared by the boxes of one tomogram.
+
+    Returns
+    -------
+    Subtomogram
+        The box, projection, edge flag and origin [Å].
+    """
     n, n_out = settings.box, settings.out_box
     masks = masks if masks is not None else {}
     if "bg_in" not in masks:  # cached across the particles of one tomogram
@@ -211,7 +370,7 @@ def extract_one(reader: TomogramBoxReader, coord_px: np.ndarray, settings: Extra
     if settings.invert:
         np.negative(vol, out=vol)
     crosses = valid is not None
-    if crosses and not empty:
+    if valid is not None and not empty:
         fill_outside(vol, valid, bg_in, rng)
     elif empty:
         vol = rng.normal(0.0, 1.0, size=vol.shape).astype(np.float32)
@@ -227,10 +386,34 @@ def extract_one(reader: TomogramBoxReader, coord_px: np.ndarray, settings: Extra
 
 
 def default_bg_radius_A(box: int, pixel_size_A: float) -> float:
-    """RELION's default background radius: 75 % of half the box."""
+    """RELION's default background radius: 75 % of half the box.
+
+    Parameters
+    ----------
+    box : int
+        Box edge [px].
+    pixel_size_A : float
+        Pixel size [Å].
+
+    Returns
+    -------
+    float
+        Radius [Å].
+    """
     return 0.75 * box / 2 * pixel_size_A
 
 
 def max_bg_radius_A(box: int, pixel_size_A: float) -> float:
-    """Largest useful background radius: half the box (voxels beyond it exist only in the corners)."""
+    """Largest useful background radius: half the box (voxels beyond it exist only in the corners).
+
+    Parameters
+    ----------
+    box, pixel_size_A
+        Box edge [px] and pixel size [Å], as for :func:`default_bg_radius_A`.
+
+    Returns
+    -------
+    float
+        Radius [Å].
+    """
     return box / 2 * pixel_size_A * (1 - 1e-9) if box else math.inf
