@@ -140,3 +140,17 @@ def test_extract_job_normalises_flags_rescales_and_projects(tmp_path):
     # the default input is the latest Prepare job's particles_subtomo.star: none recorded here
     with pytest.raises(SubtomoError, match="prepare"):
         execute(SPEC, ExtractParams(box=16), tmp_path, quiet=True)
+
+
+def test_tomogram_name_that_would_escape_the_project_is_refused(tmp_path):
+    from subtomo.jobs.extract import SPEC, ExtractParams
+
+    coords = np.array([[20.0, 24.0, 20.0]])
+    project = tmp_path / "deep" / "project"
+    (project / "Tomograms/tomo1").mkdir(parents=True)
+    _tomogram(project / "Tomograms/tomo1/tomo1.mrc", coords)
+    _particles_star(project / "picks.star", "Tomograms/tomo1/tomo1.mrc", coords, name="../../../x")
+    with pytest.raises(SubtomoError, match="rlnTomoName '../../../x' cannot be used as a file name"):
+        execute(SPEC, ExtractParams(i="picks.star", box=16, device="cpu"), project, quiet=True)
+    assert not (project / "Extract").exists()  # refused before a job directory was made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep"]  # nothing written outside the project

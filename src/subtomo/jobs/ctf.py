@@ -34,6 +34,7 @@ from subtomo.ctf.series import (
     skip_ctf_table,
 )
 from subtomo.errors import SubtomoError
+from subtomo.io.particles import path_component
 from subtomo.io.star import read_star_table, write_star
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
 from subtomo.jobs.contracts import InputSpec, NodeType, OutputSpec, Source
@@ -95,7 +96,7 @@ def _check(p: CtfParams, project: Path) -> dict:
     for col in TOMOGRAM_COLUMNS:
         if col not in tomos.columns:
             raise SubtomoError(f"{inp}: column {col} missing; this is not an all_tomograms.star from subtomo import. Re-run subtomo import.")
-    names = [str(n) for n in tomos["rlnTomoName"]]
+    names = [path_component(n, "rlnTomoName", inp) for n in tomos["rlnTomoName"]]  # outputs are named after them
     if p.tomo:
         unknown = [t for t in p.tomo if t not in names]
         if unknown:

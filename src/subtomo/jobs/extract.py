@@ -22,7 +22,7 @@ from pydantic import Field
 
 from subtomo.errors import SubtomoError
 from subtomo.io.mrc import write_mrc
-from subtomo.io.particles import ParticleSet, resolve_project_path
+from subtomo.io.particles import ParticleSet, path_component, resolve_project_path
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
 from subtomo.jobs.contracts import NodeType, OutputSpec, Source, particles_spec
 from subtomo.tomo.ctf_models import tomogram_pixel_size_A
@@ -64,6 +64,9 @@ def _check(params: ExtractParams, project: Path):
     if particles.empty:
         raise SubtomoError(f"{star}: contains no particles.")
     pixel = {}
+    if "rlnTomoName" in particles.columns:  # subtomograms are written to Subtomograms/<rlnTomoName>/
+        for tomo_name in particles["rlnTomoName"].unique():
+            path_component(tomo_name, "rlnTomoName", star)
     for name, rows in particles.groupby("rlnMicrographName", sort=False):
         tomo = resolve_project_path(project, str(name))
         if not tomo.exists():

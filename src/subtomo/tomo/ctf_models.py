@@ -29,7 +29,7 @@ from subtomo.ctf.series import UNKNOWN_CTF_ADVICE
 from subtomo.ctf.trend import check_against_trend
 from subtomo.errors import SubtomoError
 from subtomo.io.mrc import read_mrc_header
-from subtomo.io.particles import resolve_project_path
+from subtomo.io.particles import path_component, resolve_project_path
 from subtomo.io.star import read_star_table
 from subtomo.io.text import match_order_to_tilts, read_coords, read_order, read_tlt
 from subtomo.tomo.ctf3d import CTF_GENERAL_BLOCK, CTF_TABLE_BLOCK, ctf3d_from_tilts
@@ -202,7 +202,7 @@ def _image_defoci(name: str, tilt_table: pd.DataFrame, source: str, notes: list[
 def _read_one(project: Path, star: Path, row: pd.Series, skip_ctf: bool, lower_tilt_limit: float | None) -> TomoCtf:
     """The CTF inputs of one row of a tomogram table (problems raise SubtomoError)."""
     tomo = resolve_project_path(project, str(row["rlnMicrographName"]))
-    name = str(row["rlnTomoName"]) if "rlnTomoName" in row else tomo.stem
+    name = path_component(row["rlnTomoName"] if "rlnTomoName" in row else tomo.stem, "rlnTomoName", star)
     size, px = _tomogram_size_xyz(row, tomo), tomogram_pixel_size_A(row, tomo)
     coords = read_coords(tomo.with_suffix(".coords"))
     tilt_table, source = _tilt_inputs(project, row, tomo, star, skip_ctf)
