@@ -37,7 +37,7 @@ from bench_refine3d import latest, sh, truth_ctf_node  # noqa: E402
 from subtomo.geometry.euler import matrix_to_euler, random_rotations  # noqa: E402
 from subtomo.io.mrc import read_mrc, write_mrc  # noqa: E402
 from subtomo.io.star import read_particles, read_star_table, write_particles  # noqa: E402
-from subtomo.jobs.refine3d import oracle_poses  # noqa: E402
+from subtomo.simulate.scoring import oracle_poses  # noqa: E402
 
 
 def make_project(project: Path, seed: int, threads: int, fractions: str) -> None:

@@ -132,7 +132,7 @@ def fsc_at(curve: np.ndarray, box: int, px: float, thr: float) -> float:
 
 def iteration_errors(project: Path, job: Path, sym_name: str) -> list[tuple[int, float, float]]:
     """(iteration, median angular error deg, fraction < 10 deg) vs the true poses for every run_itNNN_data.star."""
-    from subtomo.jobs.refine3d import oracle_poses
+    from subtomo.simulate.scoring import oracle_poses
 
     sym = symmetry_matrices(sym_name)
     out = []
@@ -148,8 +148,10 @@ def iteration_errors(project: Path, job: Path, sym_name: str) -> list[tuple[int,
 
 def evaluate(project: Path, job: Path, sym_name: str, diameter_A: float, use_ctf: bool, threads: int,
              refine_sym: str = "C1") -> dict:
-    from subtomo.em.refine import oracle
-    from subtomo.jobs.refine3d import StarParticleSource, oracle_poses
+    from subtomo.em.oracle import oracle_reconstruction
+    from subtomo.io.particles import ParticleSet
+    from subtomo.simulate.scoring import oracle_poses
+    from subtomo.tomo.particle_source import SubtomogramSource
 
     torch.set_num_threads(threads)
     df, _ = read_particles(job / "run_data.star")
@@ -164,13 +166,13 @@ def evaluate(project: Path, job: Path, sym_name: str, diameter_A: float, use_ctf
     g_mat, err = scoring.global_rotation(est, true_rot, sym)
     aligned = scoring.truth_in_map_frame(truth, final, g_mat)  # unmasked, as recorded before
     best = {"hand": aligned.hand, "fsc": aligned.fsc}
-    src = StarParticleSource(df, project, use_ctf)
-    orc = oracle(src, true_rot, true_off, df["rlnRandomSubset"].to_numpy(), use_ctf=use_ctf, diameter_A=diameter_A,
-                 sym=refine_sym)
-    f_or = fsc_maps(orc["map"], truth).numpy()
+    src = SubtomogramSource(ParticleSet.read(job / "run_data.star", project), use_ctf)
+    orc = oracle_reconstruction(src, true_rot, true_off, df["rlnRandomSubset"].to_numpy(), use_ctf=use_ctf,
+                                diameter_A=diameter_A, sym=refine_sym)
+    f_or = fsc_maps(orc.map, truth).numpy()
     model = read_star_table(job / "run_model.star", "model_class_1")
     gs = model["rlnGoldStandardFsc"].to_numpy()
-    return {"gold_A": fsc_at(gs, box, px, 0.143), "oracle_A": orc["resolution_A"],
+    return {"gold_A": fsc_at(gs, box, px, 0.143), "oracle_A": orc.resolution_A,
             "fsc_truth_05_A": fsc_at(best["fsc"], box, px, 0.5), "hand": best["hand"],
             "oracle_fsc_truth_05_A": fsc_at(f_or, box, px, 0.5),
             "median_err_deg": float(np.median(err)), "frac_err_lt_10": float((err < 10).mean())}

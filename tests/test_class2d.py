@@ -2,53 +2,31 @@
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 
-from subtomo.em.class2d import (Class2DSettings, Poses2D, Projector2D, Stats2D, fine_angles, initialise, iterate,
-                                reconstruct2d, stats_for_poses, tau2_from_power2d)
+from subtomo.em.class2d import (
+    Class2DSettings,
+    Poses2D,
+    Projector2D,
+    Stats2D,
+    fine_angles,
+    iterate,
+    reconstruct2d,
+    stats_for_poses,
+    tau2_from_power2d,
+)
 from subtomo.em.components import fourier_components
 from subtomo.em.expectation import BatchData, EStepOptions, expectation_batch
 from subtomo.em.model import EMModel
 from subtomo.em.rotations2d import back_rotate2d, padded_rfft2d, project2d
 from subtomo.em.sampling import translation_grid
 from subtomo.fourier import fft_centered
-from subtomo.io.mrc import read_mrc, write_mrc
-from subtomo.io.star import read_star, write_star
-from subtomo.jobs.base import execute
-
-BOX = 32
-PATTERNS = {
-    0: [(6, 0, 3.0, 1.0), (-6, 0, 3.0, 1.0), (0, 7, 2.5, 0.8)],
-    1: [(0, 0, 5.0, 1.0), (8, 3, 2.0, -0.8)],
-    2: [(5, 5, 2.5, 1.0), (-5, -5, 2.5, 1.0), (5, -5, 2.5, 1.0), (-3, 6, 2.0, -0.6)],
-}
-
-
-def pattern(kind: int, psi_deg: float = 0.0, shift_px=(0.0, 0.0), box: int = BOX) -> np.ndarray:
-    """image(r) = ref(A^T (r - shift)), A = Rz(psi) (RELION): the reference rotated by psi, moved by shift."""
-    yy, xx = np.meshgrid(np.arange(box) - box // 2, np.arange(box) - box // 2, indexing="ij")
-    a = math.radians(psi_deg)
-    c, s = math.cos(a), math.sin(a)
-    x, y = xx - shift_px[0], yy - shift_px[1]
-    u, v = c * x - s * y, s * x + c * y
-    return sum(amp * np.exp(-((u - bx) ** 2 + (v - by) ** 2) / (2 * w * w)) for bx, by, w, amp in PATTERNS[kind])
-
-
-def dataset(n_per: int = 20, noise: float = 0.5, seed: int = 0, max_shift: float = 2.0):
-    rng = np.random.default_rng(seed)
-    imgs, truth = [], []
-    for kind in PATTERNS:
-        for _ in range(n_per):
-            psi, sh = rng.uniform(0, 360), rng.uniform(-max_shift, max_shift, 2)
-            imgs.append(pattern(kind, psi, sh) + noise * rng.normal(size=(BOX, BOX)))
-            truth.append((kind, psi, sh[0], sh[1]))
-    return torch.tensor(np.array(imgs), dtype=torch.float32), np.array(truth)
+from subtomo.io.mrc import read_mrc
+from subtomo.io.star import read_star
+from subtomo.jobs.base import SUCCESS_SENTINEL, execute
+from subtomo.testing.patterns2d import BOX, PATTERNS, dataset, pattern, write_proj2d_project
 
 
 def _rel(a, b):
@@ -167,21 +145,6 @@ def test_sufficient_statistics_add_up():
 # ----------------------------------------------------------------------------- the job
 
 
-def _project(root: Path, imgs: torch.Tensor) -> Path:
-    stack = root / "Extract/job001/Particles/Tomograms/TS_01/TS_01_proj2d.mrcs"
-    write_mrc(stack, imgs.numpy(), 5.0, stack=True)
-    n = len(imgs)
-    particles = pd.DataFrame({
-        "rlnImageName": [f"{i + 1:06d}@{stack.relative_to(root)}" for i in range(n)],
-        "rlnImageOriginalName": [f"Extract/job001/Particles/Tomograms/TS_01/TS_01{i + 1:06d}.mrc" for i in range(n)],
-        "rlnTomoName": ["TS_01"] * n, "rlnTomoParticleId": np.arange(1, n + 1), "rlnOpticsGroup": [1] * n})
-    optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1], "rlnImagePixelSize": [5.0],
-                           "rlnImageSize": [BOX], "rlnImageDimensionality": [2]})
-    path = root / "subtomo_proj2d.star"
-    write_star(path, {"optics": optics, "particles": particles})
-    return path
-
-
 def _purity(classes: np.ndarray, kinds: np.ndarray) -> float:
     return sum(np.bincount(kinds[classes == c]).max() for c in np.unique(classes)) / len(classes)
 
@@ -190,7 +153,7 @@ def test_class2d_job_separates_patterns_and_continues(tmp_path):
     from subtomo.jobs.class2d import SPEC, Class2DParams
 
     imgs, truth = dataset(n_per=20, noise=0.5, seed=0)
-    star = _project(tmp_path, imgs)
+    star = write_proj2d_project(tmp_path, imgs)
     common = dict(i=str(star), K=3, particle_diameter=150.0, highres_limit=None, seed=1, device="cpu")
     full = execute(SPEC, Class2DParams(iter=8, output="Class2D/full", **common), tmp_path, quiet=True)
     data = read_star(full.dir / "run_it008_data.star")
@@ -214,6 +177,7 @@ def test_class2d_job_separates_patterns_and_continues(tmp_path):
     # interrupted after 4 iterations, then continued: the same result
     part = execute(SPEC, Class2DParams(iter=4, output="Class2D/part", **common), tmp_path, quiet=True)
     assert (part.dir / "run_it004_optimiser.pt").exists() and not (part.dir / "run_it005_data.star").exists()
+    (part.dir / SUCCESS_SENTINEL).unlink()  # as if it had been interrupted (a finished job is not continued)
     cont = execute(SPEC, Class2DParams(iter=8, continue_job="Class2D/part", **common), tmp_path, quiet=True)
     a = read_star(full.dir / "run_it008_data.star")["particles"]
     b = read_star(cont.dir / "run_it008_data.star")["particles"]

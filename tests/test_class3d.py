@@ -10,34 +10,31 @@ import pandas as pd
 import pytest
 import torch
 
-from subtomo.em.classify import ClassifyOptions, classify3d
+from subtomo.em.classify import ClassifyOptions, ClassifyState, classify3d
+from subtomo.em.gold_standard import split_halves
 from subtomo.em.iteration import InMemorySource
-from subtomo.em.refine import oracle, particle_mask, split_halves
-from subtomo.em.synthetic import blob_reference, make_set
-from subtomo.fourier import fsc_maps
+from subtomo.em.maps import particle_mask
+from subtomo.em.oracle import oracle_reconstruction
 from subtomo.errors import SubtomoError
+from subtomo.fourier import fsc_maps
 from subtomo.geometry.euler import matrix_to_euler
 from subtomo.io.mrc import write_mrc
+from subtomo.io.particles import ParticleSet
 from subtomo.io.star import read_star, write_star
+from subtomo.jobs._em_runs import ClassifyFiles, resume_state
 from subtomo.jobs.base import execute
-from subtomo.jobs.class3d import SPEC as C3D_SPEC, Class3DParams
+from subtomo.jobs.class3d import SPEC as C3D_SPEC
+from subtomo.jobs.class3d import Class3DParams
 from subtomo.jobs.pipeline import STATUS_SUCCEEDED, Pipeline, Process
-from subtomo.jobs.select import SPEC as SELECT_SPEC, SelectParams
+from subtomo.jobs.select import SPEC as SELECT_SPEC
+from subtomo.jobs.select import SelectParams
+from subtomo.testing.synthetic import blob_reference, make_set, two_class_set
 
 torch.set_num_threads(1)
 
 
 def _two_class_set():
-    rng = np.random.default_rng(21)
-    a = blob_reference(24, rng)
-    b = blob_reference(24, rng)
-    sa = make_set(n=24, box=24, pixel_size_A=10.0, snr=2.0, seed=1, reference=a, max_offset_px=0.0)
-    sb = make_set(n=24, box=24, pixel_size_A=10.0, snr=2.0, seed=2, reference=b, max_offset_px=0.0)
-    vols = torch.cat([sa.volumes, sb.volumes])
-    ctfs = torch.cat([sa.ctfs, sb.ctfs])
-    rot = np.concatenate([sa.rot, sb.rot])
-    truth = np.array([0] * 24 + [1] * 24)
-    return vols, ctfs, rot, truth, sa.diameter_A
+    return two_class_set(n_per=24, box=24, pixel_size_A=10.0, snr=2.0, seed=21)
 
 
 def test_focused_style_classification_separates_classes(tmp_path):
@@ -45,11 +42,15 @@ def test_focused_style_classification_separates_classes(tmp_path):
     src = InMemorySource(vols, 10.0, ctfs)
     opts = ClassifyOptions(n_classes=2, particle_diameter_A=diam, n_iter=5, skip_align=True, batch_size=16, seed=0,
                            ini_high_A=40)
-    res = classify3d(src, opts, tmp_path, initial_rot=rot, log=lambda m: None)
-    cls = res["poses"].cls
+    table = pd.DataFrame({"rlnImageName": [f"p{i}.mrc" for i in range(len(rot))], "rlnImagePixelSize": 10.0})
+    files = ClassifyFiles(tmp_path, ParticleSet.from_table(table), 10.0)
+    res = classify3d(src, opts, initial_rot=rot, log=lambda m: None, on_iteration=files)
+    files.gallery(res.model, res.iterations)
+    cls = res.poses.cls
     acc = max((cls == truth).mean(), (cls != truth).mean())
     assert acc >= 0.9
-    assert abs(float(res["class_priors"].sum()) - 1) < 1e-5
+    assert abs(float(res.class_priors.sum()) - 1) < 1e-5
+    assert [r.iteration for r in res.history] == [1, 2, 3, 4, 5]
     model = read_star(tmp_path / "run_it005_model.star")
     assert abs(model["model_classes"]["rlnClassDistribution"].sum() - 1) < 1e-5
     assert (tmp_path / "run_it005_class002.mrc").exists() and (tmp_path / "run_it005_classes.png").exists()
@@ -62,12 +63,13 @@ def test_k1_map_matches_refine3d_reconstruction(tmp_path):
     src = InMemorySource(ds.volumes, ds.pixel_size_A, ds.ctfs)
     opts = ClassifyOptions(n_classes=1, particle_diameter_A=ds.diameter_A, n_iter=1, skip_align=True, batch_size=16,
                            ini_high_A=20.0, tau2_fudge=1000.0)  # weak prior: the data decide
-    res = classify3d(src, opts, tmp_path, initial_rot=ds.rot, log=lambda m: None)
-    orc = oracle(src, ds.rot, np.zeros((30, 3)), split_halves(None, 30, 0), diameter_A=ds.diameter_A)
+    res = classify3d(src, opts, initial_rot=ds.rot, log=lambda m: None)
+    assert not any(tmp_path.iterdir())  # the engine writes nothing
+    orc = oracle_reconstruction(src, ds.rot, np.zeros((30, 3)), split_halves(None, 30, 0), diameter_A=ds.diameter_A)
     mask = particle_mask(24, ds.diameter_A, ds.pixel_size_A, "cpu")  # class3d flattens the solvent
-    f = fsc_maps(res["maps"][0], orc["map"] * mask)
+    f = fsc_maps(res.maps[0], orc.map * mask)
     assert float(f[1:8].mean()) > 0.97
-    assert float(res["class_priors"][0]) == 1.0
+    assert float(res.class_priors[0]) == 1.0
 
 
 def test_reference_with_k2_local_and_global_searches(tmp_path):
@@ -80,12 +82,11 @@ def test_reference_with_k2_local_and_global_searches(tmp_path):
         opts = ClassifyOptions(n_classes=2, particle_diameter_A=diam, n_iter=2, local=local, healpix_order=order,
                                sigma_ang_deg=5.0, offset_range_px=1.0, offset_step_px=2.0, batch_size=16,
                                ini_high_A=40)
-        out = tmp_path / f"local{int(local)}"
-        res = classify3d(src, opts, out, initial_ref=ref, initial_rot=rot, log=lambda m: None)
-        assert res["iterations"] == 2 and res["maps"].shape == (2, 24, 24, 24)
-        assert set(np.unique(res["poses"].cls)) <= {0, 1}
-        assert abs(float(res["class_priors"].sum()) - 1) < 1e-5
-        assert torch.isfinite(res["maps"]).all()
+        res = classify3d(src, opts, initial_ref=ref, initial_rot=rot, log=lambda m: None)
+        assert res.iterations == 2 and res.maps.shape == (2, 24, 24, 24)
+        assert set(np.unique(res.poses.cls)) <= {0, 1}
+        assert abs(float(res.class_priors.sum()) - 1) < 1e-5
+        assert torch.isfinite(res.maps).all()
 
 
 def _fake_refined_project(root: Path, vols, rot, classes_truth):
@@ -152,7 +153,25 @@ def test_focused_mask_over_one_region_separates_classes(tmp_path):
     focus = (0.5 + 0.5 * torch.cos(torch.pi * ((r - 6) / 3).clamp(0, 1))).float()
     opts = ClassifyOptions(n_classes=2, particle_diameter_A=diam, n_iter=4, skip_align=True, batch_size=16, seed=0,
                            ini_high_A=40, focus_mask=focus)
-    res = classify3d(src, opts, tmp_path, initial_rot=rot, log=lambda m: None)
-    cls = res["poses"].cls
+    res = classify3d(src, opts, initial_rot=rot, log=lambda m: None)
+    cls = res.poses.cls
     assert max((cls == truth).mean(), (cls != truth).mean()) >= 0.9
-    assert float(res["maps"].abs().sum((1, 2, 3)).min()) > 0  # full maps are reconstructed, not only the region
+    assert float(res.maps.abs().sum((1, 2, 3)).min()) > 0  # full maps are reconstructed, not only the region
+
+
+def test_continue_from_the_saved_state_gives_the_same_classes(tmp_path):
+    """--continue-job: the state written after iteration 2 and read back continues to the same result."""
+    vols, ctfs, rot, truth, diam = _two_class_set()
+    src = InMemorySource(vols[::2], 10.0, ctfs[::2])
+    opts = ClassifyOptions(n_classes=2, particle_diameter_A=diam, n_iter=3, healpix_order=0, offset_range_px=1.0,
+                           batch_size=12, ini_high_A=40)
+    full = classify3d(src, opts, log=lambda m: None)
+    table = pd.DataFrame({"rlnImageName": [f"p{i}.mrc" for i in range(src.n)], "rlnImagePixelSize": 10.0})
+    part = classify3d(src, opts, log=lambda m: None, stop_after=2,
+                      on_iteration=ClassifyFiles(tmp_path, ParticleSet.from_table(table), 10.0))
+    assert part.stopped and part.iterations == 2 and (tmp_path / "run_it002_optimiser.pt").exists()
+    state = resume_state(tmp_path, ClassifyState.from_dict, "cpu", lambda m: None)
+    cont = classify3d(src, opts, log=lambda m: None, resume=state)
+    assert cont.iterations == 3
+    torch.testing.assert_close(cont.maps, full.maps, atol=1e-5, rtol=1e-4)
+    np.testing.assert_array_equal(cont.poses.cls, full.poses.cls)

@@ -25,6 +25,16 @@ def test_fsc_resolution_threshold():
     assert F.resolution_at_threshold(curve, box=12, pixel_size_A=2.0) == pytest.approx(12 * 2.0 / 4)
 
 
+def test_threshold_shell_edge_cases():
+    """The shell before the first drop below the threshold; the last shell if it never drops; 0 if shell 1 is below."""
+    curve = torch.tensor([1.0, 0.99, 0.9, 0.5, 0.2, 0.1, 0.05])
+    assert F.threshold_shell(curve, 0.143) == 4
+    assert F.threshold_shell(curve, 0.5) == 3  # 0.5 is not below 0.5
+    assert F.threshold_shell(torch.ones(9), 0.143) == 8
+    assert F.threshold_shell(torch.tensor([1.0, 0.1, 0.9]), 0.143) == 0
+    assert F.resolution_at_threshold(torch.tensor([1.0, 0.1, 0.9]), 10, 3.0) == pytest.approx(30.0)  # at least shell 1
+
+
 def test_phase_shift_moves_content_by_plus_shift():
     x = torch.zeros(16, 16, 16)
     x[8, 8, 8] = 1.0

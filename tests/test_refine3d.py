@@ -7,11 +7,16 @@ import pandas as pd
 import pytest
 import torch
 
+from subtomo.em.gold_standard import split_halves
 from subtomo.em.iteration import InMemorySource
-from subtomo.em.refine import RefineOptions, auto_refine, oracle, split_halves
-from subtomo.em.synthetic import align_to_reference, make_set
+from subtomo.em.maps import rotate_map
+from subtomo.em.oracle import oracle_reconstruction
+from subtomo.em.refine import RefineOptions, RefineState, auto_refine
 from subtomo.errors import SubtomoError
+from subtomo.io.particles import ParticleSet
 from subtomo.io.star import read_star
+from subtomo.jobs._em_runs import RefineFiles, resume_state
+from subtomo.testing.synthetic import align_to_reference, make_set
 
 torch.set_num_threads(1)
 
@@ -28,15 +33,33 @@ def _opts(ds, **kw):
     return RefineOptions(**base)
 
 
+def _files(ds, directory):
+    """The job-side writer of the run files, for particles held in memory."""
+    table = pd.DataFrame({"rlnImageName": [f"p{i}.mrc" for i in range(len(ds.rot))],
+                          "rlnImagePixelSize": ds.pixel_size_A})
+    return RefineFiles(directory, ParticleSet.from_table(table), ds.pixel_size_A)
+
+
 def test_refine_from_random_orientations_recovers_poses(dataset, tmp_path):
+    """The engine returns typed results and writes nothing; the job's writer makes RELION's files from them."""
     ds = dataset
     src = InMemorySource(ds.volumes, ds.pixel_size_A, ds.ctfs)
-    res = auto_refine(src, _opts(ds), tmp_path, log=lambda m: None)
-    _, err = align_to_reference(res["poses"].rot, ds.rot)
+    seen = []
+    res = auto_refine(src, _opts(ds), log=lambda m: None, on_iteration=lambda r: seen.append(r.iteration))
+    assert not any(tmp_path.iterdir())
+    assert seen == list(range(res.iterations + 1))  # iteration 0 (the random-orientation reconstruction) first
+    assert res.final is not None and not res.stopped and res.final_map.shape == (24, 24, 24)
+    _, err = align_to_reference(res.poses.rot, ds.rot)
     assert np.median(err) < 15.0  # within the sampling (15 deg fine step at order 1, 7.5 at order 2)
-    orc = oracle(src, ds.rot, ds.offset_px, res["halves"], diameter_A=ds.diameter_A)
-    assert res["resolution_A"] <= 1.35 * orc["resolution_A"]
-    for name in ("run_class001.mrc", "run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc",
+    orc = oracle_reconstruction(src, ds.rot, ds.offset_px, res.halves, diameter_A=ds.diameter_A)
+    assert res.resolution_A <= 1.35 * orc.resolution_A
+
+
+def test_run_files_of_a_refinement(dataset, tmp_path):
+    ds = dataset
+    src = InMemorySource(ds.volumes, ds.pixel_size_A, ds.ctfs)
+    res = auto_refine(src, _opts(ds, max_iter=2), log=lambda m: None, on_iteration=_files(ds, tmp_path))
+    for name in ("run_it000_half1_class001.mrc", "run_it000_half2_class001.mrc", "run_class001.mrc", "run_half1_class001_unfil.mrc", "run_half2_class001_unfil.mrc",
                  "run_data.star", "run_model.star", "run_it001_half1_class001.mrc", "run_it001_data.star",
                  "run_it001_model.star", "run_fsc.png", "run_class001_slices.png"):
         assert (tmp_path / name).exists(), name
@@ -44,6 +67,10 @@ def test_refine_from_random_orientations_recovers_poses(dataset, tmp_path):
     for col in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnOriginXAngst", "rlnRandomSubset",
                 "rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples", "rlnLogLikeliContribution"):
         assert col in data.columns
+    back = ParticleSet.read(tmp_path / "run_data.star")  # poses round trip through RELION's columns
+    np.testing.assert_allclose(back.rotations(), res.poses.rot, atol=1e-4)
+    np.testing.assert_allclose(back.offsets_px(), res.poses.offset_px, atol=1e-4)
+    np.testing.assert_array_equal(back.halves(), res.halves)
     model = read_star(tmp_path / "run_model.star")
     assert 0 < model["model_general"]["rlnCurrentResolution"] < 1 / (2 * ds.pixel_size_A) + 1e-9
     assert "rlnGoldStandardFsc" in model["model_class_1"].columns
@@ -53,9 +80,9 @@ def test_ctf_on_beats_off_and_offsets_recovered(dataset, tmp_path):
     ds = dataset
     src = InMemorySource(ds.volumes, ds.pixel_size_A, ds.ctfs)
     halves = split_halves(None, ds.volumes.shape[0], 0)
-    on = oracle(src, ds.rot, ds.offset_px, halves, diameter_A=ds.diameter_A, use_ctf=True)
-    off = oracle(src, ds.rot, ds.offset_px, halves, diameter_A=ds.diameter_A, use_ctf=False)
-    assert on["fsc"][1:8].mean() > off["fsc"][1:8].mean()
+    on = oracle_reconstruction(src, ds.rot, ds.offset_px, halves, diameter_A=ds.diameter_A, use_ctf=True)
+    off = oracle_reconstruction(src, ds.rot, ds.offset_px, halves, diameter_A=ds.diameter_A, use_ctf=False)
+    assert on.fsc[1:8].mean() > off.fsc[1:8].mean()
 
 
 def test_continue_gives_the_same_result(tmp_path):
@@ -63,28 +90,32 @@ def test_continue_gives_the_same_result(tmp_path):
     src = InMemorySource(ds.volumes, ds.pixel_size_A, ds.ctfs)
     opts = RefineOptions(particle_diameter_A=ds.diameter_A, healpix_order=1, offset_range_px=1, offset_step_px=2,
                          max_iter=3, batch_size=8, max_order=1, seed=1)
-    full = auto_refine(src, opts, tmp_path / "a", log=lambda m: None)
-    part = auto_refine(src, opts, tmp_path / "b", log=lambda m: None, stop_after=1)
-    assert part.get("stopped") and (tmp_path / "b" / "run_it001_optimiser.pt").exists()
-    cont = auto_refine(src, opts, tmp_path / "b", log=lambda m: None, continue_run=True)
-    assert cont["iterations"] == full["iterations"]
-    torch.testing.assert_close(cont["final_map"], full["final_map"], atol=1e-5, rtol=1e-4)
-    np.testing.assert_allclose(cont["poses"].rot, full["poses"].rot, atol=1e-6)
+    full = auto_refine(src, opts, log=lambda m: None)
+    part = auto_refine(src, opts, log=lambda m: None, on_iteration=_files(ds, tmp_path), stop_after=1)
+    assert part.stopped and (tmp_path / "run_it001_optimiser.pt").exists()
+    state = resume_state(tmp_path, RefineState.from_dict, "cpu", lambda m: None)  # read back from the file
+    assert state is not None and state.iteration == 1
+    cont = auto_refine(src, opts, log=lambda m: None, resume=state)
+    assert cont.iterations == full.iterations
+    torch.testing.assert_close(cont.final_map, full.final_map, atol=1e-5, rtol=1e-4)
+    np.testing.assert_allclose(cont.poses.rot, full.poses.rot, atol=1e-6)
 
 
 def test_random_subset_rules():
-    df = pd.DataFrame({"rlnRandomSubset": [1, 2, 2, 1]})
-    np.testing.assert_array_equal(split_halves(df, 4, 0), [1, 2, 2, 1])
+    np.testing.assert_array_equal(split_halves(np.array([1, 2, 2, 1]), 4, 0), [1, 2, 2, 1])
     with pytest.raises(SubtomoError):
-        split_halves(pd.DataFrame({"rlnRandomSubset": [1, 0, 2, 1]}), 4, 0)
+        split_halves(np.array([1, 0, 2, 1]), 4, 0)
+    with pytest.raises(SubtomoError):
+        split_halves(np.array([1, 3, 2, 1]), 4, 0)
+    np.testing.assert_array_equal(split_halves(np.zeros(6), 6, 0), split_halves(None, 6, 0))  # all 0: random
     s = split_halves(None, 11, 0)
     assert set(s) == {1, 2} and abs((s == 1).sum() - (s == 2).sum()) <= 1
 
 
 def test_refine3d_job_writes_relion_outputs(tmp_path):
-    from subtomo.em.synthetic import write_star_project
     from subtomo.jobs.base import execute
     from subtomo.jobs.refine3d import SPEC, Refine3DParams
+    from subtomo.testing.synthetic import write_star_project
 
     ds = make_set(n=12, box=20, pixel_size_A=12.0, snr=3.0, seed=2, max_offset_px=0.0, ctf=False)
     write_star_project(ds, tmp_path)
@@ -118,13 +149,13 @@ def test_symmetric_refinement_d2(tmp_path):
     ds = make_set(n=32, box=24, pixel_size_A=10.0, snr=2.0, seed=11, max_offset_px=0.5, sym_mats=d2)
     src = InMemorySource(ds.volumes, ds.pixel_size_A, ds.ctfs)
     logs = []
-    res = auto_refine(src, _opts(ds, sym="D2", auto_local_order=2, max_order=2, max_iter=5, batch_size=16), tmp_path,
+    res = auto_refine(src, _opts(ds, sym="D2", auto_local_order=2, max_order=2, max_iter=5, batch_size=16),
                       log=logs.append)
     assert any("local" in m for m in logs)  # went through local searches
     # errors modulo D2 (the frame of a D2 refinement is defined up to the group)
-    err = _errors_modulo(res["poses"].rot, ds.rot, d2)
+    err = _errors_modulo(res.poses.rot, ds.rot, d2)
     assert np.median(err) < 15.0
-    vol = res["final_map"]
+    vol = res.final_map
     n = vol.shape[-1]
     ax = torch.arange(n, dtype=torch.float32) - n // 2
     z, y, x = torch.meshgrid(ax, ax, ax, indexing="ij")
@@ -139,7 +170,6 @@ def test_rotate_map_matches_real_space_rotation():
     """rotate_map: identity = the input limited to the Nyquist sphere; a rotation = scipy's (out(r) = vol(A^T r))."""
     from scipy.ndimage import affine_transform
 
-    from subtomo.em.refine import rotate_map
     from subtomo.fourier import fft_centered, frequency_radius, ifft_centered, lowpass, soft_sphere_mask
     from subtomo.geometry.euler import euler_to_matrix
 

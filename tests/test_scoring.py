@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from subtomo.em.refine import rotate_map
+from subtomo.em.maps import rotate_map
 from subtomo.fourier import lowpass, soft_sphere_mask
 from subtomo.geometry.euler import angular_distance_deg, random_rotations
 from subtomo.geometry.symmetry import symmetry_matrices

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from subtomo.em.refine import rotate_map
+from subtomo.em.maps import rotate_map
 from subtomo.em.symmetry_align import align_symmetry, symmetry_score
 from subtomo.fourier import fft_centered, ifft_centered, phase_shift
 from subtomo.geometry.euler import random_rotations
@@ -102,7 +102,7 @@ def _errors_modulo(est: np.ndarray, true: np.ndarray, sym: np.ndarray) -> np.nda
 
 @pytest.fixture
 def d2_project(tmp_path):
-    from subtomo.em.synthetic import make_set, write_star_project
+    from subtomo.testing.synthetic import make_set, write_star_project
 
     ds = make_set(n=32, box=24, pixel_size_A=10.0, snr=2.0, seed=11, max_offset_px=0.5, ctf=False, max_tilt_deg=89.0,
                   sym_mats=symmetry_matrices("D2"))
@@ -113,7 +113,7 @@ def d2_project(tmp_path):
 def test_refine3d_job_c1_then_align_d2(d2_project, one_torch_thread):
     from subtomo.geometry.euler import euler_to_matrix
     from subtomo.io.star import read_particles
-    from subtomo.jobs.base import execute
+    from subtomo.jobs.base import SUCCESS_SENTINEL, execute
     from subtomo.jobs.refine3d import SPEC, Refine3DParams
 
     project, ds = d2_project
@@ -138,6 +138,7 @@ def test_refine3d_job_c1_then_align_d2(d2_project, one_torch_thread):
     # --continue-job: (a) stage 2 interrupted after iteration 2 (stage 1 read back from its files),
     # (b) stage 1 interrupted after iteration 2 (stage 2 not started); both end as the full run
     def interrupt(d, keep_iter):
+        (d / SUCCESS_SENTINEL).unlink(missing_ok=True)  # an interrupted job has not finished
         for f in d.iterdir():
             m = f.name.startswith("run_it") and int(f.name[6:9]) > keep_iter
             if m or (f.is_file() and f.name.startswith("run_") and not f.name.startswith("run_it")

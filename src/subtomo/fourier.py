@@ -11,6 +11,9 @@ boxes of side N. All functions follow the device and dtype of their tensor input
 from __future__ import annotations
 
 import math
+import operator
+from functools import reduce
+from typing import Any
 
 import torch
 
@@ -53,7 +56,7 @@ def rfft_multiplicity(shape: tuple[int, ...], device=None) -> torch.Tensor:
 
 
 def fft_centered(x: torch.Tensor, ndim: int) -> torch.Tensor:
-    """rfft of a real array whose origin is the box centre (last ``ndim`` axes)."""
+    """Rfft of a real array whose origin is the box centre (last ``ndim`` axes)."""
     dims = tuple(range(-ndim, 0))
     return torch.fft.rfftn(torch.fft.ifftshift(x, dim=dims), dim=dims)
 
@@ -106,13 +109,46 @@ def shell_resolution_A(n_shells: int, box: int, pixel_size_A: float) -> torch.Te
     return torch.where(r > 0, box * pixel_size_A / r.clamp(min=1), torch.tensor(float("inf"), dtype=torch.float64))
 
 
-def resolution_at_threshold(curve: torch.Tensor, box: int, pixel_size_A: float, threshold: float = 0.143) -> float:
-    """Resolution (Å) of the last shell before the curve first drops below ``threshold``."""
+def threshold_shell(curve: torch.Tensor, threshold: float = 0.143) -> int:
+    """Index of the last shell before a resolution curve (FSC, SSNR) first drops below ``threshold``.
+
+    Parameters
+    ----------
+    curve : torch.Tensor
+        (n_shells,) values per Fourier shell, shell 0 first.
+    threshold : float
+        The criterion, e.g. 0.143 (gold-standard FSC) or 0.5.
+
+    Returns
+    -------
+    int
+        Shell index r (0 when shell 1 is already below; n_shells - 1 when no shell is).
+    """
     values = curve.detach().cpu().double()
     below = torch.nonzero(values[1:] < threshold)
-    last = int(below[0]) if len(below) else len(values) - 1  # index of last shell >= threshold
-    last = max(last, 1)
-    return box * pixel_size_A / last
+    return int(below[0]) if len(below) else len(values) - 1
+
+
+def resolution_at_threshold(curve: torch.Tensor, box: int, pixel_size_A: float, threshold: float = 0.143) -> float:
+    """Resolution of the last shell before the curve first drops below ``threshold``.
+
+    Parameters
+    ----------
+    curve : torch.Tensor
+        (n_shells,) FSC (or other resolution curve) per shell.
+    box : int
+        Box size N [px].
+    pixel_size_A : float
+        Pixel size [Å].
+    threshold : float
+        The criterion (0.143 for gold-standard half maps, 0.5 against a known map).
+
+    Returns
+    -------
+    float
+        N * pixel size / r [Å], with r = :func:`threshold_shell` (at least 1).
+    """
+    return box * pixel_size_A / max(threshold_shell(curve, threshold), 1)
 
 
 def raised_cosine_lowpass(shape: tuple[int, ...], cutoff_shell: float, edge_shells: float = 2.0,
@@ -159,7 +195,9 @@ def fourier_resize(volume: torch.Tensor, new_size: int) -> torch.Tensor:
     m = min(old, new_size)
     src = [slice(old // 2 - m // 2, old // 2 - m // 2 + m)] * ndim
     dst = [slice(new_size // 2 - m // 2, new_size // 2 - m // 2 + m)] * ndim
-    out[(..., *dst)] = full[(..., *src)]
+    dst_index: tuple[Any, ...] = (..., *dst)
+    src_index: tuple[Any, ...] = (..., *src)
+    out[dst_index] = full[src_index]
     res = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(out, dim=dims), dim=dims), dim=dims).real
     return res * (new_size / old) ** ndim
 
@@ -168,7 +206,7 @@ def soft_sphere_mask(shape: tuple[int, ...], radius_px: float, edge_px: float = 
     """1 inside ``radius_px`` of the box centre, raised-cosine fall to 0 over ``edge_px`` (RELION)."""
     axes = [torch.arange(n, device=device, dtype=torch.float32) - n // 2 for n in shape]
     grids = torch.meshgrid(*axes, indexing="ij")
-    r = torch.sqrt(sum(g ** 2 for g in grids))
+    r = torch.sqrt(reduce(operator.add, (g ** 2 for g in grids)))
     if edge_px <= 0:
         return (r <= radius_px).float()
     t = ((r - radius_px) / edge_px).clamp(0, 1)

@@ -28,12 +28,20 @@ import torch
 from subtomo.em.components import FourierComponents, fourier_components
 from subtomo.em.expectation import BatchData, BatchPosterior, EStepOptions, Orientations, expectation_batch, precompute_refs
 from subtomo.em.model import EMModel
-from subtomo.em.reconstruct import resolution_shell, soft_sphere
-from subtomo.em.rotations2d import (apply_plan, back_rotate2d, bilinear_plan, oversampled_psi_deg, padded_rfft2d, psi_grid_deg, psi_step_adjusted,
-                                    rotation_matrices_2d, sample_rfft2d)
-from subtomo.em.sampling import translation_grid
-from subtomo.fourier import fft_centered, ifft_centered, pad_rfft
-
+from subtomo.em.reconstruct import resolution_shell
+from subtomo.em.rotations2d import (
+    apply_plan,
+    back_rotate2d,
+    bilinear_plan,
+    oversampled_psi_deg,
+    padded_rfft2d,
+    psi_grid_deg,
+    psi_step_adjusted,
+    rotation_matrices_2d,
+    sample_rfft2d,
+)
+from subtomo.em.sampling import TranslationSet, translation_grid
+from subtomo.fourier import fft_centered, ifft_centered, pad_rfft, soft_sphere_mask
 
 # ----------------------------------------------------------------------------- 2D projector and sums
 
@@ -58,15 +66,17 @@ class Projector2D:
 
     def cache(self, psi0_deg: float, step_deg: float, n_angles: int, k: torch.Tensor,
               table: torch.Tensor | None = None) -> None:
-        """Tabulate the rotated reference at psi0 + j step (j < n_angles) for components ``k``
-        (or store ``table`` (n_angles, M) computed by :func:`cache_projectors`)."""
+        """Tabulate the rotated reference at psi0 + j step (j < n_angles) for components ``k``.
+
+        With ``table`` (n_angles, M), store that (computed by :func:`cache_projectors`) instead.
+        """
         if table is None:
             psi = psi0_deg + step_deg * torch.arange(n_angles, dtype=torch.float64)
             table = self._sample(rotation_matrices_2d(psi).float().to(k.device), k)
         self._tables[id(k)] = (k, table, psi0_deg, step_deg)
 
     def project(self, rotations: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """rotations (..., 2, 2), k (M, 2) index units of the N box -> (..., M) complex64."""
+        """Rotations (..., 2, 2), k (M, 2) index units of the N box -> (..., M) complex64."""
         entry = self._tables.get(id(k))
         if entry is not None and entry[0] is k:
             _, table, psi0, step = entry
@@ -79,7 +89,19 @@ class Projector2D:
 
 def cache_projectors(projectors: list[Projector2D], psi0_deg: float, step_deg: float, n_angles: int,
                      k: torch.Tensor) -> None:
-    """Tabulate all classes at once (the interpolation plan is shared by the classes)."""
+    """Tabulate all classes at once on an angle grid (the interpolation plan is shared by the classes).
+
+    Parameters
+    ----------
+    projectors : list of Projector2D
+        The K references.
+    psi0_deg, step_deg : float
+        First angle and step of the grid [deg].
+    n_angles : int
+        Number of angles J.
+    k : torch.Tensor
+        (M, 2) components in index units (the table is keyed by this tensor).
+    """
     psi = psi0_deg + step_deg * torch.arange(n_angles, dtype=torch.float64)
     rot = rotation_matrices_2d(psi).float().to(k.device)
     pad = projectors[0].pad
@@ -115,6 +137,7 @@ class Stats2D:
 
     @staticmethod
     def zeros(n_classes: int, n_angles: int, m: int, box: int, device=None) -> "Stats2D":
+        """Empty sums for K classes, J angles, M components and an N box."""
         z = lambda *sh: torch.zeros(*sh, dtype=torch.float64, device=device)  # noqa: E731
         return Stats2D(torch.zeros(n_classes, n_angles, m, dtype=torch.complex64, device=device),
                        torch.zeros(n_classes, n_angles, dtype=torch.complex128, device=device),
@@ -125,11 +148,27 @@ class Stats2D:
 
     @property
     def class_weight(self) -> torch.Tensor:
+        """(K,) posterior mass of each class."""
         return self.wsum.sum(1)
 
 
 def angle_indices(rot: torch.Tensor, psi0_deg: float, step_deg: float, n_angles: int) -> torch.Tensor:
-    """Index j on the grid psi0 + j * step of the in-plane angle of each matrix (..., 2, 2)."""
+    """Index j on the grid psi0 + j * step of the in-plane angle of each matrix.
+
+    Parameters
+    ----------
+    rot : torch.Tensor
+        (..., 2, 2) in-plane rotations.
+    psi0_deg, step_deg : float
+        First angle and step of the grid [deg].
+    n_angles : int
+        Number of angles J (indices wrap around).
+
+    Returns
+    -------
+    torch.Tensor
+        (...) int64 in 0..J-1.
+    """
     psi = psi_from_matrix(rot.double())
     return torch.remainder(torch.round(torch.remainder(psi - psi0_deg, 360.0) / step_deg).long(), n_angles)
 
@@ -214,7 +253,18 @@ def reconstruct2d(stats: Stats2D, psi_deg: torch.Tensor, comps: FourierComponent
 
 
 def tau2_from_power2d(maps: torch.Tensor) -> torch.Tensor:
-    """Per-shell mean |V|^2 / 2 of each 2D reference (K, N//2+1) (classification prior)."""
+    """Classification prior of 2D references: per-shell mean |V|^2 / 2.
+
+    Parameters
+    ----------
+    maps : torch.Tensor
+        (K, N, N) references.
+
+    Returns
+    -------
+    torch.Tensor
+        (K, N//2 + 1) float64.
+    """
     n = maps.shape[-1]
     comps = fourier_components(n, n, 2, device=maps.device)
     f = comps.extract(fft_centered(maps, 2))
@@ -230,6 +280,8 @@ def tau2_from_power2d(maps: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Class2DSettings:
+    """Settings of a 2D classification (RELION's names; pixel size and diameter Å, angles deg, offsets px)."""
+
     n_classes: int
     pixel_size_A: float
     particle_diameter_A: float
@@ -262,19 +314,24 @@ class Poses2D:
 
     @staticmethod
     def new(n: int, origin_px: np.ndarray | None = None) -> "Poses2D":
+        """Poses of ``n`` particles at class 0, psi 0 and the given (n, 2) origins [px] (default 0)."""
         o = np.zeros((n, 2)) if origin_px is None else np.asarray(origin_px, float).copy()
         return Poses2D(np.zeros(n, np.int64), np.zeros(n), o, np.zeros(n), np.zeros(n), np.zeros(n, np.int64))
 
     def state(self) -> dict:
+        """Plain copies of the arrays (for ``torch.save``)."""
         return {k: getattr(self, k).copy() for k in ("cls", "psi_deg", "origin_px", "max_prob", "log_lik", "n_sig")}
 
     @staticmethod
     def from_state(s: dict) -> "Poses2D":
+        """Inverse of :meth:`state`."""
         return Poses2D(**{k: np.asarray(v).copy() for k, v in s.items()})
 
 
 @dataclass
 class IterationInfo:
+    """Summary of one 2D iteration: time s, resolution Å, size px, class/psi (deg)/offset (px) changes, Pmax."""
+
     iteration: int
     seconds: float
     resolution_A: float
@@ -288,12 +345,39 @@ class IterationInfo:
 
 
 def particle_mask(box: int, settings: Class2DSettings, device=None) -> torch.Tensor:
+    """The 2D mask of the images: a soft circle of the particle diameter, zero outside.
+
+    Parameters
+    ----------
+    box : int
+        Image size N [px].
+    settings : Class2DSettings
+        Particle diameter [Å], pixel size [Å] and the edge width [px].
+    device : torch.device or str, optional
+        Where the mask lives.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, N) float32 in 0..1.
+    """
     radius = settings.particle_diameter_A / (2 * settings.pixel_size_A)
-    return soft_sphere(box, 2, radius, settings.mask_edge_px, device)
+    return soft_sphere_mask((box, box), radius, settings.mask_edge_px, device)
 
 
 def psi_from_matrix(a: torch.Tensor) -> torch.Tensor:
-    """psi (deg, [0, 360)) of A = [[c, s], [-s, c]]."""
+    """In-plane angle of A = [[c, s], [-s, c]].
+
+    Parameters
+    ----------
+    a : torch.Tensor
+        (..., 2, 2) rotations.
+
+    Returns
+    -------
+    torch.Tensor
+        (...) psi [deg] in [0, 360).
+    """
     return torch.remainder(torch.rad2deg(torch.atan2(a[..., 0, 1], a[..., 0, 0])), 360.0)
 
 
@@ -304,7 +388,22 @@ def _comps_for(box: int, shell_limit: int, device) -> FourierComponents:
 
 
 def initial_sigma2(images: torch.Tensor, mask: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """RELION's start: sigma^2(r) = 1/2 (mean |X|^2 - |mean X|^2) of the masked images (N//2+1,)."""
+    """RELION's start: sigma^2(r) = 1/2 (mean |X|^2 - |mean X|^2) of the masked images.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        (n, N, N) particle images.
+    mask : torch.Tensor
+        (N, N) soft mask.
+    batch : int
+        Images per batch.
+
+    Returns
+    -------
+    torch.Tensor
+        (N//2 + 1,) float64.
+    """
     n = images.shape[-1]
     comps = fourier_components(n, n, 2, device=images.device)
     s1 = torch.zeros(comps.m, dtype=torch.complex128, device=images.device)
@@ -330,8 +429,23 @@ def fine_angles(settings: "Class2DSettings", rng: np.random.Generator | None, de
                 ) -> tuple[Orientations, torch.Tensor, float]:
     """Coarse psi grid (step 2x ``psi_step_deg``, randomly perturbed) with its children.
 
-    Returns the engine's Orientations, the fine angles (J,) in grid order (child i of coarse
-    c at index 2c + i, i.e. psi0 + j * step_fine) and the fine step.
+    Parameters
+    ----------
+    settings : Class2DSettings
+        The psi step [deg].
+    rng : numpy.random.Generator or None
+        Source of the perturbation (none without it).
+    device : torch.device or str, optional
+        Where the matrices live.
+
+    Returns
+    -------
+    orientations : Orientations
+        The engine's coarse rotations (R, 2, 2) and children (R, 2, 2, 2).
+    psi_deg : torch.Tensor
+        (J,) fine angles in grid order (child i of coarse c at index 2c + i) [deg].
+    step_deg : float
+        The fine step [deg].
     """
     step_c = psi_step_adjusted(2 * settings.psi_step_deg)
     perturb = float(rng.uniform(-0.5, 0.5)) if rng is not None else 0.0
@@ -353,7 +467,29 @@ def _delta_posterior(rot: torch.Tensor, origin: torch.Tensor, cls: torch.Tensor)
 
 def stats_for_poses(images: torch.Tensor, cls: np.ndarray, angle_index: np.ndarray, origin_px: np.ndarray,
                     psi_deg: torch.Tensor, n_classes: int, comps: FourierComponents, batch: int = 256) -> Stats2D:
-    """Sums with a delta posterior at each particle's pose (class, angle psi_deg[angle_index], origin)."""
+    """Sums with a delta posterior at each particle's pose (class, angle psi_deg[angle_index], origin).
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        (n, N, N) particle images.
+    cls, angle_index : numpy.ndarray
+        (n,) class (0-based) and fine-angle index of each particle.
+    origin_px : numpy.ndarray
+        (n, 2) origins [px].
+    psi_deg : torch.Tensor
+        (J,) fine angles [deg].
+    n_classes : int
+        Number of classes K.
+    comps : FourierComponents
+        The components of the sums.
+    batch : int
+        Images per batch.
+
+    Returns
+    -------
+    Stats2D
+    """
     dev = images.device
     stats = Stats2D.zeros(n_classes, len(psi_deg), comps.m, comps.box, device=dev)
     rot_all = rotation_matrices_2d(psi_deg.double())
@@ -369,7 +505,24 @@ def stats_for_poses(images: torch.Tensor, cls: np.ndarray, angle_index: np.ndarr
 
 
 def initialise(images: torch.Tensor, settings: "Class2DSettings", origin_px: np.ndarray | None = None) -> tuple[EMModel, Poses2D]:
-    """Iteration 0: sigma^2 from the data; references = averages of random subsets at random psi."""
+    """Iteration 0 of 2D classification: sigma^2 from the data; references = averages of random subsets at random psi.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        (n, N, N) float32 particle images (their device is used).
+    settings : Class2DSettings
+        Number of classes, pixel size [Å], diameter [Å], sampling, seed.
+    origin_px : numpy.ndarray, optional
+        (n, 2) input origins (x, y) [px]; default zeros.
+
+    Returns
+    -------
+    model : EMModel
+        K averages (K, N, N), noise and prior spectra (N//2 + 1 shells), equal class priors.
+    poses : Poses2D
+        Unassigned classes (-1), the random psi [deg] and the origins.
+    """
     dev = images.device
     n_img, n = images.shape[0], images.shape[-1]
     k = settings.n_classes
@@ -398,16 +551,79 @@ def initialise(images: torch.Tensor, settings: "Class2DSettings", origin_px: np.
 
 def iterate(images: torch.Tensor, model: EMModel, poses: Poses2D, settings: Class2DSettings, iteration: int,
             progress: Callable | None = None) -> tuple[EMModel, Poses2D, IterationInfo]:
-    """One E/M iteration on ``images`` (n, N, N). Returns the new model, poses and a summary."""
-    t0 = time.time()
-    dev = images.device
-    n_img, n = images.shape[0], images.shape[-1]
-    k = model.n_classes
-    px = settings.pixel_size_A
-    rng = np.random.default_rng([settings.seed, iteration])
-    mask = particle_mask(n, settings, dev)
+    """One E/M iteration of 2D classification.
 
-    # sizes: current size from the resolution (+ incr_size shells), E-step limit, coarse size (§3.3, §3.5)
+    Parameters
+    ----------
+    images : torch.Tensor
+        (n, N, N) float32 particle images.
+    model : EMModel
+        The model after the previous iteration.
+    poses : Poses2D
+        The poses after the previous iteration (not modified).
+    settings : Class2DSettings
+        The run's settings.
+    iteration : int
+        Iteration number (with the seed it sets the random perturbation).
+    progress : callable, optional
+        Wraps the list of batch starts (a progress bar).
+
+    Returns
+    -------
+    model : EMModel
+        New averages, spectra, class priors and current resolution.
+    poses : Poses2D
+        New classes, psi [deg], origins [px] and E-step summaries.
+    info : IterationInfo
+        Time, resolution [Å] and the changes of this iteration.
+    """
+    t0 = time.time()
+    n_img, n = images.shape[0], images.shape[-1]
+    plan = _plan_iteration(n, model, settings, iteration, images.device)
+    stats = Stats2D.zeros(model.n_classes, plan.n_angles, plan.comps.m, n, device=images.device)
+    new = Poses2D.from_state(poses.state())
+    starts = list(range(0, n_img, settings.batch_size))
+    for s in (progress(starts) if progress else starts):
+        _batch2d(images, slice(s, min(n_img, s + settings.batch_size)), poses, new, stats, plan)
+    model, class_shell = maximise(stats, model, plan.psi_deg, plan.comps, settings)
+    model.extra = {"average_pmax": float(new.max_prob.mean()), "n_particles": n_img}
+    info = _summary(iteration, time.time() - t0, n * settings.pixel_size_A, int(plan.comps.size), model.current_shell,
+                    class_shell, poses, new)
+    return model, new, info
+
+
+@dataclass
+class _Plan2D:
+    """What every batch of an iteration shares: components (current size, E-step subset, coarse), grids, references."""
+
+    mask: torch.Tensor
+    comps: FourierComponents
+    comps_e: FourierComponents
+    keep_e: torch.Tensor
+    coarse_mask: torch.Tensor
+    projectors: list[Projector2D]
+    orient: Orientations
+    psi_deg: torch.Tensor
+    step_deg: float
+    trans: TranslationSet
+    coarse_refs: torch.Tensor
+    inv_s2_e: torch.Tensor
+    log_cls: torch.Tensor
+    opts: EStepOptions
+
+    @property
+    def n_angles(self) -> int:
+        return len(self.psi_deg)
+
+    @property
+    def psi0(self) -> float:
+        return float(self.psi_deg[0])
+
+
+def _iteration_components(n: int, model: EMModel, settings: Class2DSettings,
+                          dev) -> tuple[FourierComponents, FourierComponents, torch.Tensor, torch.Tensor]:
+    """Current size from the resolution (+ incr_size shells), E-step limit, coarse size (§3.3, §3.5)."""
+    px = settings.pixel_size_A
     r_img = min(n // 2, model.current_shell + settings.incr_size)
     comps = _comps_for(n, r_img, dev)
     size = comps.size
@@ -415,8 +631,14 @@ def iterate(images: torch.Tensor, model: EMModel, poses: Poses2D, settings: Clas
     comps_e, keep_e = comps.subset(r_e)
     coarse_res = (2 * settings.psi_step_deg / 360.0) * math.pi * settings.particle_diameter_A / 1.5
     coarse_mask = comps_e.shell < max(3.0, math.ceil(n * px / max(coarse_res, 1e-6)))
+    return comps, comps_e, keep_e, coarse_mask
 
-    projectors = [Projector2D(model.maps[c].to(dev), settings.pad) for c in range(k)]
+
+def _plan_iteration(n: int, model: EMModel, settings: Class2DSettings, iteration: int, dev) -> _Plan2D:
+    rng = np.random.default_rng([settings.seed, iteration])
+    mask = particle_mask(n, settings, dev)
+    comps, comps_e, keep_e, coarse_mask = _iteration_components(n, model, settings, dev)
+    projectors = [Projector2D(model.maps[c].to(dev), settings.pad) for c in range(model.n_classes)]
     orient, psi_f, step_f = fine_angles(settings, rng, dev)
     n_ang = len(psi_f)
     psi0 = float(psi_f[0])
@@ -431,47 +653,76 @@ def iterate(images: torch.Tensor, model: EMModel, poses: Poses2D, settings: Clas
     log_cls = torch.log(model.class_priors.to(dev).float().clamp(min=1e-30))
     opts = EStepOptions(fraction=settings.fraction, max_significant=settings.max_significant, max_keep=settings.max_keep,
                         sigma_offset_px=model.sigma_offset_px)
-    stats = Stats2D.zeros(k, n_ang, comps.m, n, device=dev)
-    new = Poses2D.from_state(poses.state())
-    zeros2 = torch.zeros(settings.batch_size, 2, device=dev)
-    starts = list(range(0, n_img, settings.batch_size))
-    for s in (progress(starts) if progress else starts):
-        sl = slice(s, min(n_img, s + settings.batch_size))
-        img = images[sl].float()
-        b = img.shape[0]
-        xu = comps.extract(fft_centered(img, 2))
-        xm = comps.extract(fft_centered(img * mask, 2))
-        prev = torch.as_tensor(poses.origin_px[sl], dtype=torch.float32, device=dev)
-        batch = BatchData(xm[:, keep_e], torch.ones(b, int(keep_e.sum()), device=dev), prev, zeros2[:b])
-        post = expectation_batch(batch, comps_e, coarse_mask, inv_s2_e, projectors, orient, trans.points,
-                                 trans.children, log_cls, opts, coarse_refs=coarse_refs)
-        j = angle_indices(post.rot, psi0, step_f, n_ang)
-        accumulate2d(stats, post, j, xu, xm, img.sum((-2, -1)).to(torch.complex64), comps, projectors)
-        br, bo, bc = post.best()
-        new.psi_deg[sl] = psi_from_matrix(br.double()).cpu().numpy()
-        new.origin_px[sl] = bo.double().cpu().numpy()
-        new.cls[sl] = bc.cpu().numpy()
-        new.max_prob[sl] = post.max_prob.double().cpu().numpy()
-        new.log_lik[sl] = post.log_lik.double().cpu().numpy()
-        new.n_sig[sl] = post.n_significant.cpu().numpy()
-    model, class_shell = maximise(stats, model, psi_f, comps, settings)
-    model.extra = {"average_pmax": float(new.max_prob.mean()), "n_particles": n_img}
-    current = model.current_shell
-    was = poses.cls >= 0
-    dpsi = np.abs((new.psi_deg - poses.psi_deg + 180.0) % 360.0 - 180.0)
-    info = IterationInfo(
-        iteration=iteration, seconds=time.time() - t0, resolution_A=n * px / max(current, 1), current_size=int(size),
-        class_change=float(np.mean(new.cls[was] != poses.cls[was])) if was.any() else 1.0,
+    return _Plan2D(mask, comps, comps_e, keep_e, coarse_mask, projectors, orient, psi_f, step_f, trans, coarse_refs,
+                   inv_s2_e, log_cls, opts)
+
+
+def _batch2d(images: torch.Tensor, sl: slice, poses: Poses2D, new: Poses2D, stats: Stats2D, plan: _Plan2D) -> None:
+    """E-step of the images ``sl``: sums added to ``stats``, best poses stored in ``new``."""
+    dev = images.device
+    img = images[sl].float()
+    b = img.shape[0]
+    comps, keep_e = plan.comps, plan.keep_e
+    xu = comps.extract(fft_centered(img, 2))
+    xm = comps.extract(fft_centered(img * plan.mask, 2))
+    prev = torch.as_tensor(poses.origin_px[sl], dtype=torch.float32, device=dev)
+    batch = BatchData(xm[:, keep_e], torch.ones(b, int(keep_e.sum()), device=dev), prev, torch.zeros(b, 2, device=dev))
+    post = expectation_batch(batch, plan.comps_e, plan.coarse_mask, plan.inv_s2_e, plan.projectors, plan.orient,
+                             plan.trans.points, plan.trans.children, plan.log_cls, plan.opts, coarse_refs=plan.coarse_refs)
+    j = angle_indices(post.rot, plan.psi0, plan.step_deg, plan.n_angles)
+    accumulate2d(stats, post, j, xu, xm, img.sum((-2, -1)).to(torch.complex64), comps, plan.projectors)
+    _store_best(new, sl, post)
+
+
+def _store_best(poses: Poses2D, sl: slice, post: BatchPosterior) -> None:
+    """The best pose and the E-step summaries of a batch of particles (in place)."""
+    br, bo, bc = post.best()
+    poses.psi_deg[sl] = psi_from_matrix(br.double()).cpu().numpy()
+    poses.origin_px[sl] = bo.double().cpu().numpy()
+    poses.cls[sl] = bc.cpu().numpy()
+    poses.max_prob[sl] = post.max_prob.double().cpu().numpy()
+    poses.log_lik[sl] = post.log_lik.double().cpu().numpy()
+    poses.n_sig[sl] = post.n_significant.cpu().numpy()
+
+
+def _summary(iteration: int, seconds: float, box_A: float, size: int, current: int, class_shell: list[int],
+             old: Poses2D, new: Poses2D) -> IterationInfo:
+    """Resolution and the changes of classes, angles and offsets from ``old`` to ``new``."""
+    was = old.cls >= 0
+    dpsi = np.abs((new.psi_deg - old.psi_deg + 180.0) % 360.0 - 180.0)
+    return IterationInfo(
+        iteration=iteration, seconds=seconds, resolution_A=box_A / max(current, 1), current_size=size,
+        class_change=float(np.mean(new.cls[was] != old.cls[was])) if was.any() else 1.0,
         psi_change_deg=float(dpsi.mean()),
-        offset_change_px=float(np.sqrt(np.mean(np.sum((new.origin_px - poses.origin_px) ** 2, 1)))),
+        offset_change_px=float(np.sqrt(np.mean(np.sum((new.origin_px - old.origin_px) ** 2, 1)))),
         average_pmax=float(new.max_prob.mean()), mean_significant=float(new.n_sig.mean()),
-        class_resolution_A=[n * px / r if r > 0 else 999.0 for r in class_shell])
-    return model, new, info
+        class_resolution_A=[box_A / r if r > 0 else 999.0 for r in class_shell])
 
 
 def maximise(stats: Stats2D, model: EMModel, psi_deg: torch.Tensor, comps: FourierComponents,
              settings: Class2DSettings) -> tuple[EMModel, list[int]]:
-    """M-step from the (summed) statistics: sigma^2, averages, class priors, offset prior, resolution."""
+    """M-step of 2D classification from the summed statistics.
+
+    Parameters
+    ----------
+    stats : Stats2D
+        The iteration's sums (K classes, J fine angles).
+    model : EMModel
+        The previous model (its averages give tau^2, its sigma^2 the regularisation).
+    psi_deg : torch.Tensor
+        (J,) fine in-plane angles of ``stats`` [deg].
+    comps : FourierComponents
+        The current-size components of ``stats``.
+    settings : Class2DSettings
+        T, pixel size, diameter, padding.
+
+    Returns
+    -------
+    model : EMModel
+        sigma^2, averages (solvent-flattened), class priors, offset prior [px], resolution.
+    class_shell : list of int
+        Resolution shell of each class [Fourier px] (0 for empty classes).
+    """
     dev = stats.data.device
     n = comps.box
     k = model.n_classes

@@ -36,6 +36,7 @@ class FourierComponents:
 
     @property
     def m(self) -> int:
+        """Number of components M."""
         return int(self.idx.numel())
 
     def extract(self, f: torch.Tensor) -> torch.Tensor:
@@ -66,7 +67,26 @@ class FourierComponents:
 
 def fourier_components(box: int, size: int, ndim: int, max_shell: float | None = None,
                        device=None) -> FourierComponents:
-    """Component set of the rfft cropped to ``size`` (even), shells 1 <= r < min(size/2, max_shell)."""
+    """Component set of the rfft cropped to ``size`` (even), shells 1 <= r < min(size/2, max_shell).
+
+    Parameters
+    ----------
+    box : int
+        Box size N [px].
+    size : int
+        Current image size [px] (capped at N; made even).
+    ndim : int
+        2 or 3.
+    max_shell : float, optional
+        Further limit on the shell [Fourier px].
+    device : torch.device or str, optional
+        Where the index tensors live.
+
+    Returns
+    -------
+    FourierComponents
+        M components: indices, frequencies k (M, ndim) in index units, shells (M,).
+    """
     size = min(int(size), box)
     if size % 2:
         size -= 1
@@ -94,5 +114,18 @@ def fourier_components(box: int, size: int, ndim: int, max_shell: float | None =
 
 
 def shell_counts(comps: FourierComponents, n_shells: int) -> torch.Tensor:
-    """Number of components per shell (n_shells,)."""
+    """Number of components per shell.
+
+    Parameters
+    ----------
+    comps : FourierComponents
+        The components.
+    n_shells : int
+        Shells 0..n_shells-1.
+
+    Returns
+    -------
+    torch.Tensor
+        (n_shells,) counts.
+    """
     return torch.bincount(comps.shell, minlength=n_shells)[:n_shells].to(torch.float64)

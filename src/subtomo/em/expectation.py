@@ -23,6 +23,7 @@ Only the :class:`Projector` callables are dimension-specific.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
@@ -36,7 +37,7 @@ class Projector(Protocol):
     """A reference that can be sampled at A^T k: 3D (:class:`subtomo.em.projector3d.Projector3D`) or 2D."""
 
     def project(self, rotations: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """rotations (..., d, d), k (M, d) -> (..., M) complex64."""
+        """Rotations (..., d, d), k (M, d) -> (..., M) complex64."""
         ...
 
 
@@ -49,10 +50,24 @@ def score_terms(x: torch.Tensor, ctf: torch.Tensor, inv_sigma2: torch.Tensor, ph
                 refs) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross and norm terms of the likelihood.
 
-    x (B, M) complex, ctf (B, M) real, inv_sigma2 (M,) or (B, M), phases (T, M) or (B, T, M),
-    refs (R, M) shared by all particles or (B, R, M) per particle (complex), or a pair
-    (stacked [Re, Im] (R, 2M), power |A|^2 (R, M)) prepared once by :func:`prepare_refs`.
-    Returns cross (B, T, R) = Re sum conj(x phi) C w A and norm (B, R) = sum C^2 w |A|^2.
+    Parameters
+    ----------
+    x : torch.Tensor
+        (B, M) complex particle transforms.
+    ctf : torch.Tensor
+        (B, M) real CTFs.
+    inv_sigma2 : torch.Tensor
+        (M,) or (B, M) 1 / noise power.
+    phases : torch.Tensor
+        (T, M) or (B, T, M) translation phase ramps.
+    refs : torch.Tensor or tuple
+        (R, M) shared or (B, R, M) per-particle complex references, or the pair
+        (stacked [Re, Im] (R, 2M), power (R, M)) from :func:`prepare_refs`.
+
+    Returns
+    -------
+    cross, norm : torch.Tensor
+        (B, T, R) Re sum conj(x phi) C A / sigma^2 and (B, R) sum C^2 |A|^2 / sigma^2.
     """
     b, m = x.shape
     cs = ctf * inv_sigma2  # (B, M)
@@ -77,30 +92,91 @@ def score_terms(x: torch.Tensor, ctf: torch.Tensor, inv_sigma2: torch.Tensor, ph
 
 
 def prepare_refs(refs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(stacked [Re, Im] (..., 2M), power (..., M)) of complex references, for repeated scoring."""
+    """Stacked [Re, Im] references and their power, computed once for repeated scoring.
+
+    Parameters
+    ----------
+    refs : torch.Tensor
+        (..., M) complex references.
+
+    Returns
+    -------
+    stacked : torch.Tensor
+        (..., 2M) float32.
+    power : torch.Tensor
+        (..., M) |A|^2.
+    """
     return _stack_real(refs).contiguous(), (refs.real ** 2 + refs.imag ** 2).contiguous()
 
 
 def project_stacked(projector: Projector, rotations: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """References as stacked [Re, Im] (..., 2M), directly where the projector can (3D), else via complex."""
+    """References as stacked [Re, Im], directly where the projector can (3D), else via complex.
+
+    Parameters
+    ----------
+    projector : Projector
+        One reference.
+    rotations : torch.Tensor
+        (..., d, d) rotation matrices.
+    k : torch.Tensor
+        (M, d) components in index units.
+
+    Returns
+    -------
+    torch.Tensor
+        (..., 2M) float32.
+    """
     direct = getattr(projector, "project_stacked", None)
     return direct(rotations, k) if direct is not None else _stack_real(projector.project(rotations, k))
 
 
 def stacked_power(stacked: torch.Tensor) -> torch.Tensor:
-    """|A|^2 (..., M) from stacked [Re, Im] references (..., 2M)."""
+    """|A|^2 from stacked [Re, Im] references.
+
+    Parameters
+    ----------
+    stacked : torch.Tensor
+        (..., 2M) float32.
+
+    Returns
+    -------
+    torch.Tensor
+        (..., M).
+    """
     m = stacked.shape[-1] // 2
     return stacked[..., :m] ** 2 + stacked[..., m:] ** 2
 
 
 def log_likelihood(x, ctf, inv_sigma2, phases, refs) -> torch.Tensor:
-    """L(b, t, r) = cross - norm/2 (B, T, R): the Gaussian log-likelihood up to a per-particle constant."""
+    """Gaussian log-likelihood up to a per-particle constant: cross - norm / 2.
+
+    Parameters
+    ----------
+    x, ctf, inv_sigma2, phases, refs
+        As for :func:`score_terms`.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, T, R).
+    """
     cross, norm = score_terms(x, ctf, inv_sigma2, phases, refs)
     return cross - 0.5 * norm[:, None, :]
 
 
 def normalised_cc(x, ctf, phases, refs) -> torch.Tensor:
-    """Normalised cross-correlation Re sum conj(x phi) C A / (|x| |C A|) (B, T, R) (RELION --firstiter_cc)."""
+    """Normalised cross-correlation Re sum conj(x phi) C A / (|x| |C A|) (RELION --firstiter_cc).
+
+    Parameters
+    ----------
+    x, ctf, phases, refs
+        As for :func:`score_terms`.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, T, R) in -1..1.
+    """
     ones = torch.ones(x.shape[-1], device=x.device, dtype=ctf.dtype)
     cross, norm = score_terms(x, ctf, ones, phases, refs)
     xn = (x.real ** 2 + x.imag ** 2).sum(-1).sqrt()  # (B,)
@@ -108,21 +184,59 @@ def normalised_cc(x, ctf, phases, refs) -> torch.Tensor:
 
 
 def constant_term(x: torch.Tensor, inv_sigma2: torch.Tensor) -> torch.Tensor:
-    """-1/2 sum |x|^2 w per particle (B,): completes :func:`log_likelihood` to the full log-likelihood."""
+    """-1/2 sum |x|^2 / sigma^2 per particle: completes :func:`log_likelihood` to the full log-likelihood.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        (B, M) complex particle transforms.
+    inv_sigma2 : torch.Tensor
+        (M,) 1 / noise power.
+
+    Returns
+    -------
+    torch.Tensor
+        (B,).
+    """
     return -0.5 * ((x.real ** 2 + x.imag ** 2) * inv_sigma2).sum(-1)
 
 
 def posterior(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalise log-weights over all but the first dim: (weights summing to 1 per row, log-sum-exp (B,))."""
+    """Normalise log-weights over all but the first dimension.
+
+    Parameters
+    ----------
+    log_w : torch.Tensor
+        (B, ...) log-weights (-inf allowed).
+
+    Returns
+    -------
+    weights : torch.Tensor
+        Same shape, summing to 1 per particle.
+    log_sum : torch.Tensor
+        (B,) log-sum-exp.
+    """
     flat = log_w.reshape(log_w.shape[0], -1)
     lse = torch.logsumexp(flat, dim=1)
     return torch.exp(flat - lse[:, None]).reshape(log_w.shape), lse
 
 
 def significant_count(weights: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smallest number of points per row holding ``fraction`` of the mass; also the sort order.
+    """Smallest number of points per row holding ``fraction`` of the mass, and the sort order.
 
-    weights (B, P) normalised per row -> (counts (B,), order (B, P) descending).
+    Parameters
+    ----------
+    weights : torch.Tensor
+        (B, P) normalised per row.
+    fraction : float
+        Mass to hold (0.999 in RELION).
+
+    Returns
+    -------
+    counts : torch.Tensor
+        (B,) int64.
+    order : torch.Tensor
+        (B, P) indices, weights descending.
     """
     w, order = torch.sort(weights, dim=1, descending=True)
     cum = torch.cumsum(w, dim=1)
@@ -131,7 +245,22 @@ def significant_count(weights: torch.Tensor, fraction: float) -> tuple[torch.Ten
 
 
 def offset_log_prior(offsets_px: torch.Tensor, centre_px: torch.Tensor, sigma_px: float) -> torch.Tensor:
-    """Isotropic Gaussian log prior of absolute offsets (..., d) about centres broadcastable to them."""
+    """Isotropic Gaussian log prior of absolute offsets about their prior centres.
+
+    Parameters
+    ----------
+    offsets_px : torch.Tensor
+        (..., d) offsets [px].
+    centre_px : torch.Tensor
+        Centres broadcastable to ``offsets_px`` [px].
+    sigma_px : float
+        Width of the prior [px].
+
+    Returns
+    -------
+    torch.Tensor
+        (...) log prior.
+    """
     d2 = ((offsets_px - centre_px) ** 2).sum(-1)
     return -d2 / (2 * max(sigma_px, 1e-3) ** 2)
 
@@ -139,6 +268,8 @@ def offset_log_prior(offsets_px: torch.Tensor, centre_px: torch.Tensor, sigma_px
 # ---------------------------------------------------------------- the driver
 @dataclass
 class EStepOptions:
+    """Significance (fraction, max points), kept poses, offset prior width [px], CC mode and memory [bytes]."""
+
     fraction: float = 0.999  # adaptive_fraction
     max_significant: int = 48  # coarse points carried to the fine pass, per particle
     max_keep: int = 12  # fine poses kept per particle for the M-step
@@ -169,6 +300,7 @@ class Orientations:
 
     @property
     def shared(self) -> bool:
+        """True when every particle of the batch has the same rotations."""
         return self.coarse.ndim == 3
 
 
@@ -192,17 +324,47 @@ class BatchPosterior:
 
 
 def precompute_refs(projectors: Sequence[Projector], rotations: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Rotate every class once for a shared rotation set: (K, R, M) complex."""
+    """Every class rotated once for a shared rotation set.
+
+    Parameters
+    ----------
+    projectors : sequence of Projector
+        The K references.
+    rotations : torch.Tensor
+        (R, d, d) rotation matrices.
+    k : torch.Tensor
+        (M, d) components in index units.
+
+    Returns
+    -------
+    torch.Tensor
+        (K, R, M) complex.
+    """
     return torch.stack([p.project(rotations, k) for p in projectors])
 
 
 def precompute_stacked_refs(projectors: Sequence[Projector], rotations: torch.Tensor, k: torch.Tensor,
                             chunk_bytes: int = 256 * 2 ** 20) -> tuple[torch.Tensor, None]:
-    """Every class rotated once, stored only as stacked [Re, Im] (K, R, 2M) float32.
+    """Every class rotated once, stored only as stacked [Re, Im] float32.
 
-    Filled chunk by chunk, so the peak is this array plus one chunk (not the complex array,
-    its stacked copy and the power together); the power |A|^2 is recomputed per scoring
-    chunk (:func:`stacked_power`, cheap next to the GEMM). Pass as ``coarse_refs``.
+    Filled chunk by chunk, so the peak is this array plus one chunk; the power |A|^2 is
+    recomputed per scoring chunk (:func:`stacked_power`). Pass as ``coarse_refs``.
+
+    Parameters
+    ----------
+    projectors : sequence of Projector
+        The K references.
+    rotations : torch.Tensor
+        (R, d, d) rotation matrices.
+    k : torch.Tensor
+        (M, d) components in index units.
+    chunk_bytes : int
+        Memory of one chunk [bytes].
+
+    Returns
+    -------
+    tuple
+        ((K, R, 2M) float32, None).
     """
     n_r, m = rotations.shape[0], k.shape[0]
     out = torch.empty(len(projectors), n_r, 2 * m, dtype=torch.float32, device=k.device)
@@ -219,37 +381,21 @@ def _chunks(n: int, size: int):
         yield s, min(n, s + size)
 
 
-def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: torch.Tensor,
-                      inv_sigma2: torch.Tensor, projectors: Sequence[Projector], orient: Orientations,
-                      trans_points: torch.Tensor, trans_children: torch.Tensor, log_class_prior: torch.Tensor,
-                      opts: EStepOptions, coarse_refs=None, fine_mask: torch.Tensor | None = None) -> BatchPosterior:
-    """Two-pass E-step of one batch; see the module docstring.
-
-    comps: current-size components (M); coarse_mask (M,) bool selects the coarse-pass ones;
-    inv_sigma2 (M,); trans_points (T, d), trans_children (T, Ct, d) px relative to
-    ``batch.prev_offset_px``; log_class_prior (K,); coarse_refs (K, R, Mc) complex from
-    :func:`precompute_refs`, or that passed through :func:`prepare_refs`, for shared
-    orientations (computed here when None); fine_mask (M,) bool: the components scored in
-    the fine pass (default all; components where every reference is zero add nothing).
-    """
+def _coarse_scores(batch: BatchData, comps: FourierComponents, coarse_mask: torch.Tensor, inv_sigma2: torch.Tensor,
+                   projectors: Sequence[Projector], orient: Orientations, trans_points: torch.Tensor,
+                   opts: EStepOptions, coarse_refs) -> torch.Tensor:
+    """Coarse-pass scores (B, T, K, R): log-likelihood (or normalised CC) of every coarse pose."""
     x, ctf = batch.x, batch.ctf
-    dev = x.device
-    b, m = x.shape
-    kcls = len(projectors)
-    if log_class_prior.numel() != kcls:  # would broadcast the scores to more classes than references
-        raise ValueError(f"log_class_prior has {log_class_prior.numel()} classes for {kcls} references")
-    n_t = trans_points.shape[0]
-    k_all = comps.k
-    k_c = k_all[coarse_mask]
+    b = x.shape[0]
+    kcls, n_t = len(projectors), trans_points.shape[0]
+    k_c = comps.k[coarse_mask]
     mc = k_c.shape[0]
     xc, cc_, wc = x[:, coarse_mask], ctf[:, coarse_mask], inv_sigma2[coarse_mask]
-
-    # ---- coarse pass
     pre = comps.phase_ramps(batch.prev_offset_px)  # (B, M)
     xc_pre = xc * pre[:, coarse_mask]
     ph_c = comps.phase_ramps(trans_points)[:, coarse_mask]  # (T, Mc)
     n_r = orient.coarse.shape[-3]
-    scores = torch.empty(b, n_t, kcls, n_r, device=dev)
+    scores = torch.empty(b, n_t, kcls, n_r, device=x.device)
     per_elem = 4 * (2 * mc * max(n_t * (b if not orient.shared else 1), 1) + b * n_t) + 16 * mc
     r_chunk = max(1, opts.memory_bytes // max(per_elem, 1))
     if not opts.cc:
@@ -261,16 +407,7 @@ def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: t
         c2 = cc_ * cc_ * wc
     for kc in range(kcls):
         for s, e in _chunks(n_r, r_chunk):
-            if orient.shared:
-                if isinstance(coarse_refs, tuple):
-                    power = coarse_refs[1][kc, s:e] if coarse_refs[1] is not None else None
-                    refs = (coarse_refs[0][kc, s:e], power)
-                elif coarse_refs is not None:
-                    refs = coarse_refs[kc, s:e]
-                else:
-                    refs = projectors[kc].project(orient.coarse[s:e], k_c)
-            else:
-                refs = (project_stacked(projectors[kc], orient.coarse[:, s:e], k_c), None)
+            refs = _coarse_refs(projectors[kc], orient, coarse_refs, kc, s, e, k_c)
             if opts.cc:
                 scores[:, :, kc, s:e] = normalised_cc(xc_pre, cc_, ph_c, refs)
                 continue
@@ -284,6 +421,40 @@ def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: t
                 cross = torch.bmm(y, ar.transpose(1, 2))
                 norm = torch.bmm(c2[:, None, :], a2.transpose(1, 2))[:, 0]
             scores[:, :, kc, s:e] = cross - 0.5 * norm[:, None, :]
+    return scores
+
+
+def _coarse_refs(projector: Projector, orient: Orientations, coarse_refs, kc: int, s: int, e: int, k_c: torch.Tensor):
+    """Class ``kc`` at coarse rotations s:e: precomputed (shared grid) or projected now."""
+    if not orient.shared:
+        return (project_stacked(projector, orient.coarse[:, s:e], k_c), None)
+    if isinstance(coarse_refs, tuple):
+        power = coarse_refs[1][kc, s:e] if coarse_refs[1] is not None else None
+        return (coarse_refs[0][kc, s:e], power)
+    if coarse_refs is not None:
+        return coarse_refs[kc, s:e]
+    return projector.project(orient.coarse[s:e], k_c)
+
+
+@dataclass
+class _Significant:
+    """The significant coarse points of each particle: count (B,), and (B, P) translation/class/rotation indices."""
+
+    count: torch.Tensor
+    valid: torch.Tensor
+    t_idx: torch.Tensor
+    k_idx: torch.Tensor
+    r_idx: torch.Tensor
+
+    @property
+    def p(self) -> int:
+        return int(self.valid.shape[1])
+
+
+def _significant_points(scores: torch.Tensor, batch: BatchData, trans_points: torch.Tensor, orient: Orientations,
+                        log_class_prior: torch.Tensor, opts: EStepOptions) -> _Significant:
+    """Coarse posteriors; the smallest set of points holding ``fraction`` of each particle's mass."""
+    b, _, kcls, n_r = scores.shape
     abs_t = batch.prev_offset_px[:, None, :] + trans_points[None]  # (B, T, d)
     lp_t = offset_log_prior(abs_t, batch.prior_offset_px[:, None, :], opts.sigma_offset_px)  # (B, T)
     if opts.cc:
@@ -298,36 +469,91 @@ def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: t
     count = ((torch.cumsum(w_top, dim=1) < opts.fraction).sum(1) + 1).clamp(max=n_top)
     p = int(count.max())
     top = order[:, :p]  # (B, P) flat index over (T, K, R)
-    valid = torch.arange(p, device=dev)[None, :] < count[:, None]
-    t_idx = top // (kcls * n_r)
-    k_idx = (top // n_r) % kcls
-    r_idx = top % n_r
+    valid = torch.arange(p, device=scores.device)[None, :] < count[:, None]
+    return _Significant(count, valid, top // (kcls * n_r), (top // n_r) % kcls, top % n_r)
 
-    # ---- fine pass on the oversampled children of the significant coarse points
-    x_all, inv_s2_all = x, inv_sigma2
-    if fine_mask is not None and not bool(fine_mask.all()):
-        comps = comps.select(fine_mask)
-        x, ctf, inv_sigma2 = x[:, fine_mask], ctf[:, fine_mask], inv_sigma2[fine_mask]
-        k_all = comps.k
-        m = comps.m
-    n_ct = trans_children.shape[1]
-    n_cr = orient.children.shape[-3]
-    bi = torch.arange(b, device=dev)[:, None].expand(b, p)
-    if orient.shared:
-        child_rot = orient.children[r_idx]  # (B, P, C, d, d)
-    else:
-        child_rot = orient.children[bi, r_idx]
-    child_lp_rot = orient.child_log_prior[r_idx]  # (B, P, C)
-    child_t = batch.prev_offset_px[:, None, None, :] + trans_children[t_idx]  # (B, P, Ct, d)
+
+def _shared_child_refs(projectors: Sequence[Projector], orient: Orientations, sig: _Significant, pairs: torch.Tensor,
+                       k_all: torch.Tensor, memory_bytes: int):
+    """For a shared grid: the children of each distinct (class, coarse rotation) of the batch, projected once.
+
+    Returns (prepared refs, pair -> row index) or None when they would not fit in memory.
+    """
+    b, p = sig.valid.shape
+    n_r, n_cr, m = orient.coarse.shape[-3], orient.children.shape[-3], k_all.shape[0]
+    key = (sig.k_idx.reshape(-1) * n_r + sig.r_idx.reshape(-1))[pairs]
+    ukey, inv = torch.unique(key, return_inverse=True)
+    if len(ukey) * n_cr * m * 8 > 4 * memory_bytes:
+        return None
+    uniq_refs = torch.empty(len(ukey), n_cr, m, dtype=torch.complex64, device=k_all.device)
+    uk, ur = ukey // n_r, ukey % n_r
+    for kc in range(len(projectors)):
+        sel = torch.nonzero(uk == kc).squeeze(1)
+        if len(sel):
+            uniq_refs[sel] = projectors[kc].project(orient.children[ur[sel]], k_all)
+    pair_ref = torch.full((b * p,), -1, dtype=torch.long, device=k_all.device)
+    pair_ref[pairs] = inv
+    return prepare_refs(uniq_refs), pair_ref
+
+
+def _chunk_child_refs(projectors: Sequence[Projector], sig: _Significant, pr: torch.Tensor, rot_flat: torch.Tensor,
+                      n_r: int, k_all: torch.Tensor) -> torch.Tensor:
+    """Children of the pairs ``pr``: each distinct (particle, class, rotation) of the chunk projected once.
+
+    Significant points of one particle that differ only in translation share their rotation children.
+    """
+    kcls, dev = len(projectors), k_all.device
+    b, p = sig.valid.shape
+    flat_b = torch.arange(b, device=dev)[:, None].expand(b, p).reshape(-1)
+    flat_k = sig.k_idx.reshape(-1)
+    pb = flat_b[pr]
+    ck = (pb * kcls + flat_k[pr]) * n_r + sig.r_idx.reshape(-1)[pr]
+    uk, inv = torch.unique(ck, return_inverse=True)
+    first = torch.zeros(len(uk), dtype=torch.long, device=dev).scatter_(0, inv, torch.arange(len(pr), device=dev))
+    urefs = torch.zeros(len(uk), rot_flat.shape[1], k_all.shape[0], dtype=torch.complex64, device=dev)
+    for kc in range(kcls):
+        sel = torch.nonzero(flat_k[pr[first]] == kc).squeeze(1)
+        if len(sel):
+            urefs[sel] = projectors[kc].project(rot_flat[pr[first[sel]]], k_all)
+    return urefs[inv]
+
+
+@dataclass
+class _FineGrid:
+    """Oversampled children of the significant points: rotations (B, P, Cr, d, d), offsets (B, P, Ct, d), priors."""
+
+    rot: torch.Tensor
+    offset: torch.Tensor
+    lp_rot: torch.Tensor
+    lp_t: torch.Tensor
+
+
+def _fine_grid(batch: BatchData, orient: Orientations, sig: _Significant, trans_children: torch.Tensor,
+               opts: EStepOptions) -> _FineGrid:
+    b, p = sig.valid.shape
+    bi = torch.arange(b, device=batch.x.device)[:, None].expand(b, p)
+    child_rot = orient.children[sig.r_idx] if orient.shared else orient.children[bi, sig.r_idx]  # (B, P, C, d, d)
+    child_lp_rot = orient.child_log_prior[sig.r_idx]  # (B, P, C)
+    child_t = batch.prev_offset_px[:, None, None, :] + trans_children[sig.t_idx]  # (B, P, Ct, d)
     child_lp_t = offset_log_prior(child_t, batch.prior_offset_px[:, None, None, :], opts.sigma_offset_px)
+    return _FineGrid(child_rot, child_t, child_lp_rot, child_lp_t)
+
+
+def _fine_scores(batch: BatchData, comps: FourierComponents, inv_sigma2: torch.Tensor, projectors: Sequence[Projector],
+                 orient: Orientations, sig: _Significant, grid: _FineGrid, n_t: int, trans_children: torch.Tensor,
+                 opts: EStepOptions) -> torch.Tensor:
+    """Fine-pass scores (B, P, Ct, Cr) of the children of the significant points (-inf where padded)."""
+    x, ctf = batch.x, batch.ctf
+    b, p = sig.valid.shape
+    m, k_all, dev = comps.m, comps.k, x.device
+    n_ct, n_cr, n_r = trans_children.shape[1], orient.children.shape[-3], orient.coarse.shape[-3]
     fine = torch.full((b, p, n_ct, n_cr), -math.inf, device=dev)
-    pairs = torch.nonzero(valid.reshape(-1)).squeeze(1)
+    pairs = torch.nonzero(sig.valid.reshape(-1)).squeeze(1)
     per_pair = 4 * (n_ct * 2 * m + 3 * n_cr * m + n_ct * m * 2)
     pair_chunk = max(1, opts.memory_bytes // max(per_pair, 1))
-    flat_b = bi.reshape(-1)
-    flat_k = k_idx.reshape(-1)
-    rot_flat = child_rot.reshape(b * p, n_cr, *child_rot.shape[-2:])
-    t_flat = child_t.reshape(b * p, n_ct, -1)
+    flat_b = torch.arange(b, device=dev)[:, None].expand(b, p).reshape(-1)
+    rot_flat = grid.rot.reshape(b * p, n_cr, *grid.rot.shape[-2:])
+    t_flat = grid.offset.reshape(b * p, n_ct, -1)
     fine_flat = fine.view(b * p, n_ct, n_cr)
     # translation = previous offset + child offset: ramps factorise, so the children's ramps
     # are computed once per batch and the particles pre-shifted once
@@ -335,54 +561,36 @@ def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: t
     if n_t * n_ct * m * 8 <= opts.memory_bytes:
         ramps_c = comps.phase_ramps(trans_children)  # (T, Ct, M)
         x_pre = x * comps.phase_ramps(batch.prev_offset_px)
-        t_pair = t_idx.reshape(-1)
-    uniq_refs = None
-    if orient.shared:
-        # the children of one coarse rotation are the same for every particle and translation:
-        # project each distinct (class, rotation) of the batch once
-        key = (flat_k * n_r + r_idx.reshape(-1))[pairs]
-        ukey, inv = torch.unique(key, return_inverse=True)
-        if len(ukey) * n_cr * m * 8 <= 4 * opts.memory_bytes:
-            uniq_refs = torch.empty(len(ukey), n_cr, m, dtype=torch.complex64, device=dev)
-            uk, ur = ukey // n_r, ukey % n_r
-            for kc in range(kcls):
-                sel = torch.nonzero(uk == kc).squeeze(1)
-                if len(sel):
-                    uniq_refs[sel] = projectors[kc].project(orient.children[ur[sel]], k_all)
-            pair_ref = torch.full((b * p,), -1, dtype=torch.long, device=dev)
-            pair_ref[pairs] = inv
-            uniq_refs = prepare_refs(uniq_refs)
+        t_pair = sig.t_idx.reshape(-1)
+    shared = _shared_child_refs(projectors, orient, sig, pairs, k_all, opts.memory_bytes) if orient.shared else None
     for s, e in _chunks(len(pairs), pair_chunk):
         pr = pairs[s:e]
         pb = flat_b[pr]
-        if uniq_refs is not None:
-            j = pair_ref[pr]
-            refs = (uniq_refs[0][j], uniq_refs[1][j])
+        refs: tuple[torch.Tensor, torch.Tensor] | torch.Tensor
+        if shared is not None:
+            j = shared[1][pr]
+            refs = (shared[0][0][j], shared[0][1][j])
         else:
-            # significant points of one particle that differ only in translation share their
-            # rotation children: project each distinct (particle, class, rotation) of the chunk once
-            ck = (pb * kcls + flat_k[pr]) * n_r + r_idx.reshape(-1)[pr]
-            uk, inv = torch.unique(ck, return_inverse=True)
-            first = torch.zeros(len(uk), dtype=torch.long, device=dev).scatter_(
-                0, inv, torch.arange(len(pr), device=dev))
-            urefs = torch.zeros(len(uk), n_cr, m, dtype=torch.complex64, device=dev)
-            for kc in range(kcls):
-                sel = torch.nonzero(flat_k[pr[first]] == kc).squeeze(1)
-                if len(sel):
-                    urefs[sel] = projectors[kc].project(rot_flat[pr[first[sel]]], k_all)
-            refs = urefs[inv]
+            refs = _chunk_child_refs(projectors, sig, pr, rot_flat, n_r, k_all)
         if ramps_c is not None:
             xb, ph = x_pre[pb], ramps_c[t_pair[pr]]
         else:
             xb, ph = x[pb], comps.phase_ramps(t_flat[pr])  # (n, Ct, M)
         if opts.cc:
-            sc = normalised_cc(xb, ctf[pb], ph, refs) * 1e4
+            fine_flat[pr] = normalised_cc(xb, ctf[pb], ph, refs) * 1e4
         else:
-            sc = log_likelihood(xb, ctf[pb], inv_sigma2, ph, refs)
-        fine_flat[pr] = sc
+            fine_flat[pr] = log_likelihood(xb, ctf[pb], inv_sigma2, ph, refs)
+    return fine
+
+
+def _kept_poses(fine: torch.Tensor, sig: _Significant, grid: _FineGrid, log_class_prior: torch.Tensor,
+                opts: EStepOptions) -> tuple[BatchPosterior, torch.Tensor]:
+    """Fine posteriors; the poses holding ``fraction`` of the mass (at most ``max_keep``); and log-sum-exp (B,)."""
+    b, p, n_ct, n_cr = fine.shape
+    dev = fine.device
     if not opts.cc:
-        fine = (fine + child_lp_t[:, :, :, None] + child_lp_rot[:, :, None, :]
-                + log_class_prior[k_idx][:, :, None, None])
+        fine = (fine + grid.lp_t[:, :, :, None] + grid.lp_rot[:, :, None, :]
+                + log_class_prior[sig.k_idx][:, :, None, None])
     w_f, lse = posterior(fine)
     wf = w_f.reshape(b, -1)
     max_prob = wf.max(1).values
@@ -396,8 +604,63 @@ def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: t
     ti = (topf // n_cr) % n_ct
     ri = topf % n_cr
     bq = torch.arange(b, device=dev)[:, None].expand(b, q)
-    rot_out = child_rot[bq, pi, ri]
-    off_out = child_t[bq, pi, ti]
-    cls_out = k_idx[bq, pi]
-    log_lik = lse + constant_term(x_all, inv_s2_all) if not opts.cc else lse * 0
-    return BatchPosterior(rot_out, off_out, cls_out, wk, max_prob, log_lik, count)
+    post = BatchPosterior(grid.rot[bq, pi, ri], grid.offset[bq, pi, ti], sig.k_idx[bq, pi], wk, max_prob,
+                          torch.zeros(b, device=dev), sig.count)
+    return post, lse
+
+
+def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: torch.Tensor,
+                      inv_sigma2: torch.Tensor, projectors: Sequence[Projector], orient: Orientations,
+                      trans_points: torch.Tensor, trans_children: torch.Tensor, log_class_prior: torch.Tensor,
+                      opts: EStepOptions, coarse_refs=None, fine_mask: torch.Tensor | None = None) -> BatchPosterior:
+    """Two-pass E-step of one batch; see the module docstring.
+
+    Parameters
+    ----------
+    batch : BatchData
+        B particles: masked transforms and CTFs (B, M) at the components of ``comps``, offsets (B, d) px.
+    comps : FourierComponents
+        The current-size components (M).
+    coarse_mask : torch.Tensor
+        (M,) bool, the components of the coarse pass.
+    inv_sigma2 : torch.Tensor
+        (M,) 1 / noise power.
+    projectors : sequence of Projector
+        The K references.
+    orient : Orientations
+        Coarse rotations (R, d, d) shared, or (B, R, d, d) per particle, their children and log priors.
+    trans_points, trans_children : torch.Tensor
+        (T, d) coarse and (T, Ct, d) oversampled translations [px] relative to ``batch.prev_offset_px``.
+    log_class_prior : torch.Tensor
+        (K,) log class priors.
+    opts : EStepOptions
+        Significance, limits, offset prior, cross-correlation mode, memory.
+    coarse_refs : optional
+        (K, R, Mc) complex from :func:`precompute_refs`, or that passed through
+        :func:`prepare_refs`, for shared orientations (computed here when None).
+    fine_mask : torch.Tensor, optional
+        (M,) bool: the components scored in the fine pass (default all; components where
+        every reference is zero add nothing).
+
+    Returns
+    -------
+    BatchPosterior
+        Kept poses (B, P), weights, Pmax, log-likelihood contributions and significant counts.
+    """
+    kcls = len(projectors)
+    if log_class_prior.numel() != kcls:  # would broadcast the scores to more classes than references
+        raise ValueError(f"log_class_prior has {log_class_prior.numel()} classes for {kcls} references")
+    scores = _coarse_scores(batch, comps, coarse_mask, inv_sigma2, projectors, orient, trans_points, opts, coarse_refs)
+    sig = _significant_points(scores, batch, trans_points, orient, log_class_prior, opts)
+    x_all, inv_s2_all = batch.x, inv_sigma2
+    fine_batch = batch
+    if fine_mask is not None and not bool(fine_mask.all()):
+        comps = comps.select(fine_mask)
+        fine_batch = dataclasses.replace(batch, x=batch.x[:, fine_mask], ctf=batch.ctf[:, fine_mask])
+        inv_sigma2 = inv_sigma2[fine_mask]
+    grid = _fine_grid(batch, orient, sig, trans_children, opts)
+    fine = _fine_scores(fine_batch, comps, inv_sigma2, projectors, orient, sig, grid, trans_points.shape[0],
+                        trans_children, opts)
+    post, lse = _kept_poses(fine, sig, grid, log_class_prior, opts)
+    post.log_lik = lse + constant_term(x_all, inv_s2_all) if not opts.cc else lse * 0
+    return post

@@ -17,11 +17,34 @@ _JPLL = np.array([1, 3, 5, 7, 0, 2, 4, 6, 1, 3, 5, 7])
 
 
 def n_pixels(order: int) -> int:
+    """Number of HEALPix pixels (directions) at ``order``.
+
+    Parameters
+    ----------
+    order : int
+        HEALPix order.
+
+    Returns
+    -------
+    int
+        12 * 4^order.
+    """
     return 12 * 4 ** order
 
 
 def angular_step_deg(order: int) -> float:
-    """RELION's angular sampling of a HEALPix order: 360 / (6 * 2^order) degrees."""
+    """RELION's angular sampling of a HEALPix order.
+
+    Parameters
+    ----------
+    order : int
+        HEALPix order.
+
+    Returns
+    -------
+    float
+        360 / (6 * 2^order) [deg].
+    """
     return 360.0 / (6 * 2 ** order)
 
 
@@ -34,7 +57,20 @@ def _deinterleave(v: np.ndarray) -> np.ndarray:
 
 
 def pix2vec_nest(order: int, pix: np.ndarray | None = None) -> np.ndarray:
-    """Unit vectors (n, 3) of NEST pixel centres (all pixels if ``pix`` is None)."""
+    """Unit vectors of NEST pixel centres.
+
+    Parameters
+    ----------
+    order : int
+        HEALPix order.
+    pix : numpy.ndarray, optional
+        (n,) pixel indices; all pixels if None.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, 3) unit vectors (x, y, z).
+    """
     nside = 2 ** order
     pix = np.arange(n_pixels(order), dtype=np.int64) if pix is None else np.asarray(pix, dtype=np.int64)
     npface = nside * nside
@@ -56,7 +92,20 @@ def pix2vec_nest(order: int, pix: np.ndarray | None = None) -> np.ndarray:
 
 
 def pix2ang_nest(order: int, pix: np.ndarray | None = None) -> np.ndarray:
-    """(rot, tilt) in degrees (n, 2) of NEST pixel centres: rot = phi, tilt = arccos(z)."""
+    """RELION angles of NEST pixel centres: rot = phi, tilt = arccos(z).
+
+    Parameters
+    ----------
+    order : int
+        HEALPix order.
+    pix : numpy.ndarray, optional
+        (n,) pixel indices; all pixels if None.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, 2) (rot, tilt) [deg].
+    """
     v = pix2vec_nest(order, pix)
     rot = np.rad2deg(np.arctan2(v[:, 1], v[:, 0]))
     tilt = np.rad2deg(np.arccos(np.clip(v[:, 2], -1, 1)))
@@ -64,7 +113,20 @@ def pix2ang_nest(order: int, pix: np.ndarray | None = None) -> np.ndarray:
 
 
 def children(pix: np.ndarray, levels: int = 1) -> np.ndarray:
-    """NEST children of ``pix`` ``levels`` orders finer: (n, 4**levels)."""
+    """NEST children of pixels ``levels`` orders finer.
+
+    Parameters
+    ----------
+    pix : numpy.ndarray
+        (n,) pixel indices.
+    levels : int
+        Orders finer.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, 4**levels) pixel indices.
+    """
     pix = np.asarray(pix, dtype=np.int64)
     m = 4 ** levels
     return pix[:, None] * m + np.arange(m)[None, :]

@@ -40,6 +40,7 @@ class SufficientStats:
 
     @staticmethod
     def zeros(n_classes: int, box: int, ndim: int, device=None) -> "SufficientStats":
+        """Empty sums for K classes on N^ndim grids."""
         grid = (n_classes,) + (box,) * ndim
         n_shells = box // 2 + 1
         z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
@@ -51,16 +52,20 @@ class SufficientStats:
         return SufficientStats(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
 
     def to(self, device) -> "SufficientStats":
+        """The sums on ``device``."""
         return SufficientStats(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
     def state(self) -> dict:
+        """Plain contents on cpu (for ``torch.save`` or sending to another process)."""
         return {f.name: getattr(self, f.name).cpu() for f in fields(self)}
 
     @staticmethod
     def from_state(state: dict, device=None) -> "SufficientStats":
+        """Inverse of :meth:`state`."""
         return SufficientStats(**{k: v.to(device) for k, v in state.items()})
 
     def select_classes(self, classes: Sequence[int]) -> "SufficientStats":
+        """The sums of the given classes only (in that order)."""
         idx = torch.as_tensor(list(classes), device=self.data.device)
         return replace(self, data=self.data[idx], weight=self.weight[idx], class_weight=self.class_weight[idx])
 
@@ -71,9 +76,26 @@ def accumulate(stats: SufficientStats, post: BatchPosterior, x_unmasked: torch.T
                noise_stats: bool = True) -> None:
     """Add one batch's weighted sums into ``stats`` (in place).
 
-    post: kept poses (B, P); x_* (B, M) complex at the components of ``comps``; ctf (B, M);
-    inv_sigma2 (M,); insert(data_k, weight_k, rotations (n, d, d), k (M, d), values (n, M),
-    weights (n, M)) splats into one class's grids; prior_offset_px (B, d).
+    Parameters
+    ----------
+    stats : SufficientStats
+        The sums (K classes, full centred N^d grids).
+    post : BatchPosterior
+        Kept poses (B, P) of the batch and their weights.
+    x_unmasked, x_masked, ctf : torch.Tensor
+        (B, M) complex particle transforms and their CTF at the components of ``comps``.
+    inv_sigma2 : torch.Tensor
+        (M,) 1 / noise power.
+    comps : FourierComponents
+        The M components (index units k (M, d)).
+    projectors : sequence of Projector
+        The K references (for the noise sums).
+    insert : callable
+        insert(data_k, weight_k, rotations (n, d, d), k (M, d), values (n, M), weights (n, M)).
+    prior_offset_px : torch.Tensor
+        (B, d) centres of the offset prior [px].
+    noise_stats : bool
+        Also add the noise (sigma^2) sums.
     """
     b, p = post.weight.shape
     live = torch.nonzero(post.weight.reshape(-1) > 0).squeeze(1)
@@ -111,7 +133,22 @@ def accumulate(stats: SufficientStats, post: BatchPosterior, x_unmasked: torch.T
 
 
 def sigma2_from_stats(stats: SufficientStats, previous: torch.Tensor, max_shell: int) -> torch.Tensor:
-    """sigma^2(r) = sum w |X - CA|^2 / (2 count) for shells 1..max_shell-1; others keep ``previous``."""
+    """New noise power: sigma^2(r) = sum w |X - CA|^2 / (2 count) for shells 1..max_shell-1.
+
+    Parameters
+    ----------
+    stats : SufficientStats
+        The summed statistics of an iteration.
+    previous : torch.Tensor
+        (N//2 + 1,) the previous noise power; kept outside the updated shells.
+    max_shell : int
+        First shell not updated [Fourier px].
+
+    Returns
+    -------
+    torch.Tensor
+        (N//2 + 1,) float32.
+    """
     new = previous.clone().double()
     ok = stats.sigma2_den > 0
     ok[max_shell:] = False
@@ -121,7 +158,22 @@ def sigma2_from_stats(stats: SufficientStats, previous: torch.Tensor, max_shell:
 
 
 def sigma_offset_from_stats(stats: SufficientStats, ndim: int, previous: float) -> float:
-    """RELION: sigma_offset^2 = sum w |t|^2 / (ndim sum w)."""
+    """RELION's offset prior width: sigma_offset^2 = sum w |t|^2 / (ndim sum w).
+
+    Parameters
+    ----------
+    stats : SufficientStats
+        The summed statistics of an iteration.
+    ndim : int
+        2 or 3.
+    previous : float
+        The previous width [px], kept when no weight was summed.
+
+    Returns
+    -------
+    float
+        Width [px].
+    """
     if float(stats.offset_w) <= 0:
         return previous
     return float((stats.offset2 / (ndim * stats.offset_w)).sqrt())

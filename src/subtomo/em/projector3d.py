@@ -30,7 +30,18 @@ def _sinc2_correction(n: int, pad: int, device) -> torch.Tensor:
 
 
 def centred_full_fft(volume: torch.Tensor) -> torch.Tensor:
-    """Full complex FT of a centred real cube with the zero frequency at index n//2."""
+    """Full complex Fourier transform of a centred real cube, zero frequency at index N//2.
+
+    Parameters
+    ----------
+    volume : torch.Tensor
+        (N, N, N) real.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, N, N) complex.
+    """
     dims = (-3, -2, -1)
     return torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(volume, dim=dims), dim=dims), dim=dims)
 
@@ -66,7 +77,7 @@ class Projector3D:
             yield s, min(nrot, s + chunk), v[0, :, :, :, 0]
 
     def project(self, rotations: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """rotations (..., 3, 3), k (M, 3) index units of the N box -> (..., M) complex."""
+        """Rotations (..., 3, 3), k (M, 3) index units of the N box -> (..., M) complex."""
         lead, m = rotations.shape[:-2], k.shape[0]
         rot = rotations.reshape(-1, 3, 3)
         out = torch.empty(rot.shape[0], m, dtype=torch.complex64, device=self.grid.device)
@@ -87,10 +98,22 @@ class Projector3D:
 
 def insert3d(data: torch.Tensor, weight: torch.Tensor, rotations: torch.Tensor, k: torch.Tensor,
              values: torch.Tensor, weights: torch.Tensor) -> None:
-    """Splat ``values`` (n, M) complex and ``weights`` (n, M) real at A^T k into the grids.
+    """Splat complex values and real weights at A^T k into one class's grids (trilinear, in place).
 
-    data: (N, N, N) complex, weight: (N, N, N) real, full centred layout (zero frequency at
-    N//2); rotations (n, 3, 3); k (M, 3). In place (index_add_), trilinear.
+    Parameters
+    ----------
+    data : torch.Tensor
+        (N, N, N) complex full centred grid (zero frequency at N//2).
+    weight : torch.Tensor
+        (N, N, N) real grid.
+    rotations : torch.Tensor
+        (n, 3, 3) rotation matrices A.
+    k : torch.Tensor
+        (M, 3) component frequencies (x, y, z) in index units.
+    values : torch.Tensor
+        (n, M) complex.
+    weights : torch.Tensor
+        (n, M) real.
     """
     n = data.shape[-1]
     c = n // 2
@@ -122,8 +145,19 @@ def insert3d(data: torch.Tensor, weight: torch.Tensor, rotations: torch.Tensor, 
 def symmetrise3d(data: torch.Tensor, weight: torch.Tensor, matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of the grids sampled at g q for every point-group operator g (identity included).
 
-    data (N, N, N) complex, weight (N, N, N) real on the full centred grid; matrices (G, 3, 3).
-    The result is invariant under the group (up to interpolation).
+    Parameters
+    ----------
+    data : torch.Tensor
+        (N, N, N) complex full centred grid.
+    weight : torch.Tensor
+        (N, N, N) real grid.
+    matrices : torch.Tensor
+        (G, 3, 3) float32 operators (identity first or anywhere).
+
+    Returns
+    -------
+    data, weight : torch.Tensor
+        (N, N, N) symmetrised grids.
     """
     if matrices.shape[0] <= 1:
         return data, weight

@@ -25,32 +25,85 @@ import torch
 
 from subtomo.fourier import fft_centered, ifft_centered
 
-
 # ----------------------------------------------------------------------------- sampling
 
 
 def psi_step_adjusted(step_deg: float) -> float:
-    """RELION's psi step: the nearest step with an integer number of steps in 360 deg."""
+    """RELION's psi step: the nearest step with an integer number of steps in 360 deg.
+
+    Parameters
+    ----------
+    step_deg : float
+        Wanted step [deg].
+
+    Returns
+    -------
+    float
+        360 / round(360 / step) [deg].
+    """
     n = max(1, int(round(360.0 / step_deg)))
     return 360.0 / n
 
 
 def psi_grid_deg(step_deg: float, perturb: float = 0.0, dtype=torch.float64, device=None) -> torch.Tensor:
-    """Coarse in-plane angles 0, d, 2d, ... (+ perturb * d), d = :func:`psi_step_adjusted`."""
+    """Coarse in-plane angles 0, d, 2d, ... (+ perturb * d), d = :func:`psi_step_adjusted`.
+
+    Parameters
+    ----------
+    step_deg : float
+        Wanted step [deg].
+    perturb : float
+        Shift of the whole grid in units of the step.
+    dtype : torch.dtype
+        Of the result.
+    device : torch.device or str, optional
+        Where it lives.
+
+    Returns
+    -------
+    torch.Tensor
+        (J,) angles [deg].
+    """
     d = psi_step_adjusted(step_deg)
     n = int(round(360.0 / d))
     return (torch.arange(n, dtype=dtype, device=device) + perturb) * d
 
 
 def oversampled_psi_deg(psi_deg: torch.Tensor, step_deg: float, order: int = 1) -> torch.Tensor:
-    """Children of each coarse angle: (J, 2^order) at psi - d/2 + (i + 1/2) d / 2^order."""
+    """Children of each coarse angle at psi - d/2 + (i + 1/2) d / 2^order.
+
+    Parameters
+    ----------
+    psi_deg : torch.Tensor
+        (J,) coarse angles [deg].
+    step_deg : float
+        Coarse step d [deg].
+    order : int
+        Oversampling order.
+
+    Returns
+    -------
+    torch.Tensor
+        (J, 2^order) angles [deg].
+    """
     n = 2 ** order
     i = torch.arange(n, dtype=psi_deg.dtype, device=psi_deg.device)
     return psi_deg[:, None] - step_deg / 2 + (i[None, :] + 0.5) * step_deg / n
 
 
 def rotation_matrices_2d(psi_deg: torch.Tensor) -> torch.Tensor:
-    """RELION's in-plane rotation A = Rz(psi) restricted to (x, y): (J, 2, 2) [[c, s], [-s, c]]."""
+    """RELION's in-plane rotation A = Rz(psi) restricted to (x, y): [[c, s], [-s, c]].
+
+    Parameters
+    ----------
+    psi_deg : torch.Tensor
+        (J,) angles [deg].
+
+    Returns
+    -------
+    torch.Tensor
+        (J, 2, 2).
+    """
     a = torch.deg2rad(psi_deg)
     c, s = torch.cos(a), torch.sin(a)
     return torch.stack([torch.stack([c, s], -1), torch.stack([-s, c], -1)], -2)
@@ -60,14 +113,31 @@ def rotation_matrices_2d(psi_deg: torch.Tensor) -> torch.Tensor:
 
 
 def gridding_correction(box: int, pad: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """(box, box) real-space factor sinc^2(pi x / (pad box)) sinc^2(pi y / (pad box)) of bilinear interpolation."""
+    """Real-space factor sinc^2(pi x / (pad N)) sinc^2(pi y / (pad N)) of bilinear interpolation.
+
+    Parameters
+    ----------
+    box : int
+        Image size N [px].
+    pad : int
+        Padding factor.
+    device : torch.device or str, optional
+        Where it lives.
+    dtype : torch.dtype
+        Of the result.
+
+    Returns
+    -------
+    torch.Tensor
+        (N, N).
+    """
     x = (torch.arange(box, device=device, dtype=torch.float64) - box // 2) / (pad * box)
     s = torch.sinc(x) ** 2  # torch.sinc(x) = sin(pi x)/(pi x)
     return (s[:, None] * s[None, :]).to(dtype)
 
 
 def padded_rfft2d(images: torch.Tensor, pad: int = 2, gridding: bool = True) -> torch.Tensor:
-    """rfft (centre phase origin) of images (..., N, N) zero-padded to pad*N: (..., pN, pN//2+1).
+    """Rfft (centre phase origin) of images (..., N, N) zero-padded to pad*N: (..., pN, pN//2+1).
 
     Values at padded index ``pad * k`` equal the unpadded transform at ``k``; with
     ``gridding`` the images are first divided by :func:`gridding_correction`.
@@ -85,8 +155,10 @@ def padded_rfft2d(images: torch.Tensor, pad: int = 2, gridding: bool = True) -> 
 
 
 def bilinear_plan(coords: torch.Tensor, p: int, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat indices (4, ...) and weights (4, ...) of the bilinear corners of ``coords`` (..., 2)
-    on an rfft grid (p, h), and the mask of points read through their Hermitian mate (x < 0)."""
+    """Flat indices (4, ...) and weights (4, ...) of the bilinear corners of ``coords`` (..., 2).
+
+    On an rfft grid (p, h); also the mask of points read through their Hermitian mate (x < 0).
+    """
     x, y = coords[..., 0], coords[..., 1]
     neg = x < 0
     x = torch.where(neg, -x, x)
@@ -103,7 +175,20 @@ def bilinear_plan(coords: torch.Tensor, p: int, h: int) -> tuple[torch.Tensor, t
 
 
 def apply_plan(flat: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Samples of grids ``flat`` (..., P*H) at a :func:`bilinear_plan`: (..., *coords batch)."""
+    """Samples of grids at a :func:`bilinear_plan`.
+
+    Parameters
+    ----------
+    flat : torch.Tensor
+        (..., P*H) flattened rfft grids.
+    plan : tuple of torch.Tensor
+        Indices (4, ...), weights (4, ...) and the Hermitian-mate mask (...).
+
+    Returns
+    -------
+    torch.Tensor
+        (..., *coords batch) complex samples.
+    """
     idx, w, neg = plan
     lead = flat.shape[:-1]
     vals = flat[..., idx.reshape(-1)].reshape(*lead, *idx.shape)  # (..., 4, *q)
@@ -125,7 +210,7 @@ def sample_rfft2d(f: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     idx, w, neg = plan
     batch = torch.broadcast_shapes(f.shape[:-2], coords.shape[:-2])
     flat = f.expand(*batch, p, h).reshape(*batch, p * h)
-    out = 0
+    out = torch.zeros((), dtype=f.dtype, device=f.device)
     for c in range(4):
         ic = idx[c].expand(*batch, idx.shape[-1])
         out = out + w[c].to(f.real.dtype) * torch.gather(flat, -1, ic)

@@ -44,11 +44,27 @@ class RotationSet:
 
     @property
     def n(self) -> int:
+        """Number of coarse rotations R."""
         return int(self.matrices.shape[0])
 
 
 def perturbation_matrix(step_deg: float, rng: np.random.Generator, amount: float = 0.5) -> np.ndarray:
-    """Random rotation about a random axis by up to ``amount`` * step (degrees)."""
+    """RELION's random perturbation of the grids: a rotation about a random axis by up to ``amount`` * step.
+
+    Parameters
+    ----------
+    step_deg : float
+        Angular step [deg].
+    rng : numpy.random.Generator
+        Source of the axis and angle.
+    amount : float
+        Largest fraction of the step.
+
+    Returns
+    -------
+    numpy.ndarray
+        (3, 3) rotation matrix.
+    """
     axis = rng.normal(size=3)
     angle = np.deg2rad(step_deg) * amount * rng.uniform(-1, 1)
     return axis_rotation(axis, angle)
@@ -90,7 +106,26 @@ def _perturbed_tensors(coarse: np.ndarray, fine: np.ndarray, step: float, rng: n
 
 def global_rotations(order: int, sym: str = "C1", rng: np.random.Generator | None = None,
                      perturb: float = 0.5, device=None) -> RotationSet:
-    """RELION's global orientation grid at HEALPix ``order`` with oversampling 1."""
+    """RELION's global orientation grid at HEALPix ``order`` with oversampling 1.
+
+    Parameters
+    ----------
+    order : int
+        HEALPix order of the coarse grid (step 60 / 2^order deg).
+    sym : str
+        Point group; directions are restricted to its asymmetric unit.
+    rng : numpy.random.Generator, optional
+        Source of the random perturbation (none without it).
+    perturb : float
+        Largest perturbation as a fraction of the step.
+    device : torch.device or str, optional
+        Where the matrices live.
+
+    Returns
+    -------
+    RotationSet
+        Coarse rotations (R, 3, 3), children (R, 8, 3, 3), zero log priors, steps [deg].
+    """
     step = healpix.angular_step_deg(order)
     vec = healpix.pix2vec_nest(order)
     keep = healpix.asymmetric_unit_mask(vec, symmetry_matrices(sym))
@@ -110,16 +145,47 @@ def global_rotations(order: int, sym: str = "C1", rng: np.random.Generator | Non
 
 
 def rotation_angle_deg(m: torch.Tensor) -> torch.Tensor:
-    """Rotation angle (degrees) of (..., 3, 3) matrices."""
+    """Rotation angle of rotation matrices.
+
+    Parameters
+    ----------
+    m : torch.Tensor
+        (..., 3, 3) rotation matrices.
+
+    Returns
+    -------
+    torch.Tensor
+        (...) angles [deg].
+    """
     tr = m.diagonal(dim1=-2, dim2=-1).sum(-1)
     return torch.rad2deg(torch.arccos(((tr - 1) / 2).clamp(-1, 1)))
 
 
 def local_rotations(order: int, sigma_deg: float, n_sigma: float = 3.0, rng: np.random.Generator | None = None,
                     perturb: float = 0.5, device=None) -> RotationSet:
-    """Small rotations D (angle <= n_sigma*sigma) on the grid of ``order``, with Gaussian log prior.
+    """Small rotations D (angle <= n_sigma * sigma) on the grid of ``order``, with a Gaussian log prior.
 
     Use with :func:`compose_local` to centre them on each particle's previous pose.
+
+    Parameters
+    ----------
+    order : int
+        HEALPix order of the grid.
+    sigma_deg : float
+        Width of the Gaussian prior on the angle of D [deg].
+    n_sigma : float
+        Largest angle of D in units of sigma (at least one step).
+    rng : numpy.random.Generator, optional
+        Source of the random perturbation.
+    perturb : float
+        Largest perturbation as a fraction of the step.
+    device : torch.device or str, optional
+        Where the matrices live.
+
+    Returns
+    -------
+    RotationSet
+        Deltas (R, 3, 3), children (R, 8, 3, 3) and their log priors (R,), (R, 8).
     """
     step = healpix.angular_step_deg(order)
     limit = max(n_sigma * sigma_deg, step)
@@ -141,11 +207,22 @@ def local_rotations(order: int, sigma_deg: float, n_sigma: float = 3.0, rng: np.
 
 
 def pose_change_deg(prev: np.ndarray, new: np.ndarray, sym_mats: np.ndarray | None = None) -> np.ndarray:
-    """Angle (degrees) between poses (n, 3, 3), the smallest over the point group's operators.
+    """Angle between poses, the smallest over the point group's operators.
 
     Poses A and A g (g in the group) describe the same particle of a symmetric reference, so
     the change from A to B is min_g angle((A g)^T B); trace((A g)^T B) = sum_ij g_ij (A^T B)_ij.
-    Without ``sym_mats`` (or C1) it is the plain angle of A^T B.
+
+    Parameters
+    ----------
+    prev, new : numpy.ndarray
+        (n, 3, 3) rotation matrices.
+    sym_mats : numpy.ndarray, optional
+        (G, 3, 3) point group; None or C1: the plain angle of A^T B.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n,) angles [deg].
     """
     rel = np.einsum("nji,njk->nik", np.asarray(prev, dtype=np.float64), np.asarray(new, dtype=np.float64))
     g = np.eye(3)[None] if sym_mats is None or len(sym_mats) == 0 else np.asarray(sym_mats, dtype=np.float64)
@@ -154,7 +231,22 @@ def pose_change_deg(prev: np.ndarray, new: np.ndarray, sym_mats: np.ndarray | No
 
 
 def compose_local(prev: torch.Tensor, local: RotationSet) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-particle rotations A_prev @ D: coarse (B, R, 3, 3) and children (B, R, C, 3, 3)."""
+    """Per-particle rotations A_prev @ D of a local search.
+
+    Parameters
+    ----------
+    prev : torch.Tensor
+        (B, 3, 3) previous poses.
+    local : RotationSet
+        Deltas D from :func:`local_rotations`.
+
+    Returns
+    -------
+    coarse : torch.Tensor
+        (B, R, 3, 3).
+    children : torch.Tensor
+        (B, R, C, 3, 3).
+    """
     coarse = torch.matmul(prev[:, None], local.matrices[None])
     fine = torch.matmul(prev[:, None, None], local.children[None])
     return coarse, fine
@@ -171,7 +263,24 @@ class TranslationSet:
 
 
 def translation_grid(range_px: float, step_px: float, ndim: int = 3, device=None) -> TranslationSet:
-    """Grid points of step ``step_px`` inside the ball |t| <= ``range_px`` (always contains 0)."""
+    """Grid points of step ``step_px`` inside the ball |t| <= ``range_px`` (always contains 0).
+
+    Parameters
+    ----------
+    range_px : float
+        Search range [px].
+    step_px : float
+        Coarse step [px]; the oversampled children are at +-step/4 per axis.
+    ndim : int
+        2 or 3.
+    device : torch.device or str, optional
+        Where the points live.
+
+    Returns
+    -------
+    TranslationSet
+        Points (T, ndim) and children (T, 2^ndim, ndim) [px].
+    """
     step_px = float(max(step_px, 1e-3))
     n = int(math.floor(range_px / step_px + 1e-9))
     axis = torch.arange(-n, n + 1, dtype=torch.float32) * step_px
@@ -180,3 +289,142 @@ def translation_grid(range_px: float, step_px: float, ndim: int = 3, device=None
     corners = torch.stack(torch.meshgrid(*([torch.tensor([-1.0, 1.0])] * ndim), indexing="ij"), -1).reshape(-1, ndim)
     ch = grid[:, None, :] + corners[None] * (step_px / 4)
     return TranslationSet(grid.to(device), ch.to(device), step_px, float(range_px))
+
+
+def order_for_step(step_deg: float) -> int:
+    """HEALPix coarse order whose oversampled step (half the coarse one) is closest to ``step_deg``.
+
+    Parameters
+    ----------
+    step_deg : float
+        Wanted angular step [deg] (RELION's GUI values: 30, 15, 7.5, 3.7, 1.8, ...).
+
+    Returns
+    -------
+    int
+        HEALPix order 0..7.
+    """
+    return int(min(range(0, 8), key=lambda o: abs(np.log(healpix.angular_step_deg(o) / 2 / step_deg))))
+
+
+# ----------------------------------------------------------------------------- auto-sampling (refinement)
+
+
+@dataclass(frozen=True)
+class AutoSamplingRules:
+    """What decides when auto-refine's sampling becomes finer (RELION §3.6/3.7).
+
+    ``auto_ignore_angles``: poses count as settled at average Pmax >= 0.8 whatever the
+    orientation changes (pseudo-symmetric particles refined in C1 jump between equivalent poses).
+    """
+
+    particle_diameter_A: float
+    auto_local_order: int
+    max_order: int
+    auto_ignore_angles: bool = False
+
+
+@dataclass
+class SamplingState:
+    """The sampling of an auto-refinement and the convergence counters that move it on.
+
+    ``order``: HEALPix order of the coarse grid; offsets in px (``offset_step_px`` is the
+    coarse step, twice the oversampled one); ``local`` with ``sigma_rot_deg`` once searches
+    are local; the rest are RELION's counters of iterations without resolution gain or
+    large pose changes.
+    """
+
+    order: int
+    offset_range_px: float
+    offset_step_px: float
+    local: bool = False
+    sigma_rot_deg: float = 0.0
+    best_shell: int = 0
+    iters_no_res_gain: int = 0
+    iters_no_large_change: int = 0
+    smallest_ang_change: float = 1e9
+    smallest_off_change: float = 1e9
+    fine_enough: bool = False
+    converged: bool = False
+
+
+def _count_stalls(samp: SamplingState, rules: AutoSamplingRules, res_shell: int, ang_change: float,
+                  off_change: float, pmax: float) -> None:
+    """Update the counters of iterations without resolution gain and without large pose changes."""
+    if res_shell > samp.best_shell:
+        samp.best_shell = res_shell
+        samp.iters_no_res_gain = 0
+    else:
+        samp.iters_no_res_gain += 1
+    fine_step = healpix.angular_step_deg(samp.order) / 2
+    # "no large change": the changes stopped decreasing (within 3 % of the smallest so far)
+    # or are below 40 % of the current steps (RELION's updateOverallChangesInHiddenVariables)
+    ang_small = ang_change >= 0.97 * samp.smallest_ang_change or ang_change < 0.4 * fine_step
+    off_small = off_change >= 0.97 * samp.smallest_off_change or off_change < 0.4 * samp.offset_step_px / 2
+    small = (ang_small and off_small) or (rules.auto_ignore_angles and pmax >= 0.8)
+    samp.smallest_ang_change = min(samp.smallest_ang_change, ang_change)
+    samp.smallest_off_change = min(samp.smallest_off_change, off_change)
+    samp.iters_no_large_change = samp.iters_no_large_change + 1 if small else 0
+
+
+def _finer(samp: SamplingState, rules: AutoSamplingRules, off_change: float) -> None:
+    """One HEALPix order finer, a smaller translational grid; local searches from ``auto_local_order``."""
+    samp.order += 1
+    new_step = max(samp.offset_step_px / 2, 0.5)
+    new_range = min(max(3 * off_change, 1.5 * new_step), 1.3 * samp.offset_range_px)
+    if new_range > 4 * new_step:  # RELION: keep the translational grid small (~4 steps of range)
+        new_range /= 2
+        if new_range > 4 * new_step:
+            new_step = min(new_range / 4, samp.offset_step_px)  # never coarser than before
+    samp.offset_step_px, samp.offset_range_px = new_step, max(new_range, new_step)
+    if samp.order >= rules.auto_local_order:
+        samp.local = True
+        samp.sigma_rot_deg = 2 * healpix.angular_step_deg(samp.order) / 2
+    samp.iters_no_res_gain = 0
+    samp.iters_no_large_change = 0
+    samp.smallest_ang_change = 1e9
+    samp.smallest_off_change = 1e9
+
+
+def update_sampling(samp: SamplingState, rules: AutoSamplingRules, res_shell: int, ang_change: float,
+                    off_change: float, box: int, px: float, pmax: float = 0.0,
+                    acc_rot_deg: float | None = None) -> None:
+    """RELION's auto-sampling (§3.6/3.7): finer sampling, or convergence, after a stall (in place).
+
+    Only local searches (or the finest order) can be fine enough: an early stall at low
+    resolution, where the global sampling is trivially fine enough, moves on to local
+    searches instead of ending the run.
+
+    Parameters
+    ----------
+    samp : SamplingState
+        Updated in place.
+    rules : AutoSamplingRules
+        Particle diameter and the orders of local searches and of the end.
+    res_shell : int
+        Current resolution shell [Fourier px].
+    ang_change, off_change : float
+        Mean pose changes of this iteration [deg] and [px].
+    box : int
+        Box size N [px].
+    px : float
+        Pixel size [Å].
+    pmax : float
+        Average maximum posterior probability of this iteration.
+    acc_rot_deg : float, optional
+        Expected angular accuracy [deg] (RELION's criterion); None: the resolution-limited step rule.
+    """
+    _count_stalls(samp, rules, res_shell, ang_change, off_change, pmax)
+    fine_step = healpix.angular_step_deg(samp.order) / 2
+    res_A = box * px / max(res_shell, 1)
+    needed = 360.0 / math.ceil(math.pi * rules.particle_diameter_A / res_A)  # resolution-limited step
+    # global searches are never final: the run goes through local searches (or the finest order) first
+    if acc_rot_deg is not None:  # RELION: the current (oversampled) step below 0.75 x the expected accuracy
+        samp.fine_enough = (fine_step < 0.75 * acc_rot_deg and samp.local) or samp.order >= rules.max_order
+    else:
+        samp.fine_enough = (fine_step <= 0.5 * needed and samp.local) or samp.order >= rules.max_order
+    if samp.iters_no_res_gain >= 1 and samp.iters_no_large_change >= 1:
+        if samp.fine_enough:
+            samp.converged = True
+            return
+        _finer(samp, rules, off_change)

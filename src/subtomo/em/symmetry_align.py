@@ -42,11 +42,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from scipy.optimize import minimize
 
+from subtomo.em import healpix
+from subtomo.em.maps import rotate_map
+from subtomo.em.sampling import global_rotations
 from subtomo.errors import SubtomoError
-from subtomo.fourier import fourier_resize, ifft_centered, fft_centered, lowpass, phase_shift
+from subtomo.fourier import fft_centered, fourier_resize, ifft_centered, lowpass, phase_shift
 from subtomo.geometry.euler import angular_distance_deg, euler_to_matrix
-from subtomo.geometry.symmetry import axis_rotation, symmetry_matrices
+from subtomo.geometry.symmetry import axis_rotation, symmetry_generators, symmetry_matrices
 
 
 @dataclass
@@ -124,15 +128,11 @@ def symmetry_scores(vol: torch.Tensor, rotations: torch.Tensor, centres: torch.T
 
 def _search_ops(sym: str) -> np.ndarray:
     """Identity + the group's generators (a map invariant under the generators is invariant under the group)."""
-    from subtomo.geometry.symmetry import symmetry_generators
-
     return np.stack([np.eye(3), *symmetry_generators(sym)])
 
 
 def _coarse_candidates(sym: str, step_deg: float) -> np.ndarray:
     """Rotations R (K,3,3) covering the search space of the group (see the module docstring)."""
-    from subtomo.em import healpix
-
     kind, n = _group_kind(sym)
     order = int(min(range(0, 6), key=lambda o: abs(healpix.angular_step_deg(o) - step_deg)))
     if kind in ("C", "D"):
@@ -147,8 +147,6 @@ def _coarse_candidates(sym: str, step_deg: float) -> np.ndarray:
         rot = np.repeat(dirs[:, 0], len(psi))
         tilt = np.repeat(dirs[:, 1], len(psi))
         return euler_to_matrix(rot, tilt, np.tile(psi, len(dirs)))  # R^T e_z = axis direction (rot, tilt)
-    from subtomo.em.sampling import global_rotations
-
     # R ~ g R: A = R^T ~ A g^T, the equivalence of RELION's pose grids restricted to the asymmetric unit
     a = global_rotations(order, sym, rng=None, perturb=0.0).matrices.numpy().astype(np.float64)
     return np.transpose(a, (0, 2, 1))
@@ -160,7 +158,18 @@ def _rotvec_matrix(w: np.ndarray) -> np.ndarray:
 
 
 def centre_of_mass_px(vol: torch.Tensor) -> np.ndarray:
-    """Centre of mass (x, y, z) px about N//2 of the positive density."""
+    """Centre of mass of the positive density, about the box centre N//2.
+
+    Parameters
+    ----------
+    vol : torch.Tensor
+        (N, N, N) map.
+
+    Returns
+    -------
+    numpy.ndarray
+        (3,) (x, y, z) [px].
+    """
     n = vol.shape[-1]
     w = vol.clamp_min(0).double()
     tot = float(w.sum())
@@ -173,18 +182,94 @@ def centre_of_mass_px(vol: torch.Tensor) -> np.ndarray:
     return np.array([cx, cy, cz])
 
 
+def _candidate_scores(vs: torch.Tensor, cands: np.ndarray, c0: np.ndarray, ops: torch.Tensor,
+                      pts: torch.Tensor) -> np.ndarray:
+    """Pairwise symmetry score (K,) of every coarse candidate rotation about the centre of mass ``c0``."""
+    rt = torch.as_tensor(cands, dtype=torch.float32, device=vs.device)
+    cen = torch.as_tensor(np.broadcast_to(c0, (len(cands), 3)).copy(), dtype=torch.float32, device=vs.device)
+    with torch.no_grad():
+        return symmetry_scores(vs, rt, cen, ops, pts, pairwise=True).cpu().numpy()
+
+
+def _axial_centre(rot: np.ndarray, centre: np.ndarray, c0: np.ndarray) -> np.ndarray:
+    """The centre moved along the symmetry axis (R^T e_z) to the centre of mass ``c0``'s height."""
+    axis = rot.T @ np.array([0.0, 0.0, 1.0])
+    return centre + float((c0 - centre) @ axis) * axis
+
+
+def _distinct_maxima(scores: np.ndarray, cands: np.ndarray, ops_np: np.ndarray, n_refine: int,
+                     step_deg: float) -> list[int]:
+    """Indices of the best ``n_refine`` candidates that are not within 2 steps of a better one modulo the group."""
+    starts: list[int] = []
+    for i in np.argsort(-scores):
+        if len(starts) >= n_refine:
+            break
+        # angle of g R_j R_i^T
+        if all(angular_distance_deg(ops_np @ cands[j], cands[i]).min() >= 2 * step_deg for j in starts):
+            starts.append(int(i))
+    return starts
+
+
+def _refine_locally(vs: torch.Tensor, cands: np.ndarray, starts: list[int], c0: np.ndarray, ops: torch.Tensor,
+                    pts: torch.Tensor, step_deg: float, scores: np.ndarray, log) -> tuple[float, np.ndarray, np.ndarray]:
+    """Nelder-Mead over (rotation vector, centre) from each start; the best (-score, R, centre)."""
+    device = vs.device
+
+    def score_of(x: np.ndarray, r0: np.ndarray) -> float:
+        r = _rotvec_matrix(x[:3]) @ r0
+        with torch.no_grad():
+            s = symmetry_scores(vs, torch.as_tensor(r[None], dtype=torch.float32, device=device),
+                                torch.as_tensor(x[None, 3:], dtype=torch.float32, device=device), ops, pts,
+                                pairwise=True)
+        return -float(s[0])
+
+    best: tuple[float, np.ndarray, np.ndarray] | None = None
+    step = math.radians(step_deg)
+    for i in starts:
+        r0 = cands[i]
+        x0 = np.concatenate([np.zeros(3), c0])
+        simplex = np.stack([x0] + [x0 + d for d in np.diag([step / 2] * 3 + [0.5] * 3)])
+        res = minimize(score_of, x0, args=(r0,), method="Nelder-Mead",
+                       options={"initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-5, "maxfev": 400})
+        if best is None or res.fun < best[0]:
+            best = (res.fun, _rotvec_matrix(res.x[:3]) @ r0, res.x[3:].copy())
+        if log is not None:
+            log(f"  local refinement from coarse score {scores[i]:.3f}: {-res.fun:.3f}")
+    assert best is not None
+    return best
+
+
 def align_symmetry(volume: torch.Tensor, sym: str, pixel_size_A: float, lowpass_A: float | None = None,
                    search_box: int = 32, angular_step_deg: float = 7.5, radius_px: float | None = None,
                    n_refine: int = 4, log=None) -> SymmetryAlignment:
-    """Find (R, shift) putting the symmetry axes of ``volume`` along the group's standard axes.
+    """Find (R, shift) putting the symmetry axes of ``volume`` along the group's standard axes (module docstring).
 
-    ``volume`` (N,N,N) protein-positive; ``lowpass_A`` (default max(3 px, 20 Å)) low-passes the
-    map for the search and the score; ``search_box`` caps the Fourier-cropped search box;
-    ``angular_step_deg`` the coarse grid; ``radius_px`` the sphere (input px, default 0.45 N);
-    ``n_refine`` coarse maxima refined locally. See the module docstring for the convention.
+    Parameters
+    ----------
+    volume : torch.Tensor
+        (N, N, N) map, protein positive.
+    sym : str
+        Point group (C<n>, D<n>, T, O, I).
+    pixel_size_A : float
+        Pixel size [Å].
+    lowpass_A : float, optional
+        Low-pass of the map for the search and the score [Å]; default max(3 px, 20 Å).
+    search_box : int
+        Largest Fourier-cropped box of the search [px].
+    angular_step_deg : float
+        Step of the coarse grid [deg].
+    radius_px : float, optional
+        Radius of the scored sphere [input px]; default 0.45 N.
+    n_refine : int
+        Coarse maxima refined locally.
+    log : callable, optional
+        Receives a line per local refinement.
+
+    Returns
+    -------
+    SymmetryAlignment
+        Rotation (3, 3), shift (3,) [px], score, the aligned (N, N, N) map, the low-pass [Å].
     """
-    from scipy.optimize import minimize
-
     if volume.ndim != 3 or len(set(volume.shape)) != 1:
         raise SubtomoError(f"align_symmetry: the map must be a cubic 3D array (got shape {tuple(volume.shape)}).")
     ops_np = symmetry_matrices(sym)
@@ -203,51 +288,12 @@ def align_symmetry(volume: torch.Tensor, sym: str, pixel_size_A: float, lowpass_
     rad = (radius_px if radius_px else 0.45 * n) / scale
     pts = _sphere_points(small, rad, device)
     ops = torch.as_tensor(_search_ops(sym), dtype=torch.float32, device=device)
-
     cands = _coarse_candidates(sym, angular_step_deg)
-    rt = torch.as_tensor(cands, dtype=torch.float32, device=device)
-    cen = torch.as_tensor(np.broadcast_to(c0, (len(cands), 3)).copy(), dtype=torch.float32, device=device)
-    with torch.no_grad():
-        scores = symmetry_scores(vs, rt, cen, ops, pts, pairwise=True).cpu().numpy()
-    # local refinement of the best distinct maxima (distinct: not within 2 steps modulo the group)
-    order = np.argsort(-scores)
-    starts: list[int] = []
-    for i in order:
-        if len(starts) >= n_refine:
-            break
-        ok = True
-        for j in starts:
-            ang = angular_distance_deg(ops_np @ cands[j], cands[i]).min()  # angle of g R_j R_i^T
-            if ang < 2 * angular_step_deg:
-                ok = False
-                break
-        if ok:
-            starts.append(int(i))
-
-    def score_of(x: np.ndarray, r0: np.ndarray) -> float:
-        r = _rotvec_matrix(x[:3]) @ r0
-        with torch.no_grad():
-            s = symmetry_scores(vs, torch.as_tensor(r[None], dtype=torch.float32, device=device),
-                                torch.as_tensor(x[None, 3:], dtype=torch.float32, device=device), ops, pts,
-                                pairwise=True)
-        return -float(s[0])
-
-    best = None
-    step = math.radians(angular_step_deg)
-    for i in starts:
-        r0 = cands[i]
-        x0 = np.concatenate([np.zeros(3), c0])
-        simplex = np.stack([x0] + [x0 + d for d in np.diag([step / 2] * 3 + [0.5] * 3)])
-        res = minimize(score_of, x0, args=(r0,), method="Nelder-Mead",
-                       options={"initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-5, "maxfev": 400})
-        if best is None or res.fun < best[0]:
-            best = (res.fun, _rotvec_matrix(res.x[:3]) @ r0, res.x[3:].copy())
-        if log is not None:
-            log(f"  local refinement from coarse score {scores[i]:.3f}: {-res.fun:.3f}")
-    _, rot, centre_small = best
+    scores = _candidate_scores(vs, cands, c0, ops, pts)
+    starts = _distinct_maxima(scores, cands, ops_np, n_refine, angular_step_deg)
+    _, rot, centre_small = _refine_locally(vs, cands, starts, c0, ops, pts, angular_step_deg, scores, log)
     if _group_kind(sym)[0] == "C":  # C_n leaves the centre along the axis free: keep the centre of mass there
-        axis = rot.T @ np.array([0.0, 0.0, 1.0])
-        centre_small = centre_small + float((c0 - centre_small) @ axis) * axis
+        centre_small = _axial_centre(rot, centre_small, c0)
     shift = -centre_small * scale
     aligned = _apply(vol, rot, shift)
     full = torch.as_tensor(ops_np, dtype=torch.float32, device=device)
@@ -257,8 +303,6 @@ def align_symmetry(volume: torch.Tensor, sym: str, pixel_size_A: float, lowpass_
 
 def _apply(vol: torch.Tensor, rot: np.ndarray, shift_px: np.ndarray) -> torch.Tensor:
     """aligned(r) = vol(R^T r - shift): Fourier shift, then rotate_map (band-limited, full resolution)."""
-    from subtomo.em.refine import rotate_map
-
     shape = tuple(vol.shape)
     moved = ifft_centered(phase_shift(fft_centered(vol, 3), torch.as_tensor(shift_px, dtype=torch.float32,
                                                                              device=vol.device), shape), shape)
@@ -276,7 +320,26 @@ def _symmetrised_ncc(vol: torch.Tensor, ops: torch.Tensor, radius_px: float) -> 
 
 def symmetry_score(volume: torch.Tensor, sym: str, pixel_size_A: float, lowpass_A: float | None = None,
                    radius_px: float | None = None) -> float:
-    """How symmetric ``volume`` already is in the standard frame (same score as :func:`align_symmetry`)."""
+    """How symmetric ``volume`` already is in the standard frame (the score of :func:`align_symmetry`).
+
+    Parameters
+    ----------
+    volume : torch.Tensor
+        (N, N, N) map, protein positive.
+    sym : str
+        Point group (C<n>, D<n>, T, O, I).
+    pixel_size_A : float
+        Pixel size [Å].
+    lowpass_A : float, optional
+        Low-pass before scoring [Å]; default max(3 px, 20 Å).
+    radius_px : float, optional
+        Radius of the scored sphere [px]; default 0.45 N.
+
+    Returns
+    -------
+    float
+        Normalised correlation of the map with its symmetrised copy (1 = symmetric).
+    """
     lp = float(lowpass_A) if lowpass_A else max(3.0 * pixel_size_A, 20.0)
     n = volume.shape[-1]
     ops = torch.as_tensor(symmetry_matrices(sym), dtype=torch.float32, device=volume.device)

@@ -12,11 +12,19 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from subtomo.em.classify import ClassifyOptions, classify3d
-from subtomo.io.star import read_particles
-from subtomo.jobs.base import ComputeParams, JobContext, JobSpec, default_input
-from subtomo.jobs.refine3d import (StarParticleSource, input_offsets_px, input_rotations, load_mask, load_reference,
-                                   order_for_step, particles_input)
+from subtomo.em.classify import ClassifyOptions, ClassifyState, classify3d
+from subtomo.em.sampling import order_for_step
+from subtomo.errors import SubtomoError
+from subtomo.io.particles import ParticleSet
+from subtomo.jobs._em_runs import ClassifyFiles, resume_state
+from subtomo.jobs._inputs import load_map, load_mask
+from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
+from subtomo.jobs.contracts import SELECTED_OR_EXTRACTED, InputSpec, NodeType, OutputSpec, Source, particles_spec
+from subtomo.tomo.particle_source import SubtomogramSource
+
+INPUT_REFINED = particles_spec("i", (Source("Refine3D", ("run_data.star",)),),
+                               "--local/--skip-align start from refined poses: run subtomo refine3d first, or pass --i.",
+                               when="--local or --skip-align")
 
 
 class Class3DParams(ComputeParams):
@@ -45,38 +53,51 @@ class Class3DParams(ComputeParams):
 def _run(ctx: JobContext) -> None:
     p: Class3DParams = ctx.params
     if p.local or p.skip_align:  # searches start from refined poses (Step 25)
-        star = default_input(ctx.project, p.i, ("Refine3D",), "run_data.star", "--i",
-                             "--local/--skip-align start from refined poses: run subtomo refine3d first, or pass --i.")
+        star = INPUT_REFINED.resolve(ctx.project, p.i)
     else:
-        star = particles_input(ctx, p.i)
+        star = SPEC.input("i").resolve(ctx.project, p.i)
     ctx.add_input(star)
-    df, optics = read_particles(star)
-    src = StarParticleSource(df, ctx.project, p.ctf)
-    rot = input_rotations(df)
+    particles = ParticleSet.read(star, ctx.project)
+    src = SubtomogramSource(particles, p.ctf)
+    rot = particles.rotations()
     if (p.skip_align or p.local) and rot is None:
-        from subtomo.errors import SubtomoError
-
         raise SubtomoError(f"{star}: --skip-align/--local need input poses (rlnAngleRot/Tilt/Psi); give a refine3d run_data.star.")
-    ref = load_reference(p.ref, ctx.project, src.box, src.pixel_size_A) if p.ref else None
+    ref = load_map(p.ref, ctx.project, src.box, src.pixel_size_A, "--ref") if p.ref else None
+    shape = (src.box,) * 3
     opts = ClassifyOptions(
         n_classes=p.K, particle_diameter_A=p.particle_diameter, n_iter=p.iter, tau2_fudge=p.tau2_fudge,
         healpix_order=order_for_step(p.healpix_step), offset_range_px=p.offset_range, offset_step_px=2 * p.offset_step,
         sym=p.sym, local=p.local, sigma_ang_deg=p.sigma_ang, skip_align=p.skip_align, ini_high_A=p.ini_high,
         pad=p.pad, batch_size=p.batch_size, use_ctf=p.ctf, seed=p.seed,
-        focus_mask=load_mask(p.focus_mask, ctx.project, src.box), solvent_mask=load_mask(p.solvent_mask, ctx.project, src.box))
-    keep = [c for c in df.columns if optics is None or c not in optics.columns or c == "rlnOpticsGroup"]
-    res = classify3d(src, opts, ctx.dir, particles=df[keep], optics=optics, initial_ref=ref, initial_rot=rot,
-                     initial_offset_px=input_offsets_px(df, src.pixel_size_A), device=ctx.device, log=ctx.log,
-                     continue_run=bool(p.continue_job))
-    it = res["iterations"]
+        focus_mask=load_mask(p.focus_mask, ctx.project, shape, "--focus-mask") if p.focus_mask else None,
+        solvent_mask=load_mask(p.solvent_mask, ctx.project, shape, "--solvent-mask") if p.solvent_mask else None)
+    files = ClassifyFiles(ctx.dir, particles, src.pixel_size_A)
+    resume = resume_state(ctx.dir, ClassifyState.from_dict, ctx.device, ctx.log) if p.continue_job else None
+    res = classify3d(src, opts, initial_ref=ref, initial_rot=rot, initial_offset_px=particles.offsets_px(),
+                     resume=resume, device=ctx.device, log=ctx.log, on_iteration=files)
+    files.gallery(res.model, res.iterations)
+    it = res.iterations
     for k in range(p.K):
         ctx.add_output(ctx.path(f"run_it{it:03d}_class{k + 1:03d}.mrc"), "DensityMap")
     ctx.add_output(ctx.path(f"run_it{it:03d}_data.star"), "ParticlesData")
     ctx.add_output(ctx.path(f"run_it{it:03d}_model.star"), "File")
-    ctx.log("class distribution: " + ", ".join(f"{k + 1}: {v:.3f}" for k, v in enumerate(res["class_priors"].tolist())))
+    ctx.log("class distribution: " + ", ".join(f"{k + 1}: {v:.3f}" for k, v in enumerate(res.class_priors.tolist())))
 
 
 SPEC = JobSpec(
     command="class3d", job_type="Class3D", params=Class3DParams, run=_run,
     summary="Steps 19-22, 25: 3D classification (K classes, T = 4), focused classification with a mask and --skip-align.",
+    inputs=(
+        particles_spec("i", SELECTED_OR_EXTRACTED, "Run subtomo extract (or select) first, or pass --i."),
+        INPUT_REFINED,
+        InputSpec("ref", NodeType.DENSITY_MAP, (Source("Refine3D", ("run_class001.mrc",)),), required=False),
+        InputSpec("solvent_mask", NodeType.MASK, required=False),
+        InputSpec("focus_mask", NodeType.MASK, (Source("MaskCreate", ("mask.mrc",)),), required=False,
+                  when="focused classification"),
+    ),
+    outputs=(
+        OutputSpec("run_it{it:03d}_class{k:03d}.mrc", NodeType.DENSITY_MAP, "class maps"),
+        OutputSpec("run_it{it:03d}_data.star", NodeType.PARTICLES, "class and pose of every particle"),
+        OutputSpec("run_it{it:03d}_model.star", NodeType.MODEL, "class distribution, resolution, spectra"),
+    ),
 )

@@ -85,7 +85,7 @@ def _fsc_050_A(curve: np.ndarray, box: int, px: float) -> float:
 
 def _refine_figures(project: Path, refine_job: str, symmetry: str, diameter_A: float, result: DemoResult) -> tuple[dict[str, np.ndarray], torch.Tensor]:
     """Pose errors, FSC(refined map, truth), FSC(oracle map, truth); returns the curves and the aligned truth."""
-    from subtomo.jobs.refine3d import oracle_poses
+    from subtomo.simulate.scoring import oracle_poses
 
     job = project / refine_job
     df, _ = read_particles(job / "run_data.star")

@@ -5,7 +5,8 @@ Input: particles STAR (default: the latest Select job's ``particles_selected.sta
 latest Extract job's ``particles_subtomo.star``). Subtomograms are read from rlnImageName,
 their 3D CTFs from ``subtomo.tomo.ctf3d.ParticleCtfModels``. Without ``--ref`` iteration
 0 reconstructs the particles in random orientations (the protocol's de novo path).
-Outputs RELION's run_itNNN_* and final run_* files (see ``subtomo.em.refine``).
+Outputs RELION's run_itNNN_* and final run_* files (written by ``subtomo.jobs._em_runs`` through
+``subtomo.io.run_files``; the engine, ``subtomo.em.refine``, only computes).
 
 De novo with a symmetry (``--sym`` other than C1, no ``--ref``) follows RELION's recommended
 route by default (``--denovo-symmetry c1-then-align``): refine in C1 from random orientations
@@ -24,131 +25,33 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 import torch
 from pydantic import Field
 
-from subtomo.em.iteration import ParticleSource
-from subtomo.em.refine import RefineOptions, auto_refine, oracle, split_halves
+from subtomo.em.gold_standard import split_halves
+from subtomo.em.oracle import oracle_reconstruction
+from subtomo.em.refine import RefineOptions, RefineResult, RefineState, auto_refine
+from subtomo.em.sampling import order_for_step
+from subtomo.em.symmetry_align import align_symmetry
 from subtomo.errors import SubtomoError
-from subtomo.geometry.euler import euler_to_matrix, matrix_to_euler
-from subtomo.io.mrc import read_mrc, write_mrc
-from subtomo.io.star import read_particles, write_star
-from subtomo.jobs.base import ComputeParams, JobContext, JobSpec, default_input
-
-
-class StarParticleSource:
-    """Subtomograms (rlnImageName .mrc) and their 3D CTFs, cached in memory after the first read."""
-
-    def __init__(self, df: pd.DataFrame, project: Path, use_ctf: bool, cache_limit_bytes: int = 3 * 2 ** 30) -> None:
-        self.df = df.reset_index(drop=True)
-        self.project = Path(project)
-        self.n = len(self.df)
-        if "rlnImageName" not in self.df.columns:
-            raise SubtomoError("particles STAR has no rlnImageName column: run subtomo extract first.")
-        first, px = read_mrc(self._path(0))
-        if first.ndim != 3 or len(set(first.shape)) != 1:
-            raise SubtomoError(f"{self._path(0)}: subtomograms must be cubic 3D maps (got shape {first.shape}).")
-        self.box = int(first.shape[0])
-        col = next((c for c in ("rlnImagePixelSize", "rlnPixelSize") if c in self.df.columns), None)
-        self.pixel_size_A = float(self.df[col].iloc[0]) if col else float(px)
-        self._vols: dict[int, torch.Tensor] = {}
-        self._ctfs: dict[int, torch.Tensor] = {}
-        per = self.box ** 3 * 4 * 2
-        self.cache = self.n * per <= cache_limit_bytes
-        self.ctf_models = None
-        if use_ctf:
-            from subtomo.tomo.ctf3d import ParticleCtfModels
-
-            self.ctf_models = ParticleCtfModels.from_particles(self.df, self.project)
-
-    def _path(self, i: int) -> Path:
-        name = str(self.df["rlnImageName"].iloc[i])
-        name = name.split("@", 1)[1] if "@" in name else name
-        p = Path(name)
-        return p if p.is_absolute() else self.project / p
-
-    def volumes(self, idx, device) -> torch.Tensor:
-        out = []
-        for i in np.asarray(idx):
-            i = int(i)
-            v = self._vols.get(i)
-            if v is None:
-                arr, _ = read_mrc(self._path(i))
-                if arr.shape != (self.box,) * 3:
-                    raise SubtomoError(f"{self._path(i)}: box {arr.shape} differs from the first subtomogram's {self.box}.")
-                v = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-                if self.cache:
-                    self._vols[i] = v
-            out.append(v)
-        return torch.stack(out).to(device)
-
-    def ctf(self, idx, device):
-        if self.ctf_models is None:
-            return None
-        idx = np.asarray(idx)
-        missing = [int(i) for i in idx if int(i) not in self._ctfs]
-        if missing:
-            vols = self.ctf_models.volumes(missing, self.box, self.box, "cpu", pixel_size_A=self.pixel_size_A)
-            for j, i in enumerate(missing):
-                if self.cache:
-                    self._ctfs[i] = vols[j]
-            if not self.cache:
-                got = dict(zip(missing, vols))
-                return torch.stack([got[int(i)] for i in idx]).to(device)
-        return torch.stack([self._ctfs[int(i)] for i in idx]).to(device)
-
-
-def input_offsets_px(df: pd.DataFrame, pixel_size_A: float) -> np.ndarray:
-    cols = [f"rlnOrigin{a}Angst" for a in "XYZ"]
-    if all(c in df.columns for c in cols):
-        return df[cols].to_numpy(dtype=np.float64) / pixel_size_A
-    cols = [f"rlnOrigin{a}" for a in "XYZ"]
-    if all(c in df.columns for c in cols):
-        return df[cols].to_numpy(dtype=np.float64)
-    return np.zeros((len(df), 3))
-
-
-def input_rotations(df: pd.DataFrame) -> np.ndarray | None:
-    cols = ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"]
-    if all(c in df.columns for c in cols):
-        return euler_to_matrix(*(df[c].to_numpy(dtype=np.float64) for c in cols))
-    return None
-
-
-def load_reference(path: str, project: Path, box: int, pixel_size_A: float) -> torch.Tensor:
-    p = Path(path) if Path(path).is_absolute() else project / path
-    if not p.exists():
-        raise SubtomoError(f"--ref {path}: file not found.")
-    arr, px = read_mrc(p)
-    if arr.shape != (box,) * 3:
-        raise SubtomoError(f"--ref {path}: box {arr.shape} differs from the subtomograms' {box}^3. "
-                           "Resample the map to the particle box and pixel size first.")
-    if px > 0 and abs(px - pixel_size_A) / pixel_size_A > 0.01:
-        raise SubtomoError(f"--ref {path}: pixel size {px:.3f} A differs from the particles' {pixel_size_A:.3f} A.")
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-
-
-def load_mask(path: str | None, project: Path, box: int) -> torch.Tensor | None:
-    if not path:
-        return None
-    p = Path(path) if Path(path).is_absolute() else project / path
-    if not p.exists():
-        raise SubtomoError(f"mask {path}: file not found.")
-    arr, _ = read_mrc(p)
-    if arr.shape != (box,) * 3:
-        raise SubtomoError(f"mask {path}: box {arr.shape} differs from the subtomograms' {box}^3.")
-    return torch.from_numpy(np.clip(np.ascontiguousarray(arr, dtype=np.float32), 0, 1))
+from subtomo.fourier import threshold_shell
+from subtomo.geometry.euler import matrix_to_euler
+from subtomo.io.mrc import read_mrc
+from subtomo.io.particles import ParticleSet
+from subtomo.io.run_files import write_map
+from subtomo.io.star import read_star_table, write_star
+from subtomo.jobs._em_runs import RefineFiles, resume_state
+from subtomo.jobs._inputs import load_map, load_mask
+from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
+from subtomo.jobs.contracts import SELECTED_OR_EXTRACTED, InputSpec, NodeType, OutputSpec, particles_spec
+from subtomo.simulate.scoring import oracle_poses
+from subtomo.tomo.particle_source import SubtomogramSource
 
 
 def particles_input(ctx: JobContext, given: str | None) -> Path:
-    try:
-        return default_input(ctx.project, given, ("Select",), ("particles_selected.star", "output_2Dto3D.star"), "--i", "")
-    except SubtomoError:
-        if given:
-            raise
-    return default_input(ctx.project, given, ("Extract",), "particles_subtomo.star", "--i",
-                         "Run subtomo extract (or select) first, or pass --i.")
+    path = SPEC.input("i").resolve(ctx.project, given)
+    assert path is not None  # required input
+    return path
 
 
 class Refine3DParams(ComputeParams):
@@ -180,105 +83,109 @@ class Refine3DParams(ComputeParams):
     continue_job: str | None = Field(None, description="Job directory to continue from its last finished iteration.")
 
 
-def order_for_step(step_deg: float) -> int:
-    """HEALPix coarse order whose oversampled step (half the coarse) is closest to ``step_deg``."""
-    from subtomo.em.healpix import angular_step_deg
-
-    return int(min(range(0, 8), key=lambda o: abs(np.log(angular_step_deg(o) / 2 / step_deg))))
-
-
 def _run(ctx: JobContext) -> None:
     p: Refine3DParams = ctx.params
     star = particles_input(ctx, p.i)
     ctx.add_input(star)
-    df, optics = read_particles(star)
-    src = StarParticleSource(df, ctx.project, p.ctf)
-    ctx.log(f"{len(df)} particles from {ctx.rel(star)}; box {src.box}, {src.pixel_size_A:.3f} A/px; CTF {'on' if p.ctf else 'off'}")
-    ref = load_reference(p.ref, ctx.project, src.box, src.pixel_size_A) if p.ref else None
+    particles = ParticleSet.read(star, ctx.project)
+    src = SubtomogramSource(particles, p.ctf)
+    ctx.log(f"{len(particles)} particles from {ctx.rel(star)}; box {src.box}, {src.pixel_size_A:.3f} A/px; "
+            f"CTF {'on' if p.ctf else 'off'}")
+    ref = load_map(p.ref, ctx.project, src.box, src.pixel_size_A, "--ref") if p.ref else None
+    solvent = load_mask(p.solvent_mask, ctx.project, (src.box,) * 3, "--solvent-mask") if p.solvent_mask else None
     opts = RefineOptions(
         particle_diameter_A=p.particle_diameter, healpix_order=order_for_step(p.healpix_step),
         offset_range_px=p.offset_range, offset_step_px=2 * p.offset_step, sym=p.sym,
         auto_local_order=order_for_step(p.auto_local_healpix_step), max_iter=p.max_iter,
         auto_ignore_angles=p.auto_ignore_angles, ini_high_A=p.ini_high,
         firstiter_cc=bool(ref is not None and not p.ref_on_absolute_greyscale), ref_ctf_corrected=p.ref_ctf_corrected,
-        pad=p.pad, batch_size=p.batch_size, use_ctf=p.ctf, seed=p.seed,
-        solvent_mask=load_mask(p.solvent_mask, ctx.project, src.box))
-    halves = split_halves(df, len(df), p.seed)
-    particles = df.drop(columns=[c for c in (optics.columns if optics is not None else [])
-                                 if c in df.columns and c not in ("rlnOpticsGroup",)])
-    offsets = input_offsets_px(df, src.pixel_size_A)
+        pad=p.pad, batch_size=p.batch_size, use_ctf=p.ctf, seed=p.seed, solvent_mask=solvent)
+    halves = split_halves(particles.halves(), len(particles), p.seed)
+    offsets = particles.offsets_px()
     initial_rot = None
     if ref is None and p.sym.strip().upper() != "C1" and p.denovo_symmetry == "c1-then-align":
-        ref, initial_rot, offsets, halves = _c1_then_align(ctx, src, opts, particles, optics, offsets, halves)
+        ref, initial_rot, offsets, halves = _c1_then_align(ctx, src, particles, opts, offsets, halves)
         opts = replace(opts, firstiter_cc=False)  # the aligned C1 map is on the particles' grey scale
         ctx.log(f"stage 2: refinement with {p.sym} symmetry from the aligned C1 map (low-pass {p.ini_high:.0f} A)")
-    res = auto_refine(src, opts, ctx.dir, particles=particles,
-                      optics=optics, initial_ref=ref, initial_rot=initial_rot, initial_offset_px=offsets,
-                      halves=halves, device=ctx.device, log=ctx.log, continue_run=bool(p.continue_job))
+    res = _refine(ctx, src, particles, opts, ctx.dir, ctx.log, initial_ref=ref, initial_rot=initial_rot,
+                  initial_offset_px=offsets, halves=halves)
     for name, node in (("run_class001.mrc", "DensityMap"), ("run_half1_class001_unfil.mrc", "DensityMap"),
                        ("run_half2_class001_unfil.mrc", "DensityMap"), ("run_data.star", "ParticlesData"),
                        ("run_model.star", "File")):
         ctx.add_output(ctx.path(name), node)
-    ctx.log(f"final resolution (gold-standard FSC 0.143): {res['resolution_A']:.2f} A after {res['iterations']} iterations "
-            f"({res['seconds']:.0f} s)")
+    ctx.log(f"final resolution (gold-standard FSC 0.143): {res.resolution_A:.2f} A after {res.iterations} iterations "
+            f"({res.seconds:.0f} s)")
     if p.oracle:
-        truth = oracle_poses(df, p.oracle, ctx.project, src.pixel_size_A)
-        orc = oracle(src, truth[0], truth[1], res["halves"], use_ctf=p.ctf, sym=p.sym,
-                     diameter_A=p.particle_diameter, device=ctx.device, batch_size=p.batch_size)
-        ctx.log(f"oracle (true poses) resolution: {orc['resolution_A']:.2f} A; ratio refined/oracle "
-                f"{res['resolution_A'] / orc['resolution_A']:.3f}")
-        oracle_map = write_mrc(ctx.path("oracle_class001.mrc"), orc["map"].numpy(), src.pixel_size_A)
-        ctx.add_output(oracle_map, "DensityMap")
-        out = write_star(ctx.path("oracle.star"), {"oracle": {
-            "rlnFinalResolution": float(orc["resolution_A"]), "subtomoRefinedResolution": float(res["resolution_A"]),
-            "subtomoRefinedOverOracle": float(res["resolution_A"] / orc["resolution_A"]), "subtomoGroundTruth": p.oracle}})
-        ctx.add_output(out, "File")
+        _oracle(ctx, particles, src, res)
 
 
-def _c1_then_align(ctx: JobContext, src: StarParticleSource, opts: RefineOptions, particles: pd.DataFrame,
-                   optics: pd.DataFrame | None, offsets: np.ndarray, halves: np.ndarray):
+def _refine(ctx: JobContext, src: SubtomogramSource, particles: ParticleSet, opts: RefineOptions, out_dir: Path,
+            log, **start) -> RefineResult:
+    """One auto-refinement writing its run files into ``out_dir`` (continued there with --continue-job)."""
+    resume = resume_state(out_dir, RefineState.from_dict, ctx.device, log) if ctx.params.continue_job else None
+    return auto_refine(src, opts, resume=resume, device=ctx.device, log=log,
+                       on_iteration=RefineFiles(out_dir, particles, src.pixel_size_A), **start)
+
+
+def _oracle(ctx: JobContext, particles: ParticleSet, src: SubtomogramSource, res: RefineResult) -> None:
+    """Reconstruct with the true poses (--oracle) and report refined / oracle resolution."""
+    p: Refine3DParams = ctx.params
+    truth = oracle_poses(particles.table, p.oracle, ctx.project, src.pixel_size_A)
+    orc = oracle_reconstruction(src, truth[0], truth[1], res.halves, use_ctf=p.ctf, sym=p.sym,
+                                diameter_A=p.particle_diameter, device=ctx.device, batch_size=p.batch_size)
+    ctx.log(f"oracle (true poses) resolution: {orc.resolution_A:.2f} A; ratio refined/oracle "
+            f"{res.resolution_A / orc.resolution_A:.3f}")
+    ctx.add_output(write_map(ctx.path("oracle_class001.mrc"), orc.map, src.pixel_size_A), "DensityMap")
+    out = write_star(ctx.path("oracle.star"), {"oracle": {
+        "rlnFinalResolution": float(orc.resolution_A), "subtomoRefinedResolution": float(res.resolution_A),
+        "subtomoRefinedOverOracle": float(res.resolution_A / orc.resolution_A), "subtomoGroundTruth": p.oracle}})
+    ctx.add_output(out, "File")
+
+
+def _c1_stage(ctx: JobContext, src: SubtomogramSource, particles: ParticleSet, opts: RefineOptions,
+              offsets: np.ndarray, halves: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray, float]:
+    """Stage 1: the C1 refinement in c1_stage/ (or its files from an earlier run with --continue-job).
+
+    Returns the C1 map, poses, origins [px], halves and gold-standard resolution [Å].
+    """
+    c1_dir = ctx.dir / "c1_stage"
+    done = (c1_dir / "run_class001.mrc").exists() and (c1_dir / "run_data.star").exists()
+    if ctx.params.continue_job and done:
+        ctx.log("stage 1 (C1) finished earlier: using c1_stage/run_class001.mrc and run_data.star")
+        vol, _ = read_mrc(c1_dir / "run_class001.mrc")
+        data = ParticleSet.read(c1_dir / "run_data.star", ctx.project)
+        if len(data) != src.n:
+            raise SubtomoError(f"{ctx.rel(c1_dir / 'run_data.star')}: {len(data)} particles, the input has {src.n}. "
+                               "Continue with the same --i, or start a new job.")
+        fsc = read_star_table(c1_dir / "run_model.star", "model_class_1")["rlnGoldStandardFsc"].to_numpy(dtype=np.float64)
+        res_A = src.box * src.pixel_size_A / max(threshold_shell(torch.from_numpy(fsc.copy()), 0.143), 1)
+        rot, halves_1 = data.rotations(), data.halves()
+        assert rot is not None and halves_1 is not None
+        return torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32)), rot, data.offsets_px(), halves_1, res_A
+    ctx.log(f"stage 1: refinement in C1 from random orientations (c1_stage/), then alignment of the {opts.sym} axes")
+    # poses of a symmetric particle refined in C1 keep jumping between equivalent ones: count them as
+    # settled once Pmax is high (RELION's --auto_ignore_angles)
+    res1 = _refine(ctx, src, particles, replace(opts, sym="C1", auto_ignore_angles=True), c1_dir,
+                   lambda m: ctx.log(f"[C1] {m}"), initial_offset_px=offsets, halves=halves)
+    ctx.log(f"stage 1 (C1): gold-standard resolution {res1.resolution_A:.2f} A after {res1.iterations} iterations "
+            f"({res1.seconds:.0f} s)")
+    return res1.final_map, res1.poses.rot, res1.poses.offset_px, res1.halves, float(res1.resolution_A)
+
+
+def _c1_then_align(ctx: JobContext, src: SubtomogramSource, particles: ParticleSet, opts: RefineOptions,
+                   offsets: np.ndarray, halves: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
     """Stage 1 (C1 refinement in c1_stage/) and the symmetry alignment of its map.
 
     Returns the aligned map (stage 2's reference), the C1 poses and origins moved into the
     aligned frame (pose A R^T, origin o + A shift) and the halves of stage 1.
     """
-    from subtomo.em.symmetry_align import align_symmetry
-
     p: Refine3DParams = ctx.params
-    c1_dir = ctx.dir / "c1_stage"
     px = src.pixel_size_A
-    done = (c1_dir / "run_class001.mrc").exists() and (c1_dir / "run_data.star").exists()
-    if p.continue_job and done:
-        ctx.log("stage 1 (C1) finished earlier: using c1_stage/run_class001.mrc and run_data.star")
-        vol, _ = read_mrc(c1_dir / "run_class001.mrc")
-        final_map = torch.from_numpy(np.ascontiguousarray(vol, dtype=np.float32))
-        data, _ = read_particles(c1_dir / "run_data.star")
-        if len(data) != src.n:
-            raise SubtomoError(f"{ctx.rel(c1_dir / 'run_data.star')}: {len(data)} particles, the input has {src.n}. "
-                               "Continue with the same --i, or start a new job.")
-        rot = input_rotations(data)
-        off = input_offsets_px(data, px)
-        halves = data["rlnRandomSubset"].to_numpy().astype(int)
-        from subtomo.em.refine import fsc_threshold_shell
-        from subtomo.io.star import read_star_table
-
-        fsc = read_star_table(c1_dir / "run_model.star", "model_class_1")["rlnGoldStandardFsc"].to_numpy(dtype=np.float64)
-        res_A = src.box * px / max(fsc_threshold_shell(torch.from_numpy(fsc.copy()), 0.143), 1)
-    else:
-        ctx.log(f"stage 1: refinement in C1 from random orientations (c1_stage/), then alignment of the {p.sym} axes")
-        # poses of a symmetric particle refined in C1 keep jumping between equivalent ones: count them as
-        # settled once Pmax is high (RELION's --auto_ignore_angles)
-        res1 = auto_refine(src, replace(opts, sym="C1", auto_ignore_angles=True), c1_dir, particles=particles, optics=optics,
-                           initial_offset_px=offsets, halves=halves, device=ctx.device,
-                           log=lambda m: ctx.log(f"[C1] {m}"), continue_run=bool(p.continue_job))
-        final_map, rot, off, halves = res1["final_map"], res1["poses"].rot, res1["poses"].offset_px, res1["halves"]
-        res_A = float(res1["resolution_A"])
-        ctx.log(f"stage 1 (C1): gold-standard resolution {res_A:.2f} A after {res1['iterations']} iterations "
-                f"({res1['seconds']:.0f} s)")
+    final_map, rot, off, halves, res_A = _c1_stage(ctx, src, particles, opts, offsets, halves)
     t0 = time.time()
     lp = p.sym_align_lowpass or max(res_A, 20.0, 3 * px)
     al = align_symmetry(final_map.to(ctx.device), p.sym, px, lowpass_A=lp)
-    out = write_mrc(c1_dir / "run_class001_symaligned.mrc", al.volume.cpu().numpy(), px)
+    out = write_map(ctx.dir / "c1_stage" / "run_class001_symaligned.mrc", al.volume, px)
     ctx.add_output(out, "DensityMap")
     ang = matrix_to_euler(al.rotation[None])[0]
     ctx.log(f"symmetry alignment ({p.sym}, low-pass {lp:.1f} A, {al.coarse_candidates} coarse candidates, "
@@ -293,31 +200,26 @@ def _c1_then_align(ctx: JobContext, src: StarParticleSource, opts: RefineOptions
     return al.volume.cpu(), new_rot, new_off, np.asarray(halves)
 
 
-def oracle_poses(df: pd.DataFrame, truth_star: str, project: Path, pixel_size_A: float) -> tuple[np.ndarray, np.ndarray]:
-    """True rotations and origins (px) of the particles from the simulator's picks.star.
-
-    Rows are matched by rlnTomoName + rlnTomoParticleId. The true origin follows from the
-    true centre: particle centre = box centre - origin, and extraction put floor(coordinate)
-    at the box centre, so origin = floor(coordinate) - true centre (+ the extraction origin
-    already in the STAR file accounts for the fractional part of the picked coordinate).
-    """
-    from subtomo.io.star import read_star_table
-
-    path = Path(truth_star) if Path(truth_star).is_absolute() else project / truth_star
-    gt = read_star_table(path)
-    key = ["rlnTomoName", "rlnTomoParticleId"]
-    m = df[key + ["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]].merge(
-        gt[key + ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]],
-        on=key, how="left", suffixes=("", "_true"))
-    if m["rlnAngleRot"].isna().any():
-        raise SubtomoError(f"--oracle {truth_star}: {int(m['rlnAngleRot'].isna().sum())} particles have no ground-truth row.")
-    rot = euler_to_matrix(m["rlnAngleRot"].to_numpy(), m["rlnAngleTilt"].to_numpy(), m["rlnAnglePsi"].to_numpy())
-    picked = np.floor(m[["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]].to_numpy(dtype=np.float64))
-    true_c = m[["rlnCoordinateX_true", "rlnCoordinateY_true", "rlnCoordinateZ_true"]].to_numpy(dtype=np.float64)
-    return rot, picked - true_c
-
-
 SPEC = JobSpec(
     command="refine3d", job_type="Refine3D", params=Refine3DParams, run=_run,
     summary="Step 18: gold-standard 3D auto-refinement (de novo from random orientations or from --ref).",
+    inputs=(
+        particles_spec("i", SELECTED_OR_EXTRACTED, "Run subtomo extract (or select) first, or pass --i."),
+        InputSpec("ref", NodeType.DENSITY_MAP, hint="Without --ref the refinement starts from random orientations.",
+                  required=False),
+        InputSpec("solvent_mask", NodeType.MASK, required=False),
+        InputSpec("oracle", NodeType.GROUND_TRUTH_PICKS, required=False),
+    ),
+    outputs=(
+        OutputSpec("run_class001.mrc", NodeType.DENSITY_MAP, "the refined map (both halves joined)"),
+        OutputSpec("run_half1_class001_unfil.mrc", NodeType.DENSITY_MAP, "unfiltered half map 1"),
+        OutputSpec("run_half2_class001_unfil.mrc", NodeType.DENSITY_MAP, "unfiltered half map 2"),
+        OutputSpec("run_data.star", NodeType.PARTICLES, "refined poses and half-set of every particle"),
+        OutputSpec("run_model.star", NodeType.MODEL, "gold-standard FSC, resolution, noise and signal spectra"),
+        OutputSpec("c1_stage/run_class001_symaligned.mrc", NodeType.DENSITY_MAP,
+                   "the C1 map with its symmetry axes aligned (de novo with --sym)", optional=True),
+        OutputSpec("oracle_class001.mrc", NodeType.DENSITY_MAP, "reconstruction with the true poses (--oracle)",
+                   optional=True),
+        OutputSpec("oracle.star", NodeType.FILE, "refined against oracle resolution (--oracle)", optional=True),
+    ),
 )

@@ -1,4 +1,4 @@
-"""Pictures of maps: orthogonal central slices, class galleries, FSC curves."""
+"""Pictures of maps: orthogonal central slices of one map or of several classes (FSC curves: :mod:`subtomo.plot.post`)."""
 
 from __future__ import annotations
 
@@ -39,23 +39,4 @@ def plot_class_slices(vols: list[np.ndarray], path: str | Path, labels: list[str
             axes[i][j].imshow(img, cmap="gray", origin="lower", vmin=lo, vmax=hi)
             axes[i][j].axis("off")
         axes[i][0].set_title(labels[i] if labels else f"class {i + 1}", fontsize=9, loc="left")
-    return save_figure(fig, path)
-
-
-def plot_fsc(fsc: np.ndarray, box: int, pixel_size_A: float, path: str | Path, title: str = "Gold-standard FSC",
-             extra: dict[str, np.ndarray] | None = None) -> Path:
-    """FSC against spatial frequency (1/A) with the 0.143 and 0.5 thresholds."""
-    fsc = np.asarray(fsc, dtype=float)
-    s = np.arange(len(fsc)) / (box * pixel_size_A)
-    fig, ax = new_figure(figsize=(5, 3.5))
-    ax.plot(s, fsc, label="FSC")
-    for name, curve in (extra or {}).items():
-        ax.plot(s[: len(curve)], curve, label=name)
-    for thr in (0.143, 0.5):
-        ax.axhline(thr, ls="--", lw=0.8, color="grey")
-    ax.set_xlabel("spatial frequency (1/Å)")
-    ax.set_ylabel("FSC")
-    ax.set_ylim(-0.1, 1.05)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
     return save_figure(fig, path)

@@ -8,6 +8,7 @@ with the opposite hand. Everything here first removes that gauge freedom, then c
   per-particle angular errors (minimum over the point group);
 * :func:`truth_in_map_frame` - the true map rotated by G, shifted to the refined map by
   cross-correlation, the hand tried both ways; then FSC(map, truth) is meaningful;
+* :func:`oracle_poses` - the true poses of extracted particles (for the oracle reconstruction);
 * :func:`ctf_errors`, :func:`selection_scores`, :func:`classification_accuracy` - the
   CTF, 2D-selection and 3D-classification stages against the true defoci, kinds and classes.
 
@@ -24,9 +25,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from subtomo.em.refine import rotate_map
+from subtomo.em.maps import rotate_map
+from subtomo.errors import SubtomoError
 from subtomo.fourier import fft_centered, fsc_maps, ifft_centered, phase_shift
-from subtomo.geometry.euler import angular_distance_deg
+from subtomo.geometry.euler import angular_distance_deg, euler_to_matrix
+from subtomo.io.particles import resolve_project_path
 from subtomo.io.star import read_star_table
 
 TRUTH_KEY = ["rlnTomoName", "rlnTomoParticleId"]
@@ -96,6 +99,33 @@ def truth_in_map_frame(truth: torch.Tensor, refined: torch.Tensor, g_mat: np.nda
     m = mask if mask is not None else torch.ones_like(refined)
     best.fsc = fsc_maps(refined * m, best.volume * m).numpy()
     return best
+
+
+def oracle_poses(particles: pd.DataFrame, truth_star: str | Path, project: Path,
+                 pixel_size_A: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """True rotations and origins (px) of extracted particles from the simulator's picks.star.
+
+    Rows are matched by rlnTomoName + rlnTomoParticleId. The true origin follows from the
+    true centre: particle centre = box centre - origin, and extraction put floor(coordinate)
+    at the box centre, so origin = floor(coordinate) - true centre (+ the extraction origin
+    already in the STAR file accounts for the fractional part of the picked coordinate).
+    Returns ``(rotations (n, 3, 3), origins (n, 3) px)``; ``pixel_size_A`` is not needed
+    (coordinates are in the particles' pixels) and kept for the callers' signature.
+    """
+    path = resolve_project_path(project, truth_star)
+    gt = read_star_table(path)
+    key = ["rlnTomoName", "rlnTomoParticleId"]
+    m = particles[key + ["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]].merge(
+        gt[key + ["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi", "rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]],
+        on=key, how="left", suffixes=("", "_true"))
+    if m["rlnAngleRot"].isna().any():
+        raise SubtomoError(f"--oracle {truth_star}: {int(m['rlnAngleRot'].isna().sum())} particles have no ground-truth "
+                           "row (matched by rlnTomoName + rlnTomoParticleId). Give the picks.star of the simulation "
+                           "these particles were extracted from.")
+    rot = euler_to_matrix(m["rlnAngleRot"].to_numpy(), m["rlnAngleTilt"].to_numpy(), m["rlnAnglePsi"].to_numpy())
+    picked = np.floor(m[["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]].to_numpy(dtype=np.float64))
+    true_c = m[["rlnCoordinateX_true", "rlnCoordinateY_true", "rlnCoordinateZ_true"]].to_numpy(dtype=np.float64)
+    return rot, picked - true_c
 
 
 # ----------------------------------------------------------------------------- stages

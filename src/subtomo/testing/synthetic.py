@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
-from subtomo.fourier import fft_centered, ifft_centered, rfft_frequencies
+from subtomo.em.components import fourier_components
+from subtomo.em.projector3d import Projector3D
+from subtomo.fourier import fft_centered, ifft_centered, phase_shift, rfft_frequencies
 from subtomo.geometry.euler import angular_distance_deg, random_rotations
+from subtomo.io.mrc import write_mrc
+from subtomo.io.star import write_particles
 
 
 @dataclass
@@ -43,7 +49,7 @@ def blob_reference(box: int, rng: np.random.Generator, n_blobs: int = 12, radius
         if np.linalg.norm(c) < radius_px:
             centres.append(c)
     ops = sym_mats if sym_mats is not None else np.eye(3)[None]
-    for i, c in enumerate(centres):
+    for c in centres:
         s = rng.uniform(0.06, 0.12) * box
         amp = rng.uniform(0.5, 1.5)
         for g in ops:
@@ -82,9 +88,6 @@ def make_set(n: int = 40, box: int = 32, pixel_size_A: float = 8.0, snr: float =
     off = rng.uniform(-max_offset_px, max_offset_px, (n, 3))
     defoci = rng.uniform(20000, 40000, n) if ctf else None
     ctfs = wedge_ctf(box, n, max_tilt_deg, pixel_size_A, defoci)
-    from subtomo.em.components import fourier_components
-    from subtomo.em.projector3d import Projector3D
-
     comps = fourier_components(box, box, 3)
     proj = Projector3D(ref, pad=2)
     vols = torch.zeros(n, box, box, box)
@@ -100,8 +103,6 @@ def make_set(n: int = 40, box: int = 32, pixel_size_A: float = 8.0, snr: float =
         f = fft_centered(full, 3)
         # content at centre - origin: translate by -origin
         shifts = -torch.as_tensor(off[s:s + 16], dtype=torch.float32)
-        from subtomo.fourier import phase_shift
-
         f = phase_shift(f, shifts, shape) * ctfs[s:s + 16]
         sig = ifft_centered(f, shape)
         noise = torch.as_tensor(rng.normal(size=sig.shape), dtype=torch.float32)
@@ -127,15 +128,8 @@ def align_to_reference(est_rot: np.ndarray, true_rot: np.ndarray) -> tuple[np.nd
     return g, angular_distance_deg(est_rot, pred)
 
 
-def write_star_project(ds: SyntheticSet, root) -> "Path":
+def write_star_project(ds: SyntheticSet, root: str | Path) -> Path:
     """Write the set as a small project: ``Particles/pNNNNNN.mrc`` + ``particles.star`` (no CTF; RELION 3.1 optics)."""
-    from pathlib import Path
-
-    import pandas as pd
-
-    from subtomo.io.mrc import write_mrc
-    from subtomo.io.star import write_particles
-
     root = Path(root)
     (root / "Particles").mkdir(parents=True, exist_ok=True)
     names = []
@@ -149,3 +143,22 @@ def write_star_project(ds: SyntheticSet, root) -> "Path":
                            "rlnImagePixelSize": [ds.pixel_size_A], "rlnImageSize": [ds.volumes.shape[-1]],
                            "rlnImageDimensionality": [3]})
     return write_particles(root / "particles.star", particles, optics)
+
+
+def two_class_set(n_per: int = 24, box: int = 24, pixel_size_A: float = 10.0, snr: float = 2.0,
+                  seed: int = 21) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray, float]:
+    """Two conformations (two random references), ``n_per`` particles each, no offsets.
+
+    Returns volumes (2 n_per, N, N, N), CTFs, true rotations (2 n_per, 3, 3), true classes
+    (0/1) and the particle diameter [Å].
+    """
+    rng = np.random.default_rng(seed)
+    a = blob_reference(box, rng)
+    b = blob_reference(box, rng)
+    sa = make_set(n=n_per, box=box, pixel_size_A=pixel_size_A, snr=snr, seed=1, reference=a, max_offset_px=0.0)
+    sb = make_set(n=n_per, box=box, pixel_size_A=pixel_size_A, snr=snr, seed=2, reference=b, max_offset_px=0.0)
+    vols = torch.cat([sa.volumes, sb.volumes])
+    ctfs = torch.cat([sa.ctfs, sb.ctfs])
+    rot = np.concatenate([sa.rot, sb.rot])
+    truth = np.array([0] * n_per + [1] * n_per)
+    return vols, ctfs, rot, truth, sa.diameter_A
