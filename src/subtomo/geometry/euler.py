@@ -20,7 +20,18 @@ import torch
 
 
 def euler_to_matrix(rot_deg, tilt_deg, psi_deg) -> np.ndarray:
-    """RELION's A for angles in degrees; broadcasts, returns (..., 3, 3) float64."""
+    """RELION's rotation matrix A for ZYZ Euler angles.
+
+    Parameters
+    ----------
+    rot_deg, tilt_deg, psi_deg : array_like
+        Angles [deg]; broadcast against each other to a shape (...).
+
+    Returns
+    -------
+    numpy.ndarray
+        (..., 3, 3) float64, A = Rz(psi) Ry(tilt) Rz(rot) (module docstring).
+    """
     a, b, g = (np.deg2rad(np.asarray(v, dtype=np.float64)) for v in (rot_deg, tilt_deg, psi_deg))
     a, b, g = np.broadcast_arrays(a, b, g)
     ca, sa, cb, sb, cg, sg = np.cos(a), np.sin(a), np.cos(b), np.sin(b), np.cos(g), np.sin(g)
@@ -38,10 +49,18 @@ def euler_to_matrix(rot_deg, tilt_deg, psi_deg) -> np.ndarray:
 
 
 def matrix_to_euler(matrix) -> np.ndarray:
-    """Inverse of :func:`euler_to_matrix`: (..., 3, 3) -> (..., 3) of (rot, tilt, psi) degrees.
+    """Invert :func:`euler_to_matrix`.
 
-    tilt is in [0, 180]; at tilt = 0 or 180 all in-plane rotation goes to psi (rot = 0),
-    as RELION's ``Euler_matrix2angles`` does.
+    Parameters
+    ----------
+    matrix : array_like
+        (..., 3, 3) rotation matrices.
+
+    Returns
+    -------
+    numpy.ndarray
+        (..., 3) float64 (rot, tilt, psi) [deg]; tilt in [0, 180]. At tilt 0 or 180 all
+        in-plane rotation goes to psi (rot = 0), as RELION's ``Euler_matrix2angles`` does.
     """
     m = np.asarray(matrix, dtype=np.float64)
     sin_tilt = np.sqrt(m[..., 0, 2] ** 2 + m[..., 1, 2] ** 2)
@@ -57,7 +76,18 @@ def matrix_to_euler(matrix) -> np.ndarray:
 
 
 def euler_to_matrix_torch(angles_deg: torch.Tensor) -> torch.Tensor:
-    """Batched torch version of :func:`euler_to_matrix`: (..., 3) degrees -> (..., 3, 3)."""
+    """Batched torch version of :func:`euler_to_matrix`.
+
+    Parameters
+    ----------
+    angles_deg : torch.Tensor
+        (..., 3) (rot, tilt, psi) [deg], any device and float dtype.
+
+    Returns
+    -------
+    torch.Tensor
+        (..., 3, 3) matrices on the same device and dtype.
+    """
     a, b, g = torch.deg2rad(angles_deg).unbind(-1)
     ca, sa, cb, sb, cg, sg = a.cos(), a.sin(), b.cos(), b.sin(), g.cos(), g.sin()
     rows = [
@@ -69,14 +99,38 @@ def euler_to_matrix_torch(angles_deg: torch.Tensor) -> torch.Tensor:
 
 
 def angular_distance_deg(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Rotation angle (degrees) of a @ b^T for (..., 3, 3) matrices."""
+    """Angle of the rotation that takes ``b`` to ``a``.
+
+    Parameters
+    ----------
+    a, b : numpy.ndarray
+        (..., 3, 3) rotation matrices (broadcast).
+
+    Returns
+    -------
+    numpy.ndarray
+        (...) rotation angle of a b^T [deg], in [0, 180].
+    """
     r = np.einsum("...ij,...kj->...ik", a, b)
     cos = (np.trace(r, axis1=-2, axis2=-1) - 1.0) / 2.0
     return np.rad2deg(np.arccos(np.clip(cos, -1.0, 1.0)))
 
 
 def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
-    """n rotation matrices uniform on SO(3) (from uniform unit quaternions)."""
+    """Draw rotation matrices uniformly on SO(3) (from uniform unit quaternions).
+
+    Parameters
+    ----------
+    n : int
+        How many.
+    rng : numpy.random.Generator
+        Source of randomness (reproducible with a seeded generator).
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, 3, 3) float64.
+    """
     q = rng.normal(size=(n, 4))
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     w, x, y, z = q.T

@@ -17,7 +17,20 @@ from subtomo.errors import SubtomoError
 
 
 def axis_rotation(axis, angle_rad: float) -> np.ndarray:
-    """Right-handed rotation matrix by ``angle_rad`` about ``axis`` (Rodrigues)."""
+    """Right-handed rotation about an axis (Rodrigues' formula).
+
+    Parameters
+    ----------
+    axis : array_like
+        (3,) axis direction (x, y, z); need not be normalised.
+    angle_rad : float
+        Angle [rad].
+
+    Returns
+    -------
+    numpy.ndarray
+        (3, 3) float64.
+    """
     k = np.asarray(axis, dtype=np.float64)
     k = k / np.linalg.norm(k)
     kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
@@ -25,7 +38,23 @@ def axis_rotation(axis, angle_rad: float) -> np.ndarray:
 
 
 def symmetry_generators(name: str) -> list[np.ndarray]:
-    """Generators of the point group ``name`` (rotation matrices); the group is their closure."""
+    """Generators of a point group, in RELION's standard orientation.
+
+    Parameters
+    ----------
+    name : str
+        C<n>, D<n>, T, O or I (I2 orientation); case-insensitive.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        (3, 3) rotation matrices whose closure is the group.
+
+    Raises
+    ------
+    SubtomoError
+        Unknown group name.
+    """
     sym = name.strip().upper()
     m = re.fullmatch(r"([CD])(\d+)", sym)
     if m:
@@ -50,7 +79,18 @@ def symmetry_generators(name: str) -> list[np.ndarray]:
 
 
 def symmetry_matrices(name: str) -> np.ndarray:
-    """All operators of the point group (order, 3, 3), identity first."""
+    """All operators of a point group.
+
+    Parameters
+    ----------
+    name : str
+        As for :func:`symmetry_generators`.
+
+    Returns
+    -------
+    numpy.ndarray
+        (order, 3, 3) float64, the identity first.
+    """
     gens = symmetry_generators(name)
     group = [np.eye(3)]
     frontier = [np.eye(3)]
