@@ -614,8 +614,7 @@ def estimate_ctf(images: torch.Tensor, tilt_deg, optics: Optics, params: CtfSear
     CtfFit
         N fits; defoci are at the image centre (the tilt axis).
     """
-    if images.ndim == 2:
-        images = images[None]
+    images = images[None] if images.ndim == 2 else images
     n, ny, nx = images.shape
     dev = images.device
     band = effective_band((ny, nx), optics.pixel_size_A, params)

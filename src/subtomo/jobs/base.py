@@ -19,167 +19,27 @@ import datetime as _dt
 import json
 import os
 import signal
-import sys
 import threading
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from subtomo import __version__
 from subtomo.errors import SubtomoError
 from subtomo.jobs import pipeline as pipeline_file
-from subtomo.jobs.contracts import InputSpec, NodeType, OutputSpec
+from subtomo.jobs.context import ComputeParams, JobContext, JobParams, resolve_device
+from subtomo.jobs.contracts import InputSpec, OutputSpec
 from subtomo.jobs.monitor import ResourceMonitor
 from subtomo.jobs.pipeline import STATUS_FAILED, STATUS_RUNNING, STATUS_SUCCEEDED, Process
 
-T = TypeVar("T")
+__all__ = ["SUCCESS_SENTINEL", "FAILURE_SENTINEL", "ComputeParams", "JobContext", "JobParams", "JobSpec",
+           "JobTerminated", "execute", "resolve_device"]
+
 SUCCESS_SENTINEL = "RELION_JOB_EXIT_SUCCESS"
 FAILURE_SENTINEL = "RELION_JOB_EXIT_FAILURE"
-
-
-class JobParams(BaseModel):
-    """Base of every job's parameters. Units go in each field's description."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    output: str | None = Field(None, description="Output job directory (default: <JobType>/jobNNN/ in the project).")
-
-
-class ComputeParams(JobParams):
-    """Parameters of jobs that compute with torch."""
-
-    device: str = Field("auto", description="Compute device: auto, cpu, cuda or cuda:N. A GPU asked for and absent is an error.")
-    threads: int = Field(0, ge=0, description="CPU threads for torch (0: all cores).")
-    seed: int = Field(0, description="Random seed; the same inputs, parameters and seed give the same result.")
-
-
-def resolve_device(name: str) -> torch.device:
-    """Turn ``--device`` into a torch device; never falls back silently from a GPU."""
-    name = name.strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise SubtomoError(f"--device {name}: no usable CUDA GPU on this machine. Use --device cpu, or check the driver and torch build.")
-        dev = torch.device(name)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SubtomoError(f"--device {name}: only {torch.cuda.device_count()} GPU(s) present.")
-        return dev
-    if name == "cpu":
-        return torch.device("cpu")
-    raise SubtomoError(f"--device {name!r}: not a device. Use auto, cpu, cuda or cuda:N.")
-
-
-class JobContext:
-    """What a running job sees: its directory, parameters, logging, progress and nodes."""
-
-    def __init__(self, spec: "JobSpec", params: JobParams, project: Path, job_dir: Path, name: str,
-                 state: Any = None, quiet: bool = False) -> None:
-        self.spec = spec
-        self.params = params
-        self.project = project
-        self.dir = job_dir
-        self.name = name
-        self.state = state  # whatever spec.check returned
-        self.quiet = quiet
-        self.inputs: list[str] = []
-        self.outputs: list[tuple[str, str]] = []
-        self._out = open(job_dir / "run.out", "a", buffering=1)
-        self.device = resolve_device(params.device) if isinstance(params, ComputeParams) else torch.device("cpu")
-        if isinstance(params, ComputeParams):
-            if params.threads:
-                torch.set_num_threads(params.threads)
-            torch.manual_seed(params.seed)
-            self.rng = np.random.default_rng(params.seed)
-        else:
-            self.rng = np.random.default_rng(0)
-
-    def log(self, message: str) -> None:
-        """A line in run.out and on the terminal."""
-        stamp = _dt.datetime.now().strftime("%H:%M:%S")
-        self._out.write(f"[{stamp}] {message}\n")
-        if not self.quiet:
-            print(message, flush=True)
-
-    def warn(self, message: str) -> None:
-        self.log(f"WARNING: {message}")
-        with open(self.dir / "run.err", "a") as fh:
-            fh.write(message + "\n")
-
-    def rel(self, path: str | Path) -> str:
-        """Path relative to the project directory (as stored in STAR files)."""
-        p = Path(path)
-        try:
-            return os.path.relpath(p.resolve(), self.project.resolve())
-        except ValueError:
-            return str(p)
-
-    def path(self, name: str) -> Path:
-        """Absolute path of a file inside the job directory."""
-        return self.dir / name
-
-    def add_input(self, path: str | Path) -> None:
-        self.inputs.append(self.rel(path))
-
-    def add_output(self, path: str | Path, node_type: NodeType | str = NodeType.FILE) -> None:
-        label = node_type.value if isinstance(node_type, NodeType) else str(node_type)
-        self.outputs.append((self.rel(path), label))
-
-    def input(self, param: str) -> Path:
-        """Resolve a declared input (the user's value, else the newest matching output) and record it."""
-        path = self.spec.input(param).resolve(self.project, getattr(self.params, param))
-        assert path is not None, f"optional input {param} resolved to nothing; use optional_input"
-        self.add_input(path)
-        return path
-
-    def optional_input(self, param: str) -> Path | None:
-        """Like :meth:`input` for inputs that may be absent (``required=False``)."""
-        path = self.spec.input(param).resolve(self.project, getattr(self.params, param))
-        if path is not None:
-            self.add_input(path)
-        return path
-
-    def add_declared_outputs(self, iteration: int | None = None, n_classes: int = 1) -> None:
-        """Record the declared outputs that exist in the job directory (``*`` patterns globbed)."""
-        for out in self.spec.outputs:
-            root = self.project if out.in_project else self.dir
-            for name in out.expand(iteration, n_classes):
-                paths = sorted(root.glob(name)) if "*" in name else [root / name]
-                for path in paths:
-                    if path.exists():
-                        self.add_output(path, out.node_type)
-                    elif not out.optional and "*" not in name:
-                        raise RuntimeError(f"{self.spec.command}: declared output {name} was not written")
-
-    def progress(self, items: Iterable[T], total: int | None = None, description: str = "") -> Iterator[T]:
-        """Iterate with progress: a rich bar on a terminal, plain lines (every ~10 %) in the log."""
-        total = total if total is not None else (len(items) if hasattr(items, "__len__") else None)
-        if sys.stdout.isatty() and not self.quiet:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          TimeRemainingColumn(), transient=True) as bar:
-                task = bar.add_task(description, total=total)
-                for item in items:
-                    yield item
-                    bar.advance(task)
-            self._out.write(f"{description}: done ({total})\n")
-            return
-        step = max(1, (total or 10) // 10)
-        start = time.time()
-        for i, item in enumerate(items, start=1):
-            yield item
-            if total and (i % step == 0 or i == total):
-                self._out.write(f"{description}: {i}/{total} ({time.time() - start:.1f} s)\n")
-
-    def close(self) -> None:
-        self._out.close()
 
 
 @dataclass

@@ -73,19 +73,28 @@ def _write_iteration(ctx: JobContext, it: int, model: EMModel, poses: Poses2D, i
 # ----------------------------------------------------------------------------- job
 
 
-def _run(ctx: JobContext) -> None:
-    p: Class2DParams = ctx.params
-    src = ctx.input("i")
-    particles = ParticleSet.read(src, ctx.project)
+def _check(p: Class2DParams, project: Path) -> dict:
+    """Inputs read and checked before the job directory is made (a bad input leaves nothing behind)."""
+    star = SPEC.input("i").resolve(project, p.i)
+    particles = ParticleSet.read(star, project)
     images_np = read_particle_images(particles)
     px = particles.pixel_size_A
     n_img, box = images_np.shape[0], images_np.shape[-1]
     k = p.K or int(min(50, max(2, round(n_img / 30))))
     if k > n_img:
-        raise SubtomoError(f"--K {k}: more classes than particles ({n_img}). Use fewer classes.")
+        raise SubtomoError(f"--K {k}: more classes than particles ({n_img}) in {star}. Use fewer classes.")
     diameter = p.particle_diameter or 0.8 * box * px
     if diameter / px > box:
         raise SubtomoError(f"--particle-diameter {diameter:g} Å is larger than the box ({box} px x {px:g} Å = {box * px:g} Å).")
+    return {"star": star, "particles": particles, "images": images_np, "px": px, "k": k, "diameter": diameter}
+
+
+def _run(ctx: JobContext) -> None:
+    p: Class2DParams = ctx.params
+    src, particles, images_np, px, k, diameter = (ctx.state[key] for key in ("star", "particles", "images", "px", "k",
+                                                                             "diameter"))
+    ctx.add_input(src)
+    n_img, box = images_np.shape[0], images_np.shape[-1]
     settings = Class2DSettings(n_classes=k, pixel_size_A=px, particle_diameter_A=diameter, tau2_fudge=p.tau2_fudge,
                                psi_step_deg=p.psi_step, offset_range_px=p.offset_range, offset_step_px=p.offset_step,
                                highres_limit_A=p.highres_limit, batch_size=p.batch_size, seed=p.seed)
@@ -126,16 +135,13 @@ def _run(ctx: JobContext) -> None:
                 f"class changes {100 * info.class_change:5.1f} %, psi change {info.psi_change_deg:5.1f} deg, "
                 f"offset change {info.offset_change_px:4.2f} px, <Pmax> {info.average_pmax:4.2f}, "
                 f"<nr significant> {info.mean_significant:5.1f}, largest classes {', '.join(f'{100 * s:.0f}%' for s in sizes[:5])}")
-    ctx.add_output(outputs["data"], "ParticlesData")
-    ctx.add_output(outputs["model"], "ModelStar")
-    ctx.add_output(outputs["classes"], "ImageStack")
+    ctx.add_declared_outputs(iteration=max(p.iter, start - 1))
     if "gallery" in outputs:
-        ctx.add_output(outputs["gallery"], "Image")
         ctx.log(f"class gallery: {ctx.rel(outputs['gallery'])}")
 
 
 SPEC = JobSpec(
-    command="class2d", job_type="Class2D", params=Class2DParams, run=_run,
+    command="class2d", job_type="Class2D", params=Class2DParams, run=_run, check=_check,
     summary="Step 15: reference-free 2D classification of the subtomograms' z-projections (regularised likelihood, no CTF).",
     inputs=(particles_spec("i", (Source("Extract", ("subtomo_proj2d.star",)),),
                             "Run subtomo extract --project first, or pass --i."),),

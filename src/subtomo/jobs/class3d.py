@@ -10,6 +10,8 @@ central slices of all classes.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 
 from subtomo.em.classify import ClassifyOptions, ClassifyState, classify3d
@@ -38,7 +40,7 @@ class Class3DParams(ComputeParams):
     particle_diameter: float = Field(..., gt=0, description="Particle diameter for the soft spherical mask [Å].")
     solvent_mask: str | None = Field(None, description="Solvent mask (.mrc) applied to the references.")
     focus_mask: str | None = Field(None, description="Focused classification: mask white only over the region of interest, used in the E-step.")
-    healpix_step: float = Field(7.5, description="Angular sampling (oversampled) [deg].")
+    healpix_step: float = Field(7.5, gt=0, le=60, description="Angular sampling (oversampled) [deg].")
     offset_range: float = Field(5.0, ge=0, description="Translational search range [px].")
     offset_step: float = Field(1.0, gt=0, description="Translational step (oversampled) [px].")
     local: bool = Field(False, description="Local angular searches around the input poses.")
@@ -50,42 +52,47 @@ class Class3DParams(ComputeParams):
     continue_job: str | None = Field(None, description="Job directory to continue from its last finished iteration.")
 
 
-def _run(ctx: JobContext) -> None:
-    p: Class3DParams = ctx.params
-    if p.local or p.skip_align:  # searches start from refined poses (Step 25)
-        star = INPUT_REFINED.resolve(ctx.project, p.i)
-    else:
-        star = SPEC.input("i").resolve(ctx.project, p.i)
-    ctx.add_input(star)
-    particles = ParticleSet.read(star, ctx.project)
+def _check(p: Class3DParams, project: Path) -> dict:
+    """Inputs read and checked before the job directory is made (a bad input leaves nothing behind)."""
+    star = (INPUT_REFINED if p.local or p.skip_align else SPEC.input("i")).resolve(project, p.i)
+    particles = ParticleSet.read(star, project)
     src = SubtomogramSource(particles, p.ctf)
     rot = particles.rotations()
     if (p.skip_align or p.local) and rot is None:
         raise SubtomoError(f"{star}: --skip-align/--local need input poses (rlnAngleRot/Tilt/Psi); give a refine3d run_data.star.")
-    ref = load_map(p.ref, ctx.project, src.box, src.pixel_size_A, "--ref") if p.ref else None
+    if p.K > len(particles):
+        raise SubtomoError(f"--K {p.K}: more classes than the {len(particles)} particles in {star}. Use fewer classes.")
+    if p.particle_diameter > src.box * src.pixel_size_A:
+        raise SubtomoError(f"--particle-diameter {p.particle_diameter:g} Å exceeds the box ({src.box} px x "
+                           f"{src.pixel_size_A:.3g} Å). Give the particle's diameter, or extract in a larger box.")
     shape = (src.box,) * 3
+    return {"star": star, "particles": particles, "src": src, "rot": rot,
+            "ref": load_map(p.ref, project, src.box, src.pixel_size_A, "--ref") if p.ref else None,
+            "focus": load_mask(p.focus_mask, project, shape, "--focus-mask") if p.focus_mask else None,
+            "solvent": load_mask(p.solvent_mask, project, shape, "--solvent-mask") if p.solvent_mask else None}
+
+
+def _run(ctx: JobContext) -> None:
+    p: Class3DParams = ctx.params
+    star, particles, src, rot, ref = (ctx.state[k] for k in ("star", "particles", "src", "rot", "ref"))
+    ctx.add_input(star)
     opts = ClassifyOptions(
         n_classes=p.K, particle_diameter_A=p.particle_diameter, n_iter=p.iter, tau2_fudge=p.tau2_fudge,
         healpix_order=order_for_step(p.healpix_step), offset_range_px=p.offset_range, offset_step_px=2 * p.offset_step,
         sym=p.sym, local=p.local, sigma_ang_deg=p.sigma_ang, skip_align=p.skip_align, ini_high_A=p.ini_high,
         pad=p.pad, batch_size=p.batch_size, use_ctf=p.ctf, seed=p.seed,
-        focus_mask=load_mask(p.focus_mask, ctx.project, shape, "--focus-mask") if p.focus_mask else None,
-        solvent_mask=load_mask(p.solvent_mask, ctx.project, shape, "--solvent-mask") if p.solvent_mask else None)
+        focus_mask=ctx.state["focus"], solvent_mask=ctx.state["solvent"])
     files = ClassifyFiles(ctx.dir, particles, src.pixel_size_A)
     resume = resume_state(ctx.dir, ClassifyState.from_dict, ctx.device, ctx.log) if p.continue_job else None
     res = classify3d(src, opts, initial_ref=ref, initial_rot=rot, initial_offset_px=particles.offsets_px(),
                      resume=resume, device=ctx.device, log=ctx.log, on_iteration=files)
     files.gallery(res.model, res.iterations)
-    it = res.iterations
-    for k in range(p.K):
-        ctx.add_output(ctx.path(f"run_it{it:03d}_class{k + 1:03d}.mrc"), "DensityMap")
-    ctx.add_output(ctx.path(f"run_it{it:03d}_data.star"), "ParticlesData")
-    ctx.add_output(ctx.path(f"run_it{it:03d}_model.star"), "File")
+    ctx.add_declared_outputs(iteration=res.iterations, n_classes=p.K)
     ctx.log("class distribution: " + ", ".join(f"{k + 1}: {v:.3f}" for k, v in enumerate(res.class_priors.tolist())))
 
 
 SPEC = JobSpec(
-    command="class3d", job_type="Class3D", params=Class3DParams, run=_run,
+    command="class3d", job_type="Class3D", params=Class3DParams, run=_run, check=_check,
     summary="Steps 19-22, 25: 3D classification (K classes, T = 4), focused classification with a mask and --skip-align.",
     inputs=(
         particles_spec("i", SELECTED_OR_EXTRACTED, "Run subtomo extract (or select) first, or pass --i."),

@@ -48,12 +48,6 @@ from subtomo.simulate.scoring import oracle_poses
 from subtomo.tomo.particle_source import SubtomogramSource
 
 
-def particles_input(ctx: JobContext, given: str | None) -> Path:
-    path = SPEC.input("i").resolve(ctx.project, given)
-    assert path is not None  # required input
-    return path
-
-
 class Refine3DParams(ComputeParams):
     i: str | None = Field(None, description="Particles STAR (default: particles_selected.star or output_2Dto3D.star of the latest Select job, else particles_subtomo.star of the latest Extract job).")
     ref: str | None = Field(None, description="Initial reference map (.mrc); none: start from a reconstruction in random orientations.")
@@ -63,7 +57,7 @@ class Refine3DParams(ComputeParams):
     ctf: bool = Field(True, description="Use the 3D CTF model (missing wedge, CTF, dose/tilt weights) of each particle.")
     particle_diameter: float = Field(..., gt=0, description="Particle diameter for the soft spherical mask [Å].")
     solvent_mask: str | None = Field(None, description="Solvent mask (.mrc, 0..1) applied to the references after each iteration.")
-    healpix_step: float = Field(7.5, description="Initial (oversampled) angular sampling [deg]: 30, 15, 7.5, 3.75, 1.8.")
+    healpix_step: float = Field(7.5, gt=0, le=60, description="Initial (oversampled) angular sampling [deg]: 30, 15, 7.5, 3.75, 1.8.")
     offset_range: float = Field(3.0, ge=0, description="Initial translational search range [px] (subtomograms are centred on their picks; RELION's GUI default is 5, at 4x the cost of 3).")
     offset_step: float = Field(1.0, gt=0, description="Initial (oversampled) translational step [px].")
     sym: str = Field("C1", description="Point-group symmetry: C<n>, D<n>, T, O or I.")
@@ -74,7 +68,7 @@ class Refine3DParams(ComputeParams):
         "self-consistent solution).")
     sym_align_lowpass: float = Field(0.0, ge=0, description="Low-pass of the C1 map for the symmetry-axis search of "
                                      "c1-then-align [Å]; 0: the C1 map's gold-standard resolution (at least 20 Å and 3 px).")
-    auto_local_healpix_step: float = Field(3.7, description="Angular step from which searches become local [deg] (RELION's GUI default 1.8 makes the 3.75 deg step a global search, 8x the cost of 7.5 deg).")
+    auto_local_healpix_step: float = Field(3.7, gt=0, le=60, description="Angular step from which searches become local [deg] (RELION's GUI default 1.8 makes the 3.75 deg step a global search, 8x the cost of 7.5 deg).")
     max_iter: int = Field(50, ge=1, description="Maximum number of iterations.")
     auto_ignore_angles: bool = Field(False, description="Count the poses as settled once the average Pmax is >= 0.8, whatever the orientation changes (like RELION's --auto_ignore_angles: pseudo-symmetric particles refined in C1 keep jumping between near-equivalent poses).")
     pad: int = Field(2, ge=1, le=3, description="Padding factor of the reference transforms.")
@@ -83,16 +77,26 @@ class Refine3DParams(ComputeParams):
     continue_job: str | None = Field(None, description="Job directory to continue from its last finished iteration.")
 
 
+def _check(p: Refine3DParams, project: Path) -> dict:
+    """Inputs read and checked before the job directory is made (a bad input leaves nothing behind)."""
+    star = SPEC.input("i").resolve(project, p.i)
+    particles = ParticleSet.read(star, project)
+    src = SubtomogramSource(particles, p.ctf)
+    box_A = src.box * src.pixel_size_A
+    if p.particle_diameter > box_A:
+        raise SubtomoError(f"--particle-diameter {p.particle_diameter:g} Å exceeds the box ({src.box} px x "
+                           f"{src.pixel_size_A:.3g} Å = {box_A:.0f} Å). Give the particle's diameter, or extract in a larger box.")
+    ref = load_map(p.ref, project, src.box, src.pixel_size_A, "--ref") if p.ref else None
+    solvent = load_mask(p.solvent_mask, project, (src.box,) * 3, "--solvent-mask") if p.solvent_mask else None
+    return {"star": star, "particles": particles, "src": src, "ref": ref, "solvent": solvent}
+
+
 def _run(ctx: JobContext) -> None:
     p: Refine3DParams = ctx.params
-    star = particles_input(ctx, p.i)
+    star, particles, src, ref, solvent = (ctx.state[k] for k in ("star", "particles", "src", "ref", "solvent"))
     ctx.add_input(star)
-    particles = ParticleSet.read(star, ctx.project)
-    src = SubtomogramSource(particles, p.ctf)
     ctx.log(f"{len(particles)} particles from {ctx.rel(star)}; box {src.box}, {src.pixel_size_A:.3f} A/px; "
             f"CTF {'on' if p.ctf else 'off'}")
-    ref = load_map(p.ref, ctx.project, src.box, src.pixel_size_A, "--ref") if p.ref else None
-    solvent = load_mask(p.solvent_mask, ctx.project, (src.box,) * 3, "--solvent-mask") if p.solvent_mask else None
     opts = RefineOptions(
         particle_diameter_A=p.particle_diameter, healpix_order=order_for_step(p.healpix_step),
         offset_range_px=p.offset_range, offset_step_px=2 * p.offset_step, sym=p.sym,
@@ -109,14 +113,11 @@ def _run(ctx: JobContext) -> None:
         ctx.log(f"stage 2: refinement with {p.sym} symmetry from the aligned C1 map (low-pass {p.ini_high:.0f} A)")
     res = _refine(ctx, src, particles, opts, ctx.dir, ctx.log, initial_ref=ref, initial_rot=initial_rot,
                   initial_offset_px=offsets, halves=halves)
-    for name, node in (("run_class001.mrc", "DensityMap"), ("run_half1_class001_unfil.mrc", "DensityMap"),
-                       ("run_half2_class001_unfil.mrc", "DensityMap"), ("run_data.star", "ParticlesData"),
-                       ("run_model.star", "File")):
-        ctx.add_output(ctx.path(name), node)
     ctx.log(f"final resolution (gold-standard FSC 0.143): {res.resolution_A:.2f} A after {res.iterations} iterations "
             f"({res.seconds:.0f} s)")
     if p.oracle:
         _oracle(ctx, particles, src, res)
+    ctx.add_declared_outputs()
 
 
 def _refine(ctx: JobContext, src: SubtomogramSource, particles: ParticleSet, opts: RefineOptions, out_dir: Path,
@@ -135,11 +136,10 @@ def _oracle(ctx: JobContext, particles: ParticleSet, src: SubtomogramSource, res
                                 diameter_A=p.particle_diameter, device=ctx.device, batch_size=p.batch_size)
     ctx.log(f"oracle (true poses) resolution: {orc.resolution_A:.2f} A; ratio refined/oracle "
             f"{res.resolution_A / orc.resolution_A:.3f}")
-    ctx.add_output(write_map(ctx.path("oracle_class001.mrc"), orc.map, src.pixel_size_A), "DensityMap")
-    out = write_star(ctx.path("oracle.star"), {"oracle": {
+    write_map(ctx.path("oracle_class001.mrc"), orc.map, src.pixel_size_A)
+    write_star(ctx.path("oracle.star"), {"oracle": {
         "rlnFinalResolution": float(orc.resolution_A), "subtomoRefinedResolution": float(res.resolution_A),
         "subtomoRefinedOverOracle": float(res.resolution_A / orc.resolution_A), "subtomoGroundTruth": p.oracle}})
-    ctx.add_output(out, "File")
 
 
 def _c1_stage(ctx: JobContext, src: SubtomogramSource, particles: ParticleSet, opts: RefineOptions,
@@ -186,7 +186,6 @@ def _c1_then_align(ctx: JobContext, src: SubtomogramSource, particles: ParticleS
     lp = p.sym_align_lowpass or max(res_A, 20.0, 3 * px)
     al = align_symmetry(final_map.to(ctx.device), p.sym, px, lowpass_A=lp)
     out = write_map(ctx.dir / "c1_stage" / "run_class001_symaligned.mrc", al.volume, px)
-    ctx.add_output(out, "DensityMap")
     ang = matrix_to_euler(al.rotation[None])[0]
     ctx.log(f"symmetry alignment ({p.sym}, low-pass {lp:.1f} A, {al.coarse_candidates} coarse candidates, "
             f"{time.time() - t0:.1f} s): score {al.score:.3f} (correlation with the {p.sym}-symmetrised map), rotation "
@@ -201,7 +200,7 @@ def _c1_then_align(ctx: JobContext, src: SubtomogramSource, particles: ParticleS
 
 
 SPEC = JobSpec(
-    command="refine3d", job_type="Refine3D", params=Refine3DParams, run=_run,
+    command="refine3d", job_type="Refine3D", params=Refine3DParams, run=_run, check=_check,
     summary="Step 18: gold-standard 3D auto-refinement (de novo from random orientations or from --ref).",
     inputs=(
         particles_spec("i", SELECTED_OR_EXTRACTED, "Run subtomo extract (or select) first, or pass --i."),
