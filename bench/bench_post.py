@@ -73,7 +73,7 @@ def main() -> None:
         h1, h2 = make_halves(n, px, dev)
         (mask, thr), t_mask = _timed(lambda: automask((h1 + h2) / 2, px, None, 3, 6, 10.0), dev)
         (res, tr), t_fsc = _timed(lambda: masked_corrected_fsc(h1, h2, mask, px), dev)
-        dfsc, t_dir = _timed(lambda: directional_fsc(tr, n, px, 25.0, randomize_from=res.randomize_from), dev)
+        dfsc, t_dir = _timed(lambda tr=tr: directional_fsc(tr, n, px, 25.0, randomize_from=res.randomize_from), dev)
         del tr
         sh, t_sharp = _timed(lambda: sharpen((h1 + h2) / 2, res.final, res.resolution_A, px), dev)
         k = f"post.{n}cube_{dev.type}."
@@ -81,8 +81,8 @@ def main() -> None:
                      k + "resolution_A": res.resolution_A, k + "fitted_bfactor_A2": sh.bfactor_A2})
         print(f"\n{n}^3 at {px} A/px: automask {t_mask:.2f} s, FSC (unmasked+masked+randomised) {t_fsc:.2f} s, "
               f"directional (7 cones) {t_dir:.2f} s, sharpen {t_sharp:.2f} s; total {t_mask + t_fsc + t_dir + t_sharp:.2f} s")
-        print(f"  resolution {res.resolution_A:.2f} A (randomised from shell {res.randomize_from}); fitted B "
-              f"{sh.bfactor_A2:.0f} A^2 (blur applied: 300; FSC weighting flattens the fit), directional spread "
+        print(f"  resolution {res.resolution_A:.2f} A (randomised from shell {res.randomize_from}); B used "
+              f"{sh.bfactor_A2:.0f} A^2 ({sh.bfactor_source}; blur applied: 300; FSC weighting flattens the fit), directional spread "
               f"{min(dfsc.resolutions_A):.1f}-{max(dfsc.resolutions_A):.1f} A")
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -13,15 +13,26 @@ import torch
 from click.testing import CliRunner
 
 from subtomo.errors import SubtomoError
-from subtomo.fourier import fft_centered, fsc, fsc_maps, ifft_centered, lowpass, rfft_frequencies, shell_index, soft_sphere_mask
+from subtomo.fourier import (
+    fft_centered,
+    fsc,
+    fsc_maps,
+    ifft_centered,
+    lowpass,
+    raised_cosine_lowpass,
+    rfft_frequencies,
+    shell_index,
+    soft_sphere_mask,
+)
 from subtomo.io.mrc import read_mrc, write_mrc
+from subtomo.io.mtf import read_mtf
 from subtomo.io.star import read_star
 from subtomo.jobs.base import execute
 from subtomo.post import masks as M
 from subtomo.post.emdb import read_fsc_xml, write_fsc_xml
-from subtomo.post.fsc import (cone_weights, directional_fsc, masked_corrected_fsc, randomize_phases_beyond)
+from subtomo.post.fsc import cone_weights, directional_fsc, masked_corrected_fsc, randomize_phases_beyond
 from subtomo.post.localres import local_resolution
-from subtomo.post.sharpen import divide_by_mtf, read_mtf, sharpen
+from subtomo.post.sharpen import choose_bfactor, divide_by_mtf, plausible_bfactor_range, sharpen
 
 SHIPPED_MTF = Path(str(files("subtomo") / "data" / "mtf_k3_standard_300kV_FL2.star"))  # K3 curve shipped with the package
 
@@ -99,14 +110,47 @@ def test_auto_bfactor_recovers_known_decay(b_true):
     assert abs(np.polyfit(res.guinier_x[5:], res.guinier["sharpened"][5:], 1)[0]) < 0.1 * b_true / 4
 
 
-def test_low_resolution_falls_back_and_user_bfactor_is_used():
+def test_low_resolution_is_not_sharpened_and_user_bfactor_is_used():
     n, px = 32, 5.0
     avg = _blob_signal(n, px, 30.0, 10)
     curve = torch.ones(n // 2 + 1)
     res = sharpen(avg, curve, 30.0, px)
-    assert res.warnings and res.bfactor_A2 <= 0  # fitted on 45-30 Å or B = 0, with a warning
+    assert res.bfactor_A2 == 0 and res.fit is None and res.bfactor_source == "none"
+    assert "low-resolution limit" in res.bfactor_reason
     res2 = sharpen(avg, curve, 30.0, px, adhoc_bfactor_A2=-500.0)
-    assert res2.bfactor_A2 == -500.0 and res2.fit is None
+    assert res2.bfactor_A2 == -500.0 and res2.fit is None and res2.bfactor_source == "user"
+
+
+def test_map_at_15A_gets_no_automatic_sharpening():
+    """A blurred map at 15 Å: a Guinier fit there would give a large negative B (the issue's -3,400 Å² at
+    16 Å); the automatic B-factor is not fitted (worse than the 10 Å limit), so the map is only low-passed."""
+    n, px = 48, 4.0
+    shape = (n, n, n)
+    truth = _blob_signal(n, px, 12.0, 14, seed=3)
+    s2 = (rfft_frequencies(shape).norm(dim=-1) / px) ** 2
+    avg = ifft_centered(fft_centered(truth, 3) * torch.exp(-800.0 * s2 / 4), shape)
+    curve = torch.ones(n // 2 + 1)
+    forced = sharpen(avg, curve, 15.0, px, autob_lowres_A=40.0)  # what a fit over 40-15 Å would do
+    assert forced.bfactor_source == "fit" and forced.bfactor_A2 < -300
+    res = sharpen(avg, curve, 15.0, px)
+    assert res.bfactor_A2 == 0 and res.fit is None and res.bfactor_source == "none"
+    assert "15.0 A" in res.bfactor_reason and "--adhoc-bfac" in res.bfactor_reason
+    plain = ifft_centered(fft_centered(avg, 3) * raised_cosine_lowpass(shape, n * px / 15.0, 2.0), shape)
+    assert torch.allclose(res.map, plain, atol=1e-4 * float(avg.abs().max()))  # low-pass only
+
+
+def test_implausible_fitted_bfactor_is_refused():
+    x = np.linspace(1 / 100, 1 / 16, 12)  # 10 to 4 Å
+    y = -2000.0 / 4 * x  # B = -2000 Å² at 4 Å: amplitude gain at 4 Å of exp(31)
+    choice = choose_bfactor(x, y, 4.0)
+    assert choice.fit is not None and abs(choice.fit.bfactor + 2000) < 1
+    assert choice.bfactor_A2 == 0 and choice.source == "none" and "implausible" in choice.reason
+    lowest, highest = plausible_bfactor_range(4.0)
+    assert highest == 0 and -900 < lowest < -800
+    ok = choose_bfactor(x, -400.0 / 4 * x, 4.0)
+    assert ok.source == "fit" and abs(ok.bfactor_A2 + 400) < 1
+    rising = choose_bfactor(x, 100.0 / 4 * x, 4.0)
+    assert rising.bfactor_A2 == 0 and "positive" in rising.reason
 
 
 def test_mtf_division_matches_analytic_value():
@@ -292,7 +336,8 @@ def _project_with_halves(tmp: Path, n: int = 40, px: float = 3.0) -> tuple[Path,
 
 
 def test_postprocess_and_localres_jobs(tmp_path):
-    from subtomo.jobs.localres import SPEC as LSPEC, LocalResParams
+    from subtomo.jobs.localres import SPEC as LSPEC
+    from subtomo.jobs.localres import LocalResParams
     from subtomo.jobs.postprocess import SPEC, PostProcessParams
 
     project, truth, average = _project_with_halves(tmp_path)
@@ -352,7 +397,7 @@ def test_postprocess_refuses_identical_halves_with_remedy(tmp_path):
     job = next((tmp_path / "PostProcess").iterdir())
     assert (job / "RELION_JOB_EXIT_FAILURE").exists() and not (job / "postprocess.mrc").exists()
     write_mrc(tmp_path / "black.mrc", np.zeros((32, 32, 32), np.float32), 3.0)
-    with pytest.raises(SubtomoError, match="all black"):
+    with pytest.raises(SubtomoError, match="all black|zero everywhere"):
         execute(SPEC, PostProcessParams(device="cpu", i="m_half1_unfil.mrc", mask="black.mrc"), tmp_path, quiet=True)
     assert len(list((tmp_path / "PostProcess").iterdir())) == 1  # refused before a job directory was made
     with pytest.raises(SubtomoError, match="half2"):  # missing partner named

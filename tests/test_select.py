@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from subtomo.errors import SubtomoError
+from subtomo.io.mrc import write_mrc
 from subtomo.io.star import read_star, write_star
 from subtomo.jobs.base import execute
 from subtomo.jobs.pipeline import STATUS_SUCCEEDED, Pipeline, Process
@@ -160,3 +161,80 @@ def test_select_3d_class3d_data(project, tmp_path):
     assert not (ctx.dir / "output_2Dto3D.star").exists()
     with pytest.raises(SubtomoError, match="4 do not exist"):
         _run(root, i="Class3D/job005/run_it025_data.star", classes=[4])
+
+
+# ----------------------------------------------------------------------------- automatic selection
+
+
+def _disc(n: int, px: float, diameter_A: float, edge_A: float = 4.0) -> np.ndarray:
+    yy, xx = np.mgrid[:n, :n] - n // 2
+    r = np.hypot(yy, xx) * px
+    return np.clip((diameter_A / 2 + edge_A / 2 - r) / edge_A, 0, 1)
+
+
+def _particle_view(n: int, px: float, seed: int, noise: float) -> np.ndarray:
+    """A structured particle-like projection: Gaussian lumps (7-12 Å) inside 75 Å, plus noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = (np.mgrid[:n, :n] - n // 2) * px
+    img = np.zeros((n, n))
+    for _ in range(14):
+        r, a = 75 * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
+        s = rng.uniform(7, 12)
+        img += rng.uniform(0.5, 1.0) * np.exp(-((xx - r * np.cos(a)) ** 2 + (yy - r * np.sin(a)) ** 2) / (2 * s * s))
+    return img + noise * rng.normal(size=(n, n))
+
+
+def _class_averages(n: int = 48, px: float = 5.0) -> np.ndarray:
+    """Classes: 1-3 particle views (3 noisy: a small, low-resolution class), 4 a gold bead, 5 a smooth blob, 6 noise."""
+    rng = np.random.default_rng(7)
+    yy, xx = (np.mgrid[:n, :n] - n // 2) * px
+    bead = 8.0 * _disc(n, px, 100.0) - 1.5 * (_disc(n, px, 130.0) - _disc(n, px, 110.0))  # a bright disc with a fringe
+    blob = 1.2 * np.exp(-(xx ** 2 + yy ** 2) / (2 * 25.0 ** 2))
+    return np.stack([_particle_view(n, px, 1, 0.05), _particle_view(n, px, 2, 0.05), _particle_view(n, px, 3, 0.2),
+                     bead + 0.05 * rng.normal(size=(n, n)), blob + 0.02 * rng.normal(size=(n, n)),
+                     0.3 * rng.normal(size=(n, n))]).astype(np.float32)
+
+
+def test_auto_keeps_a_worse_resolution_particle_class_and_rejects_the_bead():
+    from subtomo.em.class_selection import score_classes
+
+    images = _class_averages()
+    counts = np.array([40, 35, 4, 8, 10, 3])
+    s = score_classes(images, counts, 5.0, 180.0)
+    assert list(s.keep) == [True, True, True, False, False, False], (s.verdict, s.score)
+    assert s.verdict[3] == "bead-like" and s.contrast_ratio[3] > 3  # a compact very-high-contrast disc
+    assert s.verdict[4] == "smooth blob" and s.detail_ratio[4] < 0.06
+    assert s.verdict[5] == "noise/edge" and s.concentration[5] < 0.2
+    assert 0.5 < s.contrast_ratio[0] < 2 and s.score[2] >= 0.5  # the small noisy class is still a particle
+    # an empty class is never kept, whatever its image
+    s2 = score_classes(images, np.array([40, 35, 4, 8, 10, 0]), 5.0, 180.0)
+    assert s2.verdict[5] == "empty" and not s2.keep[5]
+
+
+def test_select_auto_job_writes_scores_and_maps_kept_classes(project):
+    root, cl = project["root"], project["class_dir"]
+    images = _class_averages()
+    K6 = len(images)
+    rng = np.random.default_rng(3)
+    p2 = project["p2"].copy()
+    p2["rlnClassNumber"] = rng.choice(np.arange(1, K6 + 1), len(p2), p=[0.3, 0.3, 0.1, 0.1, 0.1, 0.1])
+    write_mrc(cl / "run_it003_classes.mrcs", images, 5.0, stack=True)
+    write_star(cl / "run_it003_data.star", {"optics": _optics(2), "particles": p2})
+    frac = np.array([(p2["rlnClassNumber"] == k).mean() for k in range(1, K6 + 1)])
+    # the bead's class has the best "resolution", the small particle class the worst
+    model = pd.DataFrame({"rlnReferenceImage": [f"{k:06d}@{cl.relative_to(root)}/run_it003_classes.mrcs" for k in range(1, K6 + 1)],
+                          "rlnClassDistribution": frac, "rlnEstimatedResolution": [30.0, 32.0, 80.0, 15.0, 60.0, 999.0]})
+    write_star(cl / "run_it003_model.star", {"model_general": {"rlnNrClasses": K6}, "model_classes": model})
+    ctx = _run(root, i=str(cl / "run_it003_data.star"), auto=True, particle_diameter=180.0)
+    got = read_star(ctx.dir / "subtomo_proj2d_sel.star")["particles"]
+    assert set(got["rlnClassNumber"]) == {1, 2, 3}
+    assert len(read_star(ctx.dir / "output_2Dto3D.star")["particles"]) == np.isin(p2["rlnClassNumber"], [1, 2, 3]).sum()
+    scores = read_star(ctx.dir / "class_scores.star")["class_scores"]
+    assert list(scores["subtomoClassKept"]) == [1, 1, 1, 0, 0, 0]
+    assert list(scores["subtomoClassVerdict"])[3:] == ["bead-like", "smooth blob", "noise/edge"]
+    assert (ctx.dir / "selected_classes.png").exists()
+    # --auto combines with other criteria: the largest two of the kept classes
+    ctx = _run(root, i=str(cl / "run_it003_data.star"), auto=True, particle_diameter=180.0, top_n_classes=2, map3d=False)
+    assert set(read_star(ctx.dir / "subtomo_proj2d_sel.star")["particles"]["rlnClassNumber"]) <= {1, 2}
+    with pytest.raises(SubtomoError, match="particle-diameter"):
+        _run(root, i=str(cl / "run_it003_data.star"), auto=True)  # no job.json beside the test's classification

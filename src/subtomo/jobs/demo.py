@@ -24,6 +24,7 @@ from pydantic import Field, model_validator
 from subtomo import __version__
 from subtomo.errors import SubtomoError
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec, execute
+from subtomo.jobs.contracts import NodeType, OutputSpec
 from subtomo.jobs.demo_report import evaluate_project, stage_rows, summary_rows, write_report
 from subtomo.jobs.registry import load_spec
 
@@ -108,8 +109,8 @@ def _run_stages(ctx: JobContext, jobs: dict[str, str]) -> None:
     _stage(ctx, jobs, "prepare", project, **common)
     _stage(ctx, jobs, "extract", project, box=box, project=True, **common)
     _stage(ctx, jobs, "class2d", project, K=p.classes2d, iter=p.iterations2d, particle_diameter=diameter, **common)
-    _stage(ctx, jobs, "select", project, min_class_fraction=p.min_class_fraction,
-           max_class_resolution=p.max_class_resolution or None)
+    _stage(ctx, jobs, "select", project, auto=True, particle_diameter=float(diameter),  # rules only when given
+           min_class_fraction=ctx.params.min_class_fraction, max_class_resolution=ctx.params.max_class_resolution or None)
     ref = _stage(ctx, jobs, "refine3d", project, particle_diameter=diameter, healpix_step=p.healpix_step,
                  max_iter=p.refine_max_iter, sym=p.sym, oracle="GroundTruth/picks.star", **common)
     if p.classes3d > 1:
@@ -153,4 +154,8 @@ def _run(ctx: JobContext) -> None:
 SPEC = JobSpec(
     command="demo", job_type="Demo", params=DemoParams, run=_run, check=_check, project_param="project_dir",
     summary="Simulate a small project and run the whole protocol on it (import to localres), with a summary against the ground truth.",
+    outputs=(
+        OutputSpec("demo_summary.json", NodeType.FILE, "figures against the ground truth, time and memory per stage"),
+        OutputSpec("report.html", NodeType.FILE, "one-page report with the pictures", in_project=True),
+    ),
 )

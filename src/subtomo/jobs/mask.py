@@ -18,7 +18,9 @@ from pydantic import Field
 
 from subtomo.errors import SubtomoError
 from subtomo.io.mrc import read_mrc, read_mrc_header, write_mrc
+from subtomo.io.particles import resolve_project_path
 from subtomo.jobs.base import JobContext, JobParams, JobSpec
+from subtomo.jobs.contracts import InputSpec, NodeType, OutputSpec
 from subtomo.post import masks as M
 
 REMEDY = ("Change --threshold (or --threshold-fraction), --lowpass or --extend, or the sphere/cylinder geometry, "
@@ -45,7 +47,7 @@ class MaskParams(JobParams):
 
 
 def _abs(project: Path, p: str, option: str) -> Path:
-    path = Path(p) if Path(p).is_absolute() else project / p
+    path = resolve_project_path(project, p)
     if not path.exists():
         raise SubtomoError(f"{option} {p}: file not found.")
     return path
@@ -125,6 +127,7 @@ def _check(params: MaskParams, project: Path) -> dict:
 
 
 def _run(ctx: JobContext) -> None:
+    # imported here to keep `subtomo --help` fast (matplotlib)
     from subtomo.plot.post import plot_central_slices
 
     st = ctx.state
@@ -141,7 +144,7 @@ def _run(ctx: JobContext) -> None:
     ctx.add_output(out, "Mask")
     background = None
     if ctx.params.i:
-        background = read_mrc(Path(ctx.params.i) if Path(ctx.params.i).is_absolute() else ctx.project / ctx.params.i)[0]
+        background = read_mrc(resolve_project_path(ctx.project, ctx.params.i))[0]
     plot_central_slices(ctx.path("mask_slices.png"), background if background is not None else mask.numpy(),
                         "mask (red contour at 0.5)", overlay=mask.numpy())
     ctx.log(f"wrote {ctx.rel(out)}")
@@ -150,4 +153,12 @@ def _run(ctx: JobContext) -> None:
 SPEC = JobSpec(
     command="mask", job_type="MaskCreate", params=MaskParams, run=_run, check=_check,
     summary="Steps 23/25: make a soft mask from a map (threshold, extend, soft edge) or a sphere/cylinder; add/subtract masks.",
+    inputs=(
+        InputSpec("i", NodeType.DENSITY_MAP, required=False, when="threshold masks"),
+        InputSpec("ref", NodeType.DENSITY_MAP, required=False, when="geometric masks"),
+    ),
+    outputs=(
+        OutputSpec("mask.mrc", NodeType.MASK, "the soft mask (0..1)"),
+        OutputSpec("mask_slices.png", NodeType.IMAGE, "central sections", optional=True),
+    ),
 )

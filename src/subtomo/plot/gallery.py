@@ -35,12 +35,15 @@ def class_order(fractions: Sequence[float]) -> list[int]:
 def class_gallery(images: np.ndarray, fractions: Sequence[float], path: str | Path,
                   resolutions_A: Sequence[float] | None = None, title: str | None = None,
                   class_numbers: Sequence[int] | None = None, columns: int | None = None,
-                  skip_empty: bool = False, selected: Sequence[int] | None = None) -> Path:
+                  skip_empty: bool = False, selected: Sequence[int] | None = None,
+                  notes: Sequence[str] | None = None) -> Path:
     """Write a PNG gallery of ``images`` (K, N, N) or (K, N, N, N), sorted by class size.
 
     ``fractions`` are the class distributions (0..1), ``resolutions_A`` the estimated
     resolutions in Å (inf/NaN shown as "-"). Each tile is contrast-stretched on its own.
     Classes whose number is in ``selected`` get a green frame (the result of a selection).
+    ``notes`` (one string per class, e.g. the automatic selection's score and verdict) are
+    printed under the tiles, green for selected classes and red for the others.
     """
     images = np.asarray(images, dtype=np.float32)
     k_total = images.shape[0]
@@ -53,7 +56,8 @@ def class_gallery(images: np.ndarray, fractions: Sequence[float], path: str | Pa
     tile_aspect = _tile(images[0]).shape[1] / _tile(images[0]).shape[0]
     cols = columns or max(1, min(n, int(math.ceil(math.sqrt(n * 1.3 / tile_aspect)))))
     rows = int(math.ceil(n / cols))
-    fig, axes = new_figure(rows, cols, figsize=(1.6 * cols * tile_aspect, 1.85 * rows), squeeze=False)
+    row_height = 2.25 if notes is not None else 1.85
+    fig, axes = new_figure(rows, cols, figsize=(1.6 * cols * tile_aspect, row_height * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for slot, k in enumerate(order):
@@ -69,6 +73,9 @@ def class_gallery(images: np.ndarray, fractions: Sequence[float], path: str | Pa
         chosen = selected is not None and numbers[k] in set(selected)
         ax.set_title(f"{numbers[k]}: {100 * float(fractions[k]):.1f}% {r_text}", fontsize=7, pad=2,
                      color="green" if chosen else "black", fontweight="bold" if chosen else "normal")
+        if notes is not None:
+            ax.text(0.5, -0.04, notes[k], transform=ax.transAxes, ha="center", va="top", fontsize=6,
+                    color="green" if chosen else "firebrick")
         if chosen:
             ax.axis("on")
             ax.set_xticks([])

@@ -15,7 +15,24 @@ import numpy as np
 
 def write_fsc_xml(path: str | Path, s_A: np.ndarray, fsc: np.ndarray,
                   title: str = "subtomo masked-corrected FSC") -> Path:
-    """Write one coordinate per shell (atomic)."""
+    """Write one coordinate per shell (atomic).
+
+    Parameters
+    ----------
+    path
+        Output file.
+    s_A
+        (n_shells,) spatial frequency of each shell [1/Å].
+    fsc
+        (n_shells,) FSC of each shell.
+    title
+        Title element of the XML.
+
+    Returns
+    -------
+    Path
+        The file written.
+    """
     s_A, fsc = np.asarray(s_A, float), np.asarray(fsc, float)
     if s_A.shape != fsc.shape:
         raise ValueError("s_A and fsc must have the same length")
@@ -33,8 +50,19 @@ def write_fsc_xml(path: str | Path, s_A: np.ndarray, fsc: np.ndarray,
 
 
 def read_fsc_xml(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(s in 1/Å, FSC) from an EMDB FSC XML."""
+    """(s in 1/Å, FSC) from an EMDB FSC XML.
+
+    Parameters
+    ----------
+    path
+        An EMDB FSC XML file.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        (n,) spatial frequency [1/Å] and (n,) FSC.
+    """
     root = ET.parse(path).getroot()
-    xs = [float(c.findtext("x")) for c in root.findall("coordinate")]
-    ys = [float(c.findtext("y")) for c in root.findall("coordinate")]
+    xs = [float(c.findtext("x", "nan")) for c in root.findall("coordinate")]
+    ys = [float(c.findtext("y", "nan")) for c in root.findall("coordinate")]
     return np.array(xs), np.array(ys)

@@ -22,35 +22,128 @@ import numpy as np
 import torch
 
 from subtomo.errors import SubtomoError
-from subtomo.fourier import (fft_centered, fsc, ifft_centered, rfft_frequencies, rfft_multiplicity,
-                             shell_index)
+from subtomo.fourier import (
+    fft_centered,
+    fsc,
+    ifft_centered,
+    resolution_at_threshold,
+    rfft_frequencies,
+    rfft_multiplicity,
+    shell_index,
+)
 
 
 def n_shells_of(box: int) -> int:
+    """Number of Fourier shells 0..N/2 of a box of ``box`` px.
+
+    Parameters
+    ----------
+    box
+        Box size N [px].
+
+    Returns
+    -------
+    int
+        N // 2 + 1.
+    """
     return box // 2 + 1
 
 
 def first_shell_below(curve: torch.Tensor | np.ndarray, threshold: float) -> int | None:
-    """First shell r > 0 with curve(r) < threshold, or None."""
+    """First shell r > 0 with curve(r) < threshold, or None.
+
+    Parameters
+    ----------
+    curve
+        (n_shells,) FSC per shell.
+    threshold
+        FSC value.
+
+    Returns
+    -------
+    int or None
+        The shell index, None when the curve never drops below ``threshold``.
+    """
     c = np.asarray(torch.as_tensor(curve).detach().cpu().double())
     idx = np.nonzero(c[1:] < threshold)[0]
     return int(idx[0]) + 1 if len(idx) else None
 
 
-def resolution_from_curve(curve, box: int, pixel_size_A: float, threshold: float = 0.143) -> tuple[float, int]:
-    """(resolution in Å, shell) of the last shell before the curve first drops below ``threshold``.
+def resolution_from_curve(curve: torch.Tensor | np.ndarray, box: int, pixel_size_A: float,
+                          threshold: float = 0.143) -> tuple[float, int]:
+    """Resolution and shell of the last shell before the curve first drops below ``threshold``.
 
-    If it never drops, the last shell (Nyquist) is returned. Shell >= 1.
+    The rule is :func:`subtomo.fourier.resolution_at_threshold` (the one definition); this
+    adds the shell index. If the curve never drops, the last shell (Nyquist) is returned.
+
+    Parameters
+    ----------
+    curve
+        (box // 2 + 1,) FSC per shell.
+    box
+        Box size [px].
+    pixel_size_A
+        Pixel size [Å].
+    threshold
+        FSC threshold.
+
+    Returns
+    -------
+    tuple of (float, int)
+        Resolution [Å] and its shell (>= 1).
     """
-    r = first_shell_below(curve, threshold)
-    last = (len(np.asarray(torch.as_tensor(curve))) - 1) if r is None else r - 1
-    last = max(last, 1)
-    return box * pixel_size_A / last, last
+    res = resolution_at_threshold(torch.as_tensor(curve), box, pixel_size_A, threshold)
+    return res, int(round(box * pixel_size_A / res))
+
+
+def particle_fraction_fsc(unmasked: torch.Tensor, mask_fraction: float, particle_per_mask: float = 0.476) -> np.ndarray:
+    """cisTEM-style "part FSC": the unmasked FSC corrected for the solvent in the box.
+
+    With the solvent dilution L = V_box / V_particle, FSC_part = L FSC / (1 + (L - 1) FSC);
+    the particle volume is estimated as ``particle_per_mask`` x the mask volume (an
+    approximation: a soft mask around a particle is about twice its volume).
+
+    Parameters
+    ----------
+    unmasked
+        (n_shells,) FSC of the unmasked half maps.
+    mask_fraction
+        Mean mask value = fraction of the box inside the mask.
+    particle_per_mask
+        Particle volume per mask volume.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n_shells,) float64 particle-fraction FSC.
+    """
+    dilution = 1.0 / max(mask_fraction * particle_per_mask, 1e-6)
+    fu = unmasked.detach().cpu().double().numpy()
+    return dilution * fu / (1 + (dilution - 1) * fu)
 
 
 def randomize_phases_beyond(f: torch.Tensor, shells: torch.Tensor, from_shell: int, shape: tuple[int, ...],
                             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Keep amplitudes, replace phases by random ones for shells >= ``from_shell``."""
+    """Keep amplitudes, replace phases by random ones for shells >= ``from_shell``.
+
+    Parameters
+    ----------
+    f
+        rfft of a real map, shape ``rfft(shape)``, complex64.
+    shells
+        Shell index of every rfft voxel (same shape as ``f``).
+    from_shell
+        First shell whose phases are randomised.
+    shape
+        Real-space shape (z, y, x) [px].
+    generator
+        Random generator (reproducible phases).
+
+    Returns
+    -------
+    torch.Tensor
+        Same shape as ``f``: amplitudes kept, phases of real white noise from ``from_shell`` on.
+    """
     noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(f.device)
     g = torch.fft.rfftn(noise, dim=tuple(range(-len(shape), 0)))
     phase = g / g.abs().clamp(min=1e-30)
@@ -58,7 +151,22 @@ def randomize_phases_beyond(f: torch.Tensor, shells: torch.Tensor, from_shell: i
 
 
 def corrected_fsc(fsc_masked: torch.Tensor, fsc_randomized: torch.Tensor, randomize_from: int) -> torch.Tensor:
-    """Chen et al. 2013 / RELION ``calculateFSCtrue``: masked FSC below r_rand + 2, corrected beyond."""
+    """Chen et al. 2013 / RELION ``calculateFSCtrue``: masked FSC below r_rand + 2, corrected beyond.
+
+    Parameters
+    ----------
+    fsc_masked
+        (n_shells,) FSC of the masked half maps.
+    fsc_randomized
+        (n_shells,) FSC of the phase-randomised, masked half maps.
+    randomize_from
+        Shell from which phases were randomised.
+
+    Returns
+    -------
+    torch.Tensor
+        (n_shells,) (FSC_masked - FSC_rand) / (1 - FSC_rand) from ``randomize_from + 2`` on.
+    """
     out = fsc_masked.clone()
     r = torch.arange(len(out), device=out.device)
     n = fsc_randomized
@@ -94,8 +202,13 @@ class FscResult:
         return self.corrected
 
     def spatial_frequency_A(self) -> np.ndarray:
-        """1/Å of each shell."""
+        """(n_shells,) float64 spatial frequency of each shell [1/Å]."""
         return np.arange(len(self.unmasked)) / (self.box * self.pixel_size_A)
+
+    def shell_resolution_A(self) -> np.ndarray:
+        """(n_shells,) float64 resolution of each shell [Å]; 999 for shell 0 (RELION's convention)."""
+        s_A = self.spatial_frequency_A()
+        return np.where(s_A > 0, 1 / np.where(s_A > 0, s_A, 1), 999.0)
 
 
 def masked_corrected_fsc(half1: torch.Tensor, half2: torch.Tensor, mask: torch.Tensor | None,
@@ -103,13 +216,33 @@ def masked_corrected_fsc(half1: torch.Tensor, half2: torch.Tensor, mask: torch.T
                          seed: int = 0, force_mask: bool = False) -> tuple[FscResult, dict]:
     """Unmasked, masked, phase-randomised-masked and corrected FSC of two half maps.
 
-    Returns the curves and the Fourier transforms computed on the way (``f1``, ``f2``,
-    ``m1``, ``m2``, ``r1``, ``r2``: unmasked, masked, randomised-masked) for reuse by the
-    directional FSC. Raises SubtomoError when no randomisation shell exists.
+    The transforms computed on the way (``f1``, ``f2``, ``m1``, ``m2``, ``r1``, ``r2``:
+    unmasked, masked, randomised-masked) are returned for the directional FSC.
+
+    Parameters
+    ----------
+    half1, half2
+        (n, n, n) float32 half maps.
+    mask
+        (n, n, n) mask in 0..1, or None (unmasked FSC only).
+    pixel_size_A
+        Pixel size [Å].
+    randomize_at_fsc
+        Randomise phases from the first shell where the unmasked FSC drops below this.
+    threshold
+        FSC threshold of the resolution.
+    seed
+        Seed of the random phases.
+    force_mask
+        Use the corrected curve even where the unmasked one reaches further.
+
+    Returns
+    -------
+    tuple of (FscResult, dict)
+        The curves (n // 2 + 1 shells each) and resolution [Å]; the transforms. Raises
+        SubtomoError when no randomisation shell exists.
     """
-    shape = tuple(half1.shape)
-    box = shape[-1]
-    ns = n_shells_of(box)
+    shape, box, ns = tuple(half1.shape), half1.shape[-1], n_shells_of(half1.shape[-1])
     shells = shell_index(shape, device=half1.device)
     f1, f2 = fft_centered(half1.float(), 3), fft_centered(half2.float(), 3)
     unmasked = fsc(f1, f2, shells, ns)
@@ -131,16 +264,31 @@ def masked_corrected_fsc(half1: torch.Tensor, half2: torch.Tensor, mask: torch.T
             "(phase randomisation) cannot be done. Usually the mask is all black or otherwise unsuitable: "
             "adjust the automask parameters or make a mask with subtomo mask. If the half maps are identical "
             "or not independent, refine them as gold-standard halves.")
-    gen = torch.Generator().manual_seed(int(seed))
-    rf1 = randomize_phases_beyond(f1, shells, r_rand, shape, gen)
-    rf2 = randomize_phases_beyond(f2, shells, r_rand, shape, gen)
-    r1 = fft_centered(ifft_centered(rf1, shape) * mask, 3)
-    r2 = fft_centered(ifft_centered(rf2, shape) * mask, 3)
+    r1, r2 = _randomized_masked(f1, f2, shells, r_rand, mask, seed)
     rand = fsc(r1, r2, shells, ns)
     corr = corrected_fsc(masked, rand, r_rand)
     res.masked, res.randomized_masked, res.corrected, res.randomize_from = masked, rand, corr, r_rand
-    res_c, shell_c = resolution_from_curve(corr, box, pixel_size_A, threshold)
-    res_u, shell_u = resolution_from_curve(unmasked, box, pixel_size_A, threshold)
+    _choose_resolution(res, force_mask)
+    transforms.update(m1=m1, m2=m2, r1=r1, r2=r2)
+    return res, transforms
+
+
+def _randomized_masked(f1: torch.Tensor, f2: torch.Tensor, shells: torch.Tensor, from_shell: int, mask: torch.Tensor,
+                       seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fourier transforms (rfft) of both half maps with phases randomised from ``from_shell``, then masked (same seed, same phases)."""
+    shape = tuple(mask.shape)
+    gen = torch.Generator().manual_seed(int(seed))
+    rf1 = randomize_phases_beyond(f1, shells, from_shell, shape, gen)
+    rf2 = randomize_phases_beyond(f2, shells, from_shell, shape, gen)
+    return fft_centered(ifft_centered(rf1, shape) * mask, 3), fft_centered(ifft_centered(rf2, shape) * mask, 3)
+
+
+def _choose_resolution(res: FscResult, force_mask: bool) -> None:
+    """Resolution from the corrected curve, or the unmasked one where it reaches further (RELION), with warnings."""
+    assert res.corrected is not None and res.randomized_masked is not None
+    rand = res.randomized_masked
+    res_c, shell_c = resolution_from_curve(res.corrected, res.box, res.pixel_size_A, res.threshold)
+    res_u, shell_u = resolution_from_curve(res.unmasked, res.box, res.pixel_size_A, res.threshold)
     if shell_u > shell_c and not force_mask:
         res.used_unmasked = True
         res.warnings.append(f"the unmasked FSC reaches further ({res_u:.2f} A) than the mask-corrected one "
@@ -151,8 +299,6 @@ def masked_corrected_fsc(half1: torch.Tensor, half2: torch.Tensor, mask: torch.T
     if not res.used_unmasked and res.resolution_shell < len(rand) and float(rand[res.resolution_shell]) > 0.1:
         res.warnings.append(f"the phase-randomised masked FSC is {float(rand[res.resolution_shell]):.2f} (> 0.1) at the "
                             "resolution: the mask is probably too tight or too sharp; use a softer, wider mask.")
-    transforms.update(m1=m1, m2=m2, r1=r1, r2=r2)
-    return res, transforms
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,7 +306,13 @@ def masked_corrected_fsc(half1: torch.Tensor, half2: torch.Tensor, mask: torch.T
 
 
 def default_cone_axes() -> tuple[list[str], torch.Tensor]:
-    """Axes (x, y, z): z, four directions in the x-y plane, and two at 45° elevation."""
+    """Axes (x, y, z): z, four directions in the x-y plane, and two at 45° elevation.
+
+    Returns
+    -------
+    tuple of (list of str, torch.Tensor)
+        Names and (7, 3) float32 unit axes (x, y, z).
+    """
     names, axes = ["z"], [(0.0, 0.0, 1.0)]
     for az in (0, 45, 90, 135):
         a = math.radians(az)
@@ -175,7 +327,24 @@ def default_cone_axes() -> tuple[list[str], torch.Tensor]:
 
 
 def cone_weights(shape: tuple[int, ...], axes_xyz: torch.Tensor, half_angle_deg: float, device=None) -> torch.Tensor:
-    """(n_axes, *rfft_shape) 0/1 weights: voxels within ``half_angle_deg`` of ±axis (DC included)."""
+    """(n_axes, *rfft_shape) 0/1 weights: voxels within ``half_angle_deg`` of ±axis (DC included).
+
+    Parameters
+    ----------
+    shape
+        Real-space shape (z, y, x) [px].
+    axes_xyz
+        (n_axes, 3) cone axes (x, y, z), any length.
+    half_angle_deg
+        Cone half-angle [deg].
+    device
+        Torch device.
+
+    Returns
+    -------
+    torch.Tensor
+        (n_axes, *rfft_shape) float32 0/1 weights.
+    """
     k = rfft_frequencies(shape, device=device)
     kn = k / k.norm(dim=-1, keepdim=True).clamp(min=1e-12)
     a = axes_xyz.to(device=kn.device, dtype=kn.dtype)
@@ -189,6 +358,24 @@ def cone_fsc(f1: torch.Tensor, f2: torch.Tensor, shells: torch.Tensor, n_shells:
     """FSC per cone: (n_cones, n_shells). Shells without voxels in a cone get 0 (FSC(0) = 1).
 
     With ``return_counts`` also the number of (full-space) voxels per cone and shell.
+
+    Parameters
+    ----------
+    f1, f2
+        rfft of the two maps (same shape).
+    shells
+        Shell index of every rfft voxel.
+    n_shells
+        Number of shells (N // 2 + 1).
+    weights
+        (n_cones, *rfft_shape) 0/1 cone weights (:func:`cone_weights`).
+    return_counts
+        Also return the voxel count per cone and shell.
+
+    Returns
+    -------
+    torch.Tensor or tuple of torch.Tensor
+        (n_cones, n_shells) FSC; with ``return_counts`` also (n_cones, n_shells) counts.
     """
     box = (shells.shape[-1] - 1) * 2
     w = weights * rfft_multiplicity(tuple(shells.shape[:-1]) + (box,), device=f1.device)
@@ -212,6 +399,8 @@ def cone_fsc(f1: torch.Tensor, f2: torch.Tensor, shells: torch.Tensor, n_shells:
 
 @dataclass
 class DirectionalFsc:
+    """FSC curves in double cones around chosen axes (missing-wedge anisotropy)."""
+
     names: list[str]
     axes_xyz: np.ndarray  # (n, 3)
     half_angle_deg: float
@@ -219,6 +408,7 @@ class DirectionalFsc:
     resolutions_A: list[float]
 
     def spread_A(self) -> tuple[float, float]:
+        """(best, worst) cone resolution [Å]."""
         return min(self.resolutions_A), max(self.resolutions_A)
 
 
@@ -236,6 +426,32 @@ def directional_fsc(transforms: dict, box: int, pixel_size_A: float, half_angle_
     (fine for anisotropy without empty regions). Low shells hold only a handful of voxels
     per cone; where a cone has fewer than ``min_voxels`` voxels in a shell the
     all-directions curve is used.
+
+    Parameters
+    ----------
+    transforms
+        Transforms returned by :func:`masked_corrected_fsc`.
+    box
+        Box size N [px].
+    pixel_size_A
+        Pixel size [Å].
+    half_angle_deg
+        Cone half-angle [deg].
+    threshold
+        FSC threshold of the cone resolutions.
+    randomize_from
+        Shell of the phase randomisation (for ``use_masked``).
+    axes
+        (names, (n, 3) axes x, y, z); default :func:`default_cone_axes`.
+    min_voxels
+        Fewest voxels of a cone shell before the all-directions FSC is used instead.
+    use_masked
+        Use the masked, corrected curves.
+
+    Returns
+    -------
+    DirectionalFsc
+        (n_cones, n_shells) curves and the resolution of each cone [Å].
     """
     names, ax = axes if axes is not None else default_cone_axes()
     shells = transforms["shells"]

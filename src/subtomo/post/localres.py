@@ -28,12 +28,13 @@ import torch
 from scipy import ndimage
 
 from subtomo.errors import SubtomoError
-from subtomo.fourier import (fft_centered, fsc, ifft_centered, radial_average, rfft_multiplicity, shell_index,
-                             soft_sphere_mask)
+from subtomo.fourier import fft_centered, fsc, ifft_centered, radial_average, rfft_multiplicity, shell_index, soft_sphere_mask
 
 
 @dataclass
 class LocalResResult:
+    """Local resolution at every voxel and at the window centres."""
+
     map_A: torch.Tensor  # (z, y, x) local resolution in Å, 0 outside the mask
     centres_zyx: np.ndarray  # (n, 3) window centres (voxel indices)
     values_A: np.ndarray  # (n,) local resolution at the centres
@@ -43,13 +44,25 @@ class LocalResResult:
     threshold: float
 
     def stats(self) -> dict[str, float]:
+        """Min, 5th percentile, median, 95th percentile and max of the window values [Å]."""
         v = self.values_A
         return {"min": float(v.min()), "p05": float(np.percentile(v, 5)), "median": float(np.median(v)),
                 "p95": float(np.percentile(v, 95)), "max": float(v.max())}
 
 
 def window_geometry(window_px: float) -> tuple[int, float]:
-    """(cube side W (even), soft-edge width) for a window sphere of diameter ``window_px``."""
+    """(cube side W (even), soft-edge width) for a window sphere of diameter ``window_px``.
+
+    Parameters
+    ----------
+    window_px
+        Window sphere diameter [px].
+
+    Returns
+    -------
+    tuple of (int, float)
+        Cube side W [px] (even, at least 8) and soft-edge width [px].
+    """
     edge = max(2.0, round(window_px / 3))
     cube = int(math.ceil(window_px + 2 * edge))
     cube += cube % 2
@@ -60,6 +73,22 @@ def crossing_resolution(curves: torch.Tensor, cube_px: int, pixel_size_A: float,
     """Resolution (Å) where each FSC (batch, n_shells) first drops below ``threshold`` (interpolated).
 
     Never below: Nyquist (2 p). Below already at shell 1: capped at the cube size W p.
+
+    Parameters
+    ----------
+    curves
+        (batch, n_shells) FSC curves of windows of side ``cube_px``.
+    cube_px
+        Window cube side W [px].
+    pixel_size_A
+        Pixel size [Å].
+    threshold
+        FSC value defining the local resolution.
+
+    Returns
+    -------
+    torch.Tensor
+        (batch,) resolution [Å].
     """
     c = curves.double()
     n = c.shape[-1]
@@ -96,6 +125,16 @@ def whiten_pair(half1: torch.Tensor, half2: torch.Tensor) -> tuple[torch.Tensor,
     Global FSCs do not change under a shell-wise filter, but windowed ones do: without
     whitening the strong low-resolution power leaks through the window's transform into
     higher shells and makes low-resolution regions look better than they are.
+
+    Parameters
+    ----------
+    half1, half2
+        (n, n, n) half maps.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        The two whitened (n, n, n) float32 maps.
     """
     shape = tuple(half1.shape)
     shells = shell_index(shape, device=half1.device)
@@ -109,13 +148,40 @@ def whiten_pair(half1: torch.Tensor, half2: torch.Tensor) -> tuple[torch.Tensor,
 def local_resolution(half1: torch.Tensor, half2: torch.Tensor, mask: torch.Tensor, pixel_size_A: float,
                      window_px: float = 16.0, step_px: int = 4, threshold: float = 0.143,
                      batch: int | None = None, progress=None, whiten: bool = True) -> LocalResResult:
-    """Local-resolution map (see module docstring). ``progress(iterable, total, desc)`` is optional."""
+    """Local-resolution map by windowed FSC (see module docstring).
+
+    Parameters
+    ----------
+    half1, half2
+        (n, n, n) float32 unfiltered half maps.
+    mask
+        (n, n, n) mask; windows are centred on grid points with mask > 0.5.
+    pixel_size_A
+        Pixel size [Å].
+    window_px
+        Diameter of the soft window sphere [px].
+    step_px
+        Grid spacing [px].
+    threshold
+        FSC threshold of the local resolution.
+    batch
+        Windows per batched FFT (None: automatic).
+    progress
+        Optional ``progress(iterable, total, desc)`` wrapper.
+    whiten
+        Whiten both maps by their common shell-wise amplitude first.
+
+    Returns
+    -------
+    LocalResResult
+        (n, n, n) local resolution [Å] (0 outside the mask) and the per-window values.
+    """
     if half1.shape != half2.shape or half1.shape != mask.shape:
         raise SubtomoError(f"local resolution: half maps {tuple(half1.shape)}, {tuple(half2.shape)} and mask "
                            f"{tuple(mask.shape)} must have the same size.")
     dev = half1.device
     shape = tuple(half1.shape)
-    cube, edge = window_geometry(window_px)
+    cube, _ = window_geometry(window_px)
     if cube > min(shape):
         raise SubtomoError(f"local resolution window {window_px:.1f} px (cube {cube} px) is larger than the map "
                            f"{shape}. Give a smaller --window-A.")
@@ -129,6 +195,16 @@ def local_resolution(half1: torch.Tensor, half2: torch.Tensor, mask: torch.Tenso
     centres = np.stack([gz[inside], gy[inside], gx[inside]], axis=1)
     if whiten:
         half1, half2 = whiten_pair(half1, half2)
+    vals = _window_resolutions(half1, half2, centres, window_px, pixel_size_A, threshold, batch, progress)
+    full = _fill_grid(vals, inside, grids, mask).to(dev)
+    return LocalResResult(full, centres, vals, float(window_px), cube, int(step_px), float(threshold))
+
+
+def _window_resolutions(half1: torch.Tensor, half2: torch.Tensor, centres: np.ndarray, window_px: float,
+                        pixel_size_A: float, threshold: float, batch: int | None, progress) -> np.ndarray:
+    """(n,) local resolution [Å] of the windows centred on ``centres`` (n, 3) (z, y, x) voxels, in batches."""
+    dev = half1.device
+    cube, edge = window_geometry(window_px)
     h = cube // 2
     pad = (h, h, h, h, h, h)
     p1 = torch.nn.functional.pad(half1.float(), pad)
@@ -153,17 +229,20 @@ def local_resolution(half1: torch.Tensor, half2: torch.Tensor, mask: torch.Tenso
         w2 = (w2 - (w2 * sph).sum(dim=(1, 2, 3), keepdim=True) / sph_sum) * sph
         curves = fsc(fft_centered(w1, 3), fft_centered(w2, 3), shells, ns)
         values.append(crossing_resolution(curves, cube, pixel_size_A, threshold).cpu())
-    vals = torch.cat(values).numpy()
-    coarse = np.full(gz.shape, np.nan)
-    coarse[inside] = vals
+    return torch.cat(values).numpy()
+
+
+def _fill_grid(values: np.ndarray, inside: np.ndarray, grids: list[np.ndarray], mask: torch.Tensor) -> torch.Tensor:
+    """Grid values -> every voxel: holes take the nearest valid value, then trilinear; 0 outside the mask."""
+    coarse = np.full(inside.shape, np.nan)
+    coarse[inside] = values
     invalid = ~inside
     if invalid.any():
         _, nearest = ndimage.distance_transform_edt(invalid, return_indices=True)
         coarse = coarse[tuple(nearest)]
-    mz, my, mx = (_linear_weights(n, g) for n, g in zip(shape, grids))
+    mz, my, mx = (_linear_weights(n, g) for n, g in zip(tuple(mask.shape), grids))
     c = torch.from_numpy(coarse)
     c = torch.einsum("xk,ijk->ijx", mx, c)  # separable trilinear interpolation, one axis at a time
     c = torch.einsum("yj,ijx->iyx", my, c)
     full = torch.einsum("zi,iyx->zyx", mz, c)
-    full = torch.where(mask.detach().cpu() > 0, full, torch.zeros_like(full)).float().to(dev)
-    return LocalResResult(full, centres, vals, float(window_px), cube, int(step_px), float(threshold))
+    return torch.where(mask.detach().cpu() > 0, full, torch.zeros_like(full)).float()
