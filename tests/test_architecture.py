@@ -61,3 +61,20 @@ def test_import_contracts_hold():
     run = subprocess.run([exe, "--config", str(SRC.parents[1] / "pyproject.toml")], capture_output=True, text=True,
                          cwd=SRC.parents[1])
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def test_public_science_functions_have_numpy_docstrings():
+    """Public functions of the science packages document their parameters and results (shapes, units)."""
+    missing = []
+    for package in (*SCIENCE, "geometry", "io", "fourier.py"):
+        paths = [SRC / package] if package.endswith(".py") else sorted((SRC / package).rglob("*.py"))
+        for path in paths:
+            for node in ast.parse(path.read_text()).body:
+                if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+                    continue
+                if not [a for a in node.args.args if a.arg not in ("self", "cls")]:
+                    continue
+                doc = ast.get_docstring(node) or ""
+                if "Parameters\n" not in doc and "Returns\n" not in doc:
+                    missing.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name}")
+    assert not missing, "public functions without a Parameters/Returns section:\n" + "\n".join(missing)

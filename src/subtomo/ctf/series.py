@@ -224,7 +224,32 @@ def estimate_trials(trial_path: Path, tilts_deg: np.ndarray, optics: Optics, par
                     progress=None) -> tuple[CtfFit, CtfFit]:
     """Fit the two trial images of each selected tilt and average them.
 
-    Returns (averaged per-tilt fit, raw per-trial fit with diagnostics).
+    Parameters
+    ----------
+    trial_path : Path
+        The ``.trial`` stack: 2T images, images 2i and 2i+1 belong to tilt i (aligned-stack order).
+    tilts_deg : numpy.ndarray
+        (T,) tilt angles of the whole series [deg], stack order.
+    optics : Optics
+        Microscope and pixel size of the trial images [Å].
+    params : CtfSearchParams
+        Search options.
+    tilt_indices : list of int, optional
+        0-based tilts to fit (default all).
+    device, batch, progress
+        Torch device, images per batch, progress wrapper (as :func:`estimate_stack`).
+
+    Returns
+    -------
+    averaged : CtfFit
+        One fit per selected tilt (:func:`average_trials`; defoci [Å] at the image centre).
+    raw : CtfFit
+        The 2 x (selected tilts) per-trial fits, with diagnostics.
+
+    Raises
+    ------
+    SubtomoError
+        The stack is unreadable or does not hold exactly 2T images.
     """
     n = len(tilts_deg)
     (nz, _, _), _ = read_mrc_header(trial_path)
@@ -299,7 +324,31 @@ def apply_lower_tilt_defoci(table: pd.DataFrame, threshold_deg: float, where: st
     Tilts with |θ| = T keep their own (as in relion_prepare_subtomograms.py). The mean is
     over the successful lower-tilt fits, averaged as (mean defocus, astigmatism vector);
     when none succeeded the CTF is unknown and this is an error (never a mean of failed
-    fits). Returns (new table, number replaced, notes).
+    fits).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        One tilt series' ``<t>_ctffind.star`` table (:data:`RESULT_COLUMNS`; defoci [Å], angles [deg]).
+    threshold_deg : float
+        The threshold T [deg].
+    where : str
+        What the table belongs to (a tomogram name), for the messages.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        A copy; the replaced rows get the mean rlnDefocusU/V [Å] and rlnDefocusAngle [deg],
+        subtomoCtfFitFailed 0 and source ``lower_tilts`` (subtomoCtfFittedDefocus is kept).
+    n_replaced : int
+        Number of rows replaced.
+    notes : list of str
+        Notes for the log (currently always empty).
+
+    Raises
+    ------
+    SubtomoError
+        No image has |θ| < T, or every fit with |θ| < T failed.
     """
     t = table.copy()
     tilt = t["rlnTomoNominalStageTiltAngle"].to_numpy(float)
@@ -336,9 +385,28 @@ def flag_inconsistent_defoci(table: pd.DataFrame, max_deviation_A: float, rows: 
     ``neighbours`` nearest tilts (by tilt angle; the image itself and failed fits left
     out) is almost surely a wrong fit (a neighbouring ring order, a background feature).
     Such images keep their fitted values but get ``subtomoCtfFitFailed = 1``; later
-    stages then treat them like any failed fit. ``rows`` (0-based) limits the check to
-    those images (e.g. the re-estimated ones); the others still define the trend.
-    Returns (new table, one message per flagged image).
+    stages then treat them like any failed fit.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        One tilt series' ``<t>_ctffind.star`` table (:data:`RESULT_COLUMNS`); the mean defocus is
+        (rlnDefocusU + rlnDefocusV) / 2 [Å].
+    max_deviation_A : float
+        Largest accepted distance from the trend [Å]; <= 0 disables the check.
+    rows : iterable of int, optional
+        0-based images to check (e.g. the re-estimated ones); the others still define the trend.
+        Default: all.
+    neighbours : int
+        Number of nearest tilts whose median is the trend (an image with fewer than 3 successful
+        other fits is not checked).
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        A copy with ``subtomoCtfFitFailed`` updated (unchanged for fewer than 3 rows).
+    messages : list of str
+        One message per flagged image.
     """
     t = table.copy()
     if max_deviation_A <= 0 or len(t) < 3:

@@ -23,7 +23,33 @@ def synthetic_tilt_images(defocus_u_A, defocus_v_A, angle_deg, tilt_deg, optics:
     the tilted-plane defocus ``D + x tan θ`` across x (Å from the centre), an envelope
     exp(-B s²/4), scaled to variance ``snr`` (0: no signal), plus unit white noise and a
     slowly varying background.
-    Returns (N, size, size) float32.
+
+    Parameters
+    ----------
+    defocus_u_A, defocus_v_A : array_like
+        (n,) defocus U and V at the image centre [Å], positive = underfocus (scalars for n = 1).
+    angle_deg : array_like
+        (n,) astigmatism angle of U from x towards y [deg].
+    tilt_deg : array_like
+        (n,) tilt angle θ of each image [deg] (the defocus gradient runs along x).
+    optics : Optics
+        Voltage [kV], Cs [mm], amplitude contrast and pixel size [Å].
+    size : int
+        Image size [px].
+    snr : float
+        Variance of the CTF-modulated signal relative to the unit-variance noise.
+    bfactor_A2 : float
+        B-factor of the envelope [Å²].
+    seed : int
+        Seed of the object and the noise.
+    device : torch.device or str, optional
+        Device of the result (computed on the CPU).
+
+    Returns
+    -------
+    torch.Tensor
+        (n, size, size) float32 images (y, x), grey values: signal + noise + background (about ±0.5)
+        + a constant 10.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     du = np.atleast_1d(np.asarray(defocus_u_A, float))

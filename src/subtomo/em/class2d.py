@@ -178,9 +178,35 @@ def accumulate2d(stats: Stats2D, post: BatchPosterior, angle_index: torch.Tensor
                  projectors: list | None = None) -> None:
     """Add one batch's weighted sums into ``stats`` (in place).
 
-    post: kept poses (B, P) from the engine's E-step; angle_index (B, P) their fine-grid
-    angle; x_* (B, M) at ``comps``; dc (B,) zero frequency of the unmasked particles. With
-    ``projectors`` the noise sums (masked particle minus rotated reference) are added too.
+    Each kept pose adds w X_t (the unmasked particle translated by its offset, a phase ramp) to
+    the row (class, fine angle) of ``stats.data``, w times the zero frequency to ``stats.dc`` and
+    w to ``stats.wsum``; also the offset and log-likelihood sums. With ``projectors`` the noise
+    sums (masked particle minus rotated reference) are added too.
+
+    Parameters
+    ----------
+    stats : Stats2D
+        Sums of K classes, J fine angles and M components, updated in place.
+    post : BatchPosterior
+        Kept poses (B, P) from the engine's E-step: ``rot`` (B, P, 2, 2), ``offset_px`` (B, P, 2)
+        (x, y) [px] (rlnOrigin), ``cls`` (B, P), ``weight`` (B, P) (zero = padding).
+    angle_index : torch.Tensor
+        (B, P) int64 index of each pose's angle on the fine psi grid of ``stats`` (:func:`angle_indices`).
+    x_unmasked : torch.Tensor
+        (B, M) complex64 components (``comps``) of the unmasked particles' :func:`subtomo.fourier.fft_centered`
+        transforms (grey values).
+    x_masked : torch.Tensor
+        (B, M) complex64 components of the masked particles (used for the noise sums only).
+    dc : torch.Tensor
+        (B,) complex zero frequency of the unmasked particles (the sum of their pixel values).
+    comps : FourierComponents
+        The M components (2D, index units of the N box).
+    projectors : list of Projector2D, optional
+        The K references; given, sigma^2 numerator and denominator sums per shell are added.
+
+    Returns
+    -------
+    None
     """
     b, p = post.weight.shape
     k_cls, n_ang = stats.wsum.shape
@@ -214,14 +240,37 @@ def accumulate2d(stats: Stats2D, post: BatchPosterior, angle_index: torch.Tensor
 
 def reconstruct2d(stats: Stats2D, psi_deg: torch.Tensor, comps: FourierComponents, sigma2: torch.Tensor,
                   tau2: torch.Tensor | None = None, tau2_fudge: float = 1.0, pad: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Class averages (K, N, N) and data_vs_prior (K, N//2+1) from one iteration's sums.
+    """Class averages and data_vs_prior from one iteration's sums.
 
-    ``psi_deg`` (J,) are the fine angles of ``stats``. The per-angle sums are rotated into
-    the reference frame (padded, gridding-corrected interpolation); without a CTF the
-    weight is radial, W_k / sigma^2(r), so the MAP average is
+    The per-angle sums are rotated into the reference frame (padded, gridding-corrected
+    interpolation); without a CTF the weight is radial, W_k / sigma^2(r), so the MAP average is
     V = sum / (W_k + sigma^2(r) / (T tau^2_k(r))) (RELION's reconstruct, §3.1) and
     data_vs_prior(r) = W_k T tau^2_k(r) / sigma^2(r) (§3.4). Without ``tau2``: the plain
     average. Zero beyond the current size; the mean (zero frequency) is the plain average.
+
+    Parameters
+    ----------
+    stats : Stats2D
+        One iteration's sums of K classes, J angles, M components (:func:`accumulate2d`).
+    psi_deg : torch.Tensor
+        (J,) the fine in-plane angles of ``stats`` [deg].
+    comps : FourierComponents
+        The M components of the sums (N box, current size s).
+    sigma2 : torch.Tensor
+        (N//2+1,) noise power per shell sigma^2(r) (of the fft_centered transforms, grey values squared).
+    tau2 : torch.Tensor, optional
+        (K, N//2+1) signal power per class and shell tau^2_k(r); None: plain average.
+    tau2_fudge : float
+        RELION's regularisation parameter T.
+    pad : int
+        Padding factor of the interpolation (:func:`subtomo.em.rotations2d.back_rotate2d`).
+
+    Returns
+    -------
+    maps : torch.Tensor
+        (K, N, N) float32 class averages, centre at N//2.
+    data_vs_prior : torch.Tensor
+        (K, N//2+1) float64 per shell; zero at shells >= s/2, all zero without ``tau2``.
     """
     box = comps.box
     n_sh = box // 2 + 1

@@ -355,7 +355,19 @@ def classify_iteration(src: ParticleSource, opts: ClassifyOptions, state: Classi
 
 
 def describe_iteration(result: ClassifyIteration) -> str:
-    """One log line of an iteration (class sizes, resolution, size, pose changes, time)."""
+    """One log line of an iteration (class sizes, resolution, size, pose changes, time).
+
+    Parameters
+    ----------
+    result : ClassifyIteration
+        The iteration; its ``record`` is used.
+
+    Returns
+    -------
+    str
+        Class priors (fractions), the best class resolution [Å], the current size [px], the mean
+        angular change [deg] and RMS offset change [px] of the poses, mean Pmax and the time [s].
+    """
     r = result.record
     return (f"iteration {r.iteration:3d}: classes " + " ".join(f"{p:.3f}" for p in r.class_priors)
             + f", resolution {min(r.resolution_A):.1f} A, size {r.size}, changes {r.ang_change_deg:.2f} deg "

@@ -138,6 +138,19 @@ def asymmetric_unit_mask(vectors: np.ndarray, sym_matrices: np.ndarray) -> np.nd
     Pose A and A g (g in the group) are equivalent, and the projection direction of A g is
     g^T A^T e_z, so directions d and g^T d are equivalent. A direction is kept when no
     equivalent g^T d lies closer to a fixed generic direction u (ties are kept).
+
+    Parameters
+    ----------
+    vectors : numpy.ndarray
+        (n, 3) unit direction vectors (x, y, z) (e.g. :func:`pix2vec_nest`).
+    sym_matrices : numpy.ndarray
+        (G, 3, 3) group operators, the identity first
+        (:func:`subtomo.geometry.symmetry.symmetry_matrices`).
+
+    Returns
+    -------
+    numpy.ndarray
+        (n,) bool, True for the directions in the asymmetric unit; all True for G <= 1.
     """
     if len(sym_matrices) <= 1:
         return np.ones(len(vectors), dtype=bool)

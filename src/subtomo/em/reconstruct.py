@@ -337,7 +337,22 @@ def resolution_shell(dvp: torch.Tensor, scan_from_top: bool = False, min_shell: 
 
 
 def resolution_A(shell: int, box: int, pixel_size_A: float) -> float:
-    """Resolution [Å] of Fourier shell ``shell`` of an N = ``box`` px box: N * pixel size / shell."""
+    """Resolution of Fourier shell ``shell`` of an N = ``box`` px box: N * pixel size / shell.
+
+    Parameters
+    ----------
+    shell : int
+        Shell index r [Fourier px] (a float is accepted).
+    box : int
+        Box size N [px].
+    pixel_size_A : float
+        Pixel size [Å].
+
+    Returns
+    -------
+    float
+        Resolution [Å]; shell 0 gives a huge value (N * pixel size / 1e-9), not inf.
+    """
     return box * pixel_size_A / max(shell, 1e-9)
 
 

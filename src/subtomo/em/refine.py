@@ -444,7 +444,22 @@ def refine_iteration(src: ParticleSource, opts: RefineOptions, state: RefineStat
 
 
 def describe_iteration(result: RefineIteration, local_search: bool | None = None) -> str:
-    """One log line of an iteration (resolutions, sizes, sampling, changes, time)."""
+    """One log line of an iteration (resolutions, sizes, sampling, changes, time).
+
+    Parameters
+    ----------
+    result : RefineIteration
+        The iteration; without a record (iteration 0) only its number is given.
+    local_search : bool, optional
+        Whether to mark the angular step as local; default: the record's ``local``.
+
+    Returns
+    -------
+    str
+        Resolution and FSC 0.143 resolution [Å], current and coarse size [px], angular step [deg],
+        offset range/step [px], mean angular [deg] and offset [px] changes, mean Pmax, expected
+        angular accuracy [deg] when computed, and the time [s].
+    """
     r = result.record
     if r is None:
         return f"iteration {result.iteration}"

@@ -137,10 +137,24 @@ def gridding_correction(box: int, pad: int, device=None, dtype=torch.float32) ->
 
 
 def padded_rfft2d(images: torch.Tensor, pad: int = 2, gridding: bool = True) -> torch.Tensor:
-    """Rfft (centre phase origin) of images (..., N, N) zero-padded to pad*N: (..., pN, pN//2+1).
+    """Rfft (centre phase origin) of images zero-padded to pad*N.
 
     Values at padded index ``pad * k`` equal the unpadded transform at ``k``; with
     ``gridding`` the images are first divided by :func:`gridding_correction`.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        (..., N, N) real images (grey values), centre at N//2.
+    pad : int
+        Padding factor p (1: no padding).
+    gridding : bool
+        Divide by the bilinear kernel's transform first (pre-correction for :func:`sample_rfft2d`).
+
+    Returns
+    -------
+    torch.Tensor
+        (..., pN, pN//2+1) complex (complex64 for float32 images), :func:`subtomo.fourier.fft_centered` layout.
     """
     n = images.shape[-1]
     if gridding:
@@ -155,9 +169,28 @@ def padded_rfft2d(images: torch.Tensor, pad: int = 2, gridding: bool = True) -> 
 
 
 def bilinear_plan(coords: torch.Tensor, p: int, h: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat indices (4, ...) and weights (4, ...) of the bilinear corners of ``coords`` (..., 2).
+    """Flat indices and weights of the bilinear corners of ``coords`` on an rfft grid (p, h).
 
-    On an rfft grid (p, h); also the mask of points read through their Hermitian mate (x < 0).
+    A point with x < 0 is read through its Hermitian mate: its corners are those of -coords and
+    the mask says to conjugate the sample. Rows (y) wrap modulo p; columns (x) are clamped to h - 1.
+
+    Parameters
+    ----------
+    coords : torch.Tensor
+        (..., 2) sample positions (x, y) in index units of the grid (cycles per padded box), float.
+    p : int
+        Number of rows (full axis y) of the grid.
+    h : int
+        Number of columns (half axis x), p//2 + 1.
+
+    Returns
+    -------
+    idx : torch.Tensor
+        (4, ...) int64 flat indices y * h + x of the corners (x0y0, x1y0, x0y1, x1y1).
+    weights : torch.Tensor
+        (4, ...) bilinear weights, dtype of ``coords``.
+    neg : torch.Tensor
+        (...) bool, the points read through their Hermitian mate (x < 0).
     """
     x, y = coords[..., 0], coords[..., 1]
     neg = x < 0
@@ -197,11 +230,23 @@ def apply_plan(flat: torch.Tensor, plan: tuple[torch.Tensor, torch.Tensor, torch
 
 
 def sample_rfft2d(f: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-    """Bilinear samples of rfft grids ``f`` (..., P, P//2+1) at ``coords`` (..., Q, 2) (x, y, padded index units).
+    """Bilinear samples of rfft grids ``f`` at ``coords``.
 
     Points with x < 0 use the Hermitian mate (conj at -k). The batch dims of ``coords``
     (all but the last two) must broadcast against those of ``f`` (all but the last two).
-    Returns (..., Q) complex.
+
+    Parameters
+    ----------
+    f : torch.Tensor
+        (..., P, P//2+1) complex rfft grids (e.g. :func:`padded_rfft2d`, P = pad N).
+    coords : torch.Tensor
+        (..., Q, 2) positions (x, y) in padded index units (pad times the unpadded index k).
+        For a single grid ``f`` (P, P//2+1) any (..., 2) shape.
+
+    Returns
+    -------
+    torch.Tensor
+        (..., Q) complex of ``f.dtype`` (broadcast batch dims); for a single grid, ``coords.shape[:-1]``.
     """
     p, h = f.shape[-2], f.shape[-1]
     plan = bilinear_plan(coords, p, h)
@@ -221,10 +266,23 @@ def sample_rfft2d(f: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 
 
 def project2d(refs_padded_ft: torch.Tensor, psi_deg: torch.Tensor, k: torch.Tensor, pad: int) -> torch.Tensor:
-    """Rotated references at components ``k`` (M, 2): (K, J, M) complex for K references, J angles.
+    """Rotated references at components ``k``: IMAGE_j(k) = REF(A_j^T k), A_j = Rz(psi_j).
 
-    ``refs_padded_ft`` is :func:`padded_rfft2d` of the references (K, pN, pN//2+1).
-    IMAGE_j(k) = REF(A_j^T k).
+    Parameters
+    ----------
+    refs_padded_ft : torch.Tensor
+        (K, pN, pN//2+1) complex, :func:`padded_rfft2d` of the K references.
+    psi_deg : torch.Tensor
+        (J,) in-plane angles psi [deg].
+    k : torch.Tensor
+        (M, 2) float components (x, y) in index units of the N box (cycles per box).
+    pad : int
+        Padding factor p of ``refs_padded_ft``.
+
+    Returns
+    -------
+    torch.Tensor
+        (K, J, M) complex, dtype of ``refs_padded_ft``.
     """
     a = rotation_matrices_2d(psi_deg.to(torch.float64)).to(k.dtype).to(k.device)  # (J, 2, 2)
     q = torch.einsum("jba,mb->jma", a, k) * pad  # A^T k: q_a = sum_b A_ba k_b
@@ -236,12 +294,37 @@ def back_rotate2d(sums: torch.Tensor, psi_deg: torch.Tensor, idx: torch.Tensor, 
                   chunk: int = 256) -> torch.Tensor:
     """Sum over angles of the data sums brought back into the reference frame.
 
-    ``sums`` (K, J, M): weighted data sums at image components ``k`` (M, 2) (index units of
-    ``box``; ``idx`` their positions in the rfft grid of side ``size``), one row per
-    (class, angle). Returns (K, M): sum_j SUM_kj(A_j q) for the reference components q = k.
-    ``dc`` (K, J): the sums' zero-frequency values (not among the components, but the
-    interpolation of the lowest shells needs them; the data's mean is a good value).
-    Rows that are all zero are skipped.
+    Each row's components are put back on the rfft grid of side ``size`` (with the Hermitian
+    mates on the kx = 0 column), transformed to an image, padded, and sampled at A_j q ("pull"
+    interpolation). Rows that are all zero are skipped.
+
+    Parameters
+    ----------
+    sums : torch.Tensor
+        (K, J, M) complex weighted data sums at the image components ``k``, one row per (class, angle).
+    psi_deg : torch.Tensor
+        (J,) in-plane angles psi_j [deg] of the rows.
+    idx : torch.Tensor
+        (M,) int64 positions of the components in the flattened rfft grid of side ``size``
+        (``size * (size//2+1)`` entries).
+    k : torch.Tensor
+        (M, 2) float components (x, y) in index units of the box (cycles per box).
+    size : int
+        Current image size s [px], even.
+    pad : int
+        Padding factor of the interpolation.
+    gridding : bool
+        Apply the gridding pre-correction (:func:`padded_rfft2d`).
+    dc : torch.Tensor, optional
+        (K, J) complex, the sums' zero-frequency values (not among the components, but the
+        interpolation of the lowest shells needs them; the data's mean is a good value).
+    chunk : int
+        Rows transformed per pass (memory bound).
+
+    Returns
+    -------
+    torch.Tensor
+        (K, M) of ``sums.dtype``: sum_j SUM_kj(A_j q) for the reference components q = k.
     """
     kk, jj, m = sums.shape
     out = torch.zeros(kk, m, dtype=sums.dtype, device=sums.device)

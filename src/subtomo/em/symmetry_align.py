@@ -107,7 +107,28 @@ def symmetry_scores(vol: torch.Tensor, rotations: torch.Tensor, centres: torch.T
     ``pairwise`` False: NCC of V(R^T r + c) with its average over ``ops`` (the symmetrised map when
     ``ops`` is the group); True: mean over the non-identity ops of NCC(V(R^T r + c), V(R^T g r + c))
     (used with the group's generators in the search: same optimum, a fraction of the cost).
-    ``rotations`` (B,3,3), ``centres`` (B,3) px, ``points`` (M,3) the r of the sphere. Returns (B,).
+
+    Parameters
+    ----------
+    vol : torch.Tensor
+        (N, N, N) real map V (trilinear samples, 0 outside the box).
+    rotations : torch.Tensor
+        (B, 3, 3) candidate rotations R (acting on (x, y, z)).
+    centres : torch.Tensor
+        (B, 3) candidate symmetry centres c (x, y, z) [px from the box centre N//2].
+    ops : torch.Tensor
+        (G, 3, 3) group operators or generators, the identity first.
+    points : torch.Tensor
+        (M, 3) sample points r (x, y, z) [px from the box centre], e.g. a sphere.
+    pairwise : bool
+        Score by pairwise NCC with each non-identity op instead of NCC with the average.
+    chunk_samples : int
+        Most samples (candidates x G x M) per interpolation call (memory bound).
+
+    Returns
+    -------
+    torch.Tensor
+        (B,) normalised cross-correlation scores in [-1, 1], dtype of ``vol``.
     """
     out = []
     g = ops.shape[0]

@@ -42,7 +42,33 @@ class TomogramInputs:
 
 
 def scan_layout(project: Path, pixel_size_A: float | None = None) -> list[TomogramInputs]:
-    """Validate ``project/Tomograms`` and return its tomograms; raise with all problems."""
+    """Validate ``project/Tomograms`` and return its tomograms; raise with all problems.
+
+    Every tomogram directory is checked (files present, MRC headers readable, tilt angles from
+    ``.tlt`` or the stack's extended header matching the image count, ``.trial`` holding two images
+    per tilt, pixel sizes consistent, coordinates inside the tomogram, ``.order`` angles matched to
+    the refined tilts) before anything fails.
+
+    Parameters
+    ----------
+    project : Path
+        Project directory holding ``Tomograms/<name>/``.
+    pixel_size_A : float, optional
+        Pixel size [Å] to use for every tomogram instead of the MRC headers' (the headers are then
+        not compared); default: from the headers, which must agree within 0.1 %.
+
+    Returns
+    -------
+    list of TomogramInputs
+        One per sub-directory, sorted by name; paths relative to ``project``, tilts [deg] and
+        accumulated dose [e⁻/Å²] per image in stack order, coordinates (n, 3) [px].
+
+    Raises
+    ------
+    SubtomoError
+        ``Tomograms`` is missing or empty, or any problem was found (all are listed in ``.problems``,
+        each naming the file, the problem and the fix).
+    """
     root = project / "Tomograms"
     if not root.is_dir():
         raise SubtomoError(f"{root}: directory not found. Steps 1-2: make Tomograms/<name>/ in the project "

@@ -40,7 +40,24 @@ def _tmp_name(path: Path) -> Path:
 def write_mrc(path: str | Path, data: np.ndarray, pixel_size_A: float = 1.0, *, stack: bool = False) -> Path:
     """Write ``data`` as float32 MRC with the pixel size in the header (atomic).
 
-    ``stack=True`` marks a 3D array as an image stack (``.mrcs``: ispg 0, nz = images).
+    The file is written under a temporary name and renamed, so a killed job leaves no half file;
+    missing parent directories are created.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output file (``.mrc`` or ``.mrcs``); an existing file is replaced.
+    data : array_like
+        (y, x) image, (z, y, x) volume or (n, y, x) image stack; converted to float32.
+    pixel_size_A : float
+        Pixel (voxel) size [Å], written as the header's voxel size.
+    stack : bool
+        ``True`` marks a 3D array as an image stack (``.mrcs``: ispg 0, nz = images).
+
+    Returns
+    -------
+    Path
+        ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +78,26 @@ def write_mrc(path: str | Path, data: np.ndarray, pixel_size_A: float = 1.0, *, 
 
 
 def read_mrc(path: str | Path) -> tuple[np.ndarray, float]:
-    """Read a whole MRC file into memory: (float32 array, pixel size in Å)."""
+    """Read a whole MRC file into memory.
+
+    Parameters
+    ----------
+    path : str or Path
+        The MRC file.
+
+    Returns
+    -------
+    data : numpy.ndarray
+        float32 copy of the data, (z, y, x) for a volume or stack, (y, x) for a single image (nz = 1,
+        also a one-image stack).
+    pixel_size_A : float
+        Pixel size [Å] (the header's voxel size along x).
+
+    Raises
+    ------
+    SubtomoError
+        The file is missing, not a valid MRC file, in an unsupported mode, truncated, or has no data.
+    """
     path = Path(path)
     read_mrc_header(path)  # missing, unreadable or truncated: a message that names the file
     try:
@@ -76,7 +112,21 @@ def read_mrc(path: str | Path) -> tuple[np.ndarray, float]:
 def open_mrc_mmap(path: str | Path) -> mrcfile.mrcmemmap.MrcMemmap:
     """Open an MRC file memory-mapped read-only (tomograms: never load them whole).
 
-    Use as a context manager; ``.data`` is a numpy memmap in (z, y, x).
+    Parameters
+    ----------
+    path : str or Path
+        The MRC file.
+
+    Returns
+    -------
+    mrcfile.mrcmemmap.MrcMemmap
+        The open file; use it as a context manager. ``.data`` is a read-only numpy memmap in (z, y, x),
+        in the file's own dtype (not converted to float32); ``.voxel_size`` holds the pixel size [Å].
+
+    Raises
+    ------
+    SubtomoError
+        The file is missing, not a valid MRC file, in an unsupported mode, or truncated.
     """
     path = Path(path)
     if not path.exists():
@@ -89,7 +139,26 @@ def open_mrc_mmap(path: str | Path) -> mrcfile.mrcmemmap.MrcMemmap:
 
 
 def read_mrc_header(path: str | Path) -> tuple[tuple[int, int, int], float]:
-    """Shape (nz, ny, nx) and pixel size (Å) from the header only."""
+    """Shape and pixel size from the header only (the data are not read).
+
+    Parameters
+    ----------
+    path : str or Path
+        The MRC file.
+
+    Returns
+    -------
+    shape : tuple of int
+        (nz, ny, nx) [px]; nz = 1 for a single image, the number of images for a stack.
+    pixel_size_A : float
+        Pixel size [Å] (the header's voxel size along x).
+
+    Raises
+    ------
+    SubtomoError
+        The file is missing, not a valid MRC file, in an unsupported mode, or shorter than its header
+        says (an interrupted copy).
+    """
     path = Path(path)
     if not path.exists():
         raise SubtomoError(f"{path}: file not found. Check the path, or run the step that writes it.")
@@ -104,12 +173,23 @@ def read_mrc_header(path: str | Path) -> tuple[tuple[int, int, int], float]:
 
 
 def read_tilt_angles_from_header(path: str | Path) -> np.ndarray | None:
-    """Tilt angles (degrees) from an MRC stack's extended header, or None if absent.
+    """Tilt angles from an MRC stack's extended header, or None if absent.
 
     Understands FEI1/FEI2 headers (via mrcfile's indexed extended header, field
     ``Alpha tilt``) and SerialEM/IMOD ``SERI``/``AGAR`` headers, whose per-section
     records are ``nint`` bytes long and start with the tilt angle as an int16 in
     hundredths of a degree when bit 1 of ``nreal`` is set (IMOD's convention).
+
+    Parameters
+    ----------
+    path : str or Path
+        The tilt-series stack (``.mrcs``/``.st``).
+
+    Returns
+    -------
+    numpy.ndarray or None
+        (nz,) float64 tilt angles [deg], one per section in stack order; None when there is no
+        extended header, it holds no tilt angles, or a SerialEM/IMOD header is shorter than nz records.
     """
     path = Path(path)
     with mrcfile.open(path, header_only=True, permissive=True) as mrc:

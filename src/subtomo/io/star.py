@@ -23,7 +23,24 @@ FLOAT_FORMAT = "%.8g"
 
 
 def read_star(path: str | Path) -> dict[str, pd.DataFrame | dict]:
-    """Read every block of a STAR file as {block name: DataFrame or dict}."""
+    """Read every block of a STAR file.
+
+    Parameters
+    ----------
+    path : str or Path
+        The STAR file; a ``.gz`` file is decompressed first.
+
+    Returns
+    -------
+    dict
+        {block name without ``data_`` (``"optics"``, ``"particles"``, ``""``): DataFrame for a loop
+        block (columns = full RELION labels) or dict for a block of single values}, in file order.
+
+    Raises
+    ------
+    SubtomoError
+        The file is missing or cannot be parsed.
+    """
     path = Path(path)
     if not path.exists():
         raise SubtomoError(f"{path}: STAR file not found. Check the path, or run the job that writes it.")
@@ -48,7 +65,18 @@ def _read_gzipped(path: Path) -> dict:
 
 
 def table_of(block: pd.DataFrame | dict) -> pd.DataFrame:
-    """A STAR block as a DataFrame: starfile returns a dict for a block of single values."""
+    """A STAR block as a DataFrame: starfile returns a dict for a block of single values.
+
+    Parameters
+    ----------
+    block : pandas.DataFrame or dict
+        A value of :func:`read_star`'s result.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The loop with a fresh 0..n-1 index, or one row holding the dict's values.
+    """
     if isinstance(block, pd.DataFrame):
         return block.reset_index(drop=True)
     return pd.DataFrame([block])
@@ -57,8 +85,24 @@ def table_of(block: pd.DataFrame | dict) -> pd.DataFrame:
 def read_star_table(path: str | Path, block: str | None = None) -> pd.DataFrame:
     """Read one loop block as a DataFrame.
 
-    With ``block=None`` the particle-like block is chosen: ``particles`` if present,
-    else the only block, else the first loop that is not ``optics``.
+    Parameters
+    ----------
+    path : str or Path
+        The STAR file.
+    block : str, optional
+        Block name without ``data_``. With ``block=None`` the particle-like block is chosen:
+        ``particles`` if present, else the only block, else the first loop that is not ``optics``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The block (:func:`table_of`: fresh index; a single-value block becomes one row).
+
+    Raises
+    ------
+    SubtomoError
+        The file is missing or unparsable, the named block is absent, or (``block=None``) the file
+        has no loop block other than ``optics``.
     """
     blocks = read_star(path)
     if block is not None:
@@ -76,10 +120,28 @@ def read_star_table(path: str | Path, block: str | None = None) -> pd.DataFrame:
 
 
 def read_particles(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Read a particle STAR: (particles with optics columns merged in, optics table or None).
+    """Read a particle STAR with the optics columns merged into the particle rows.
 
     Works for 3.0-style single-block files (optics None) and 3.1+ files; optics columns
     missing from the particle rows are copied in by ``rlnOpticsGroup``.
+
+    Parameters
+    ----------
+    path : str or Path
+        The particle STAR file.
+
+    Returns
+    -------
+    particles : pandas.DataFrame
+        One row per particle (RELION labels, values in the file's units, e.g. rlnImagePixelSize [Å]),
+        with the optics columns it lacked; a column present in both keeps the particle's value.
+    optics : pandas.DataFrame or None
+        The ``data_optics`` table, or None for a single-block file.
+
+    Raises
+    ------
+    SubtomoError
+        The file is missing, unparsable, or has no particle table (:func:`read_star_table`).
     """
     blocks = read_star(path)
     optics = blocks.get("optics")
@@ -91,7 +153,23 @@ def read_particles(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]
 
 
 def write_star(path: str | Path, blocks: Mapping[str, pd.DataFrame | dict] | pd.DataFrame) -> Path:
-    """Write blocks atomically; a single DataFrame becomes one block named ``data_``."""
+    """Write blocks atomically; a single DataFrame becomes one block named ``data_``.
+
+    Floats are written with ``%.8g`` (:data:`FLOAT_FORMAT`); missing parent directories are created.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output STAR file; an existing file is replaced.
+    blocks : Mapping or pandas.DataFrame
+        {block name without ``data_``: DataFrame (a loop) or dict (single values)}, written in
+        order, or one DataFrame.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(blocks, pd.DataFrame):
@@ -123,6 +201,22 @@ def write_particles(path: str | Path, particles: pd.DataFrame, optics: pd.DataFr
     Optics columns present in ``particles`` are moved into the optics block (one row per
     ``rlnOpticsGroup``); with neither optics nor optics columns, a single-block file is
     written.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output STAR file (written atomically by :func:`write_star`).
+    particles : pandas.DataFrame
+        One row per particle, RELION labels; without an ``rlnOpticsGroup`` column every row gets group 1
+        (unless a single-block file is written).
+    optics : pandas.DataFrame, optional
+        The optics table; default: built from the :data:`OPTICS_COLUMNS` found in ``particles``
+        (first row of each group). ``rlnOpticsGroupName`` is added (``opticsGroup<n>``) if missing.
+
+    Returns
+    -------
+    Path
+        ``path``.
     """
     particles = particles.reset_index(drop=True).copy()
     if optics is None:

@@ -59,5 +59,5 @@ def load_mask(path: str | Path, project: Path, shape: tuple[int, ...], option: s
                            "Make the mask at the maps' pixel size.")
     mask = np.clip(np.ascontiguousarray(arr, dtype=np.float32), 0.0, 1.0)
     if not mask.any():
-        raise SubtomoError(f"{option} {file}: the mask is zero everywhere. Check the threshold it was made with.")
+        raise SubtomoError(f"{option} {file}: the mask is all black (zero everywhere). Check the threshold it was made with.")
     return torch.from_numpy(mask)

@@ -36,8 +36,8 @@ class DemoParams(ComputeParams):
     preset: Literal["tiny", "demo", "benchmark"] = Field("demo", description="Simulation preset: tiny (seconds, a smoke test), demo (a few minutes), benchmark (long).")
     classes2d: int | None = Field(None, ge=2, description="Number of 2D classes (default: the preset's).")
     iterations2d: int | None = Field(None, ge=1, description="Iterations of 2D classification (default: the preset's).")
-    min_class_fraction: float | None = Field(None, ge=0, lt=1, description="Select the 2D classes holding at least this fraction of the particles (default: the preset's) [fraction].")
-    max_class_resolution: float | None = Field(None, ge=0, description="Select the 2D classes whose estimated resolution is this or better; 0: no resolution rule (default: the preset's) [Å].")
+    min_class_fraction: float | None = Field(None, ge=0, lt=1, description="Also require the selected 2D classes to hold at least this fraction of the particles, on top of select --auto (default: no such rule) [fraction].")
+    max_class_resolution: float | None = Field(None, ge=0, description="Also require the selected 2D classes to reach this estimated resolution, on top of select --auto (default: no such rule) [Å].")
     sym: str = Field("C1", description="Point-group symmetry imposed in 3D auto-refinement (and its oracle); with a symmetry the de novo refinement goes through C1 and a symmetry-axis alignment first (about twice the time).")
     healpix_step: float = Field(15.0, gt=0, description="Initial angular sampling of 3D auto-refinement, and the (global) sampling of 3D classification [deg].")
     refine_max_iter: int | None = Field(None, ge=1, description="Iterations of 3D auto-refinement before its final iteration; bounds the demo's time (default: the preset's).")
@@ -56,16 +56,16 @@ class DemoParams(ComputeParams):
         return data
 
 
-# Per-preset choices where the right value depends on the data's size: the tiny preset has 10
-# particles at 10 Å/px, where per-class resolution estimates are noise and a gold bead's
-# class looks "best", so it selects by class size only. 3D classification searches globally:
+# Per-preset choices where the right value depends on the data's size. 2D classes are chosen
+# by select --auto (per-class scores that reject gold beads, blobs and noise; class resolution
+# is a poor score at low SNR and a bead's class looks "best"). 3D classification searches globally:
 # a pseudo-symmetric particle refined in C1 sits in a random one of its equivalent poses, and
 # only a global search lets a class that breaks the symmetry line its particles up (local
 # searches: 74 % accuracy on the demo preset; global at 15 deg: 92-97 %).
 PRESET_DEFAULTS: dict[str, dict[str, float | int]] = {
-    "tiny": dict(classes2d=4, iterations2d=8, min_class_fraction=0.2, max_class_resolution=0, refine_max_iter=8, iterations3d=3),
-    "demo": dict(classes2d=8, iterations2d=15, min_class_fraction=0.05, max_class_resolution=40, refine_max_iter=12, iterations3d=10),
-    "benchmark": dict(classes2d=10, iterations2d=25, min_class_fraction=0.04, max_class_resolution=30, refine_max_iter=25, iterations3d=10),
+    "tiny": dict(classes2d=4, iterations2d=8, refine_max_iter=8, iterations3d=3),
+    "demo": dict(classes2d=8, iterations2d=15, refine_max_iter=12, iterations3d=10),
+    "benchmark": dict(classes2d=10, iterations2d=25, refine_max_iter=25, iterations3d=10),
 }
 
 

@@ -205,7 +205,7 @@ def _run(ctx: JobContext) -> None:
 
 SPEC = JobSpec(
     command="select", job_type="Select", params=SelectParams, run=_run, check=_check,
-    summary="Steps 16, 17, 21: keep the particles of chosen classes (by number or rules); map a 2D selection back to the subtomograms (output_2Dto3D.star).",
+    summary="Steps 16, 17, 21: keep the particles of chosen classes (by number, rules or --auto scores); map a 2D selection back to the subtomograms (output_2Dto3D.star).",
     inputs=(
         particles_spec("i", (Source("Class2D", ("_data.star",)), Source("Class3D", ("_data.star",))),
                         "Run subtomo class2d or class3d first, or pass --i."),
@@ -217,5 +217,6 @@ SPEC = JobSpec(
         OutputSpec("output_2Dto3D.star", NodeType.PARTICLES, "their subtomograms (Step 17)", optional=True),
         OutputSpec("particles_selected.star", NodeType.PARTICLES, "the selected subtomograms (Step 21)", optional=True),
         OutputSpec("selected_classes.png", NodeType.IMAGE, "class gallery, kept classes framed", optional=True),
+        OutputSpec("class_scores.star", NodeType.FILE, "per-class scores of --auto and the verdict", optional=True),
     ),
 )

@@ -44,10 +44,9 @@ from subtomo.fourier import (
     rfft_multiplicity,
     shell_index,
 )
-from subtomo.io.mtf import read_mtf  # noqa: F401  (re-exported: post.sharpen.read_mtf)
 
 # ---------------------------------------------------------------------------------------
-# MTF (read_mtf lives in subtomo.io.mtf; imported here so that post.sharpen.read_mtf keeps working)
+# MTF (the curve is read by subtomo.io.mtf.read_mtf)
 
 def mtf_on_grid(shape: tuple[int, ...], pixel_size_A: float, mtf_x: np.ndarray, mtf_y: np.ndarray,
                 mtf_angpix: float, device=None) -> torch.Tensor:

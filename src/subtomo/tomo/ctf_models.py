@@ -308,7 +308,21 @@ def ctf_table(t: TomoCtf, bfactor_per_dose: float, model: str) -> pd.DataFrame:
 
 
 def general_block(t: TomoCtf, model: str) -> dict:
-    """The ``data_general`` block of a CTF table: microscope, pixel size [Å], size [px], skip flag, model."""
+    """The ``data_general`` block of a CTF table: microscope, pixel size [Å], size [px], skip flag, model.
+
+    Parameters
+    ----------
+    t : TomoCtf
+        The tomogram.
+    model : str
+        Position-dependent defocus model (``exact`` or ``relion``, :mod:`subtomo.tomo.defocus`).
+
+    Returns
+    -------
+    dict
+        {label: value}: rlnTomoName, rlnVoltage [kV], rlnSphericalAberration [mm], rlnAmplitudeContrast,
+        rlnTomoTiltSeriesPixelSize [Å], rlnTomoSizeX/Y/Z [px], subtomoSkipCtf (0/1), subtomoDefocusModel.
+    """
     return {
         "rlnTomoName": t.name, "rlnVoltage": t.voltage_kV, "rlnSphericalAberration": t.cs_mm,
         "rlnAmplitudeContrast": t.amplitude_contrast, "rlnTomoTiltSeriesPixelSize": t.pixel_size_A,
