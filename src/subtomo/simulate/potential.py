@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from subtomo.errors import SubtomoError
-from subtomo.fourier import crop_rfft, fft_centered, ifft_centered, rfft_frequencies
+from subtomo.fourier import crop_rfft, fft_centered, ifft_centered, lowpass, rfft_frequencies
+from subtomo.geometry.symmetry import symmetry_matrices
 
 POTENTIAL_CONSTANT_V_A2 = 47.878  # h² / (2 pi m0 e) in V·Å²
 PROTEIN_VOLUME_A3_PER_DA = 1.21  # partial specific volume 0.73 cm³/g
@@ -200,8 +201,6 @@ def potential_map(model: AtomicModel, box: int, pixel_size_A: float, bfactor_A2:
 
 def molecular_envelope(volume: torch.Tensor, pixel_size_A: float, volume_A3: float, smooth_A: float = 10.0) -> torch.Tensor:
     """Soft mask of the molecule: the ``volume_A3`` largest voxels of the smoothed map, soft edge, integral = volume."""
-    from subtomo.fourier import lowpass
-
     smooth = lowpass(volume, max(smooth_A, 2.01 * pixel_size_A), pixel_size_A)
     n_vox = int(round(volume_A3 / pixel_size_A ** 3))
     n_vox = max(1, min(n_vox, smooth.numel() - 1))
@@ -229,8 +228,6 @@ def orient_for_symmetry(model: AtomicModel, symmetry: str) -> tuple[AtomicModel,
     import re
 
     from scipy.spatial import cKDTree
-
-    from subtomo.geometry.symmetry import symmetry_matrices
 
     xyz = model.xyz_A - model.xyz_A.mean(0)
     m = re.fullmatch(r"([CD])(\d+)", symmetry.strip().upper())

@@ -32,6 +32,7 @@ import torch
 import subtomo
 from subtomo.ctf.model import Optics, electron_wavelength_A
 from subtomo.errors import SubtomoError
+from subtomo.fourier import lowpass
 from subtomo.io.mrc import read_mrc, write_mrc
 from subtomo.io.mtf import read_mtf
 from subtomo.io.star import write_star
@@ -157,8 +158,6 @@ def build_true_maps(cfg: SimulationConfig, n_classes: int, log: Callable[[str], 
 
 def _maps_from_mrc(src: Path, cfg: SimulationConfig, n_classes: int, log: Callable[[str], None]) -> TrueMaps:
     from scipy.ndimage import zoom
-
-    from subtomo.fourier import lowpass
 
     data, px_in = read_mrc(src)
     if data.ndim != 3 or len(set(data.shape)) != 1:
