@@ -1,7 +1,7 @@
 """The benchmark suite in one command: every stage's benchmark, one table, one JSON record.
 
-Runs bench_simulate, bench_ctf, bench_extract, bench_class2d, bench_refine3d, bench_class3d
-and bench_post, each in its own process with ``--json``, on the simulator's ``benchmark``
+Runs bench_simulate, bench_ctf, bench_extract, bench_class2d, bench_select, bench_refine3d,
+bench_class3d and bench_post, each in its own process with ``--json``, on the simulator's ``benchmark``
 preset (one simulated project, seed 1, shared by ctf, class2d and refine3d; class3d makes its
 own two-conformation ``demo`` project). A stage that fails is recorded with the end of its
 stderr and the suite goes on. At the end it prints one table (stage | figure | value | unit)
@@ -32,7 +32,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-STAGES = ("simulate", "ctf", "extract", "class2d", "refine3d", "class3d", "post")
+STAGES = ("simulate", "ctf", "extract", "class2d", "select", "refine3d", "class3d", "post")
 SEED = 1  # the seed of the shared simulated project (bench_refine3d's default)
 UNITS = (("_subtomograms_per_s", "1/s"), ("_ms_per_window", "ms/window"), ("_s_per_iter", "s/iteration"),
          ("_s_per_series", "s/series"), ("_ms", "ms"), ("_s", "s"), ("_MB", "MB"), ("_A2", "Å²"), ("_A", "Å"),
@@ -67,6 +67,8 @@ def stage_commands(stage: str, projects: Path, threads: int, quick: bool) -> lis
         proj = ["--K", "3", "--iterations", "3"] if quick else ["--K", "10", "--iterations", "25"]
         return [["bench_class2d.py", *thr, *synth],
                 ["bench_class2d.py", *thr, "--project", shared, "--preset", preset, *seed, *proj]]
+    if stage == "select":
+        return [["bench_select.py", *(["--quick"] if quick else [])]]
     if stage == "refine3d":
         its = ["--max-iter", "3"] if quick else ["--max-iter", "12"]
         return [["bench_refine3d.py", "--preset", preset, "--dir", shared, *seed, *thr, *its, "--no-ctf-run"]]

@@ -23,6 +23,7 @@ from subtomo.errors import SubtomoError
 from subtomo.jobs import pipeline as pipeline_file
 from subtomo.jobs.base import JobSpec, JobTerminated, execute
 from subtomo.jobs.registry import all_specs
+from subtomo.web.command import gui_command
 
 
 def _base_type(annotation: Any) -> tuple[Any, bool]:
@@ -171,6 +172,7 @@ def build_cli() -> click.Group:
         group.add_command(_make_command(spec))
     group.add_command(_contracts_command())
     group.add_command(_pipeline_command())
+    group.add_command(gui_command)
     return click.version_option(__version__, prog_name="subtomo")(group)
 
 
