@@ -95,7 +95,8 @@ def simulated_project(project: str, k: int, iterations: int, threads: int, prese
     from subtomo.io.star import read_star
     from subtomo.jobs.base import execute
     from subtomo.jobs.class2d import SPEC, Class2DParams
-    from subtomo.jobs.select import SPEC as SEL, SelectParams
+    from subtomo.jobs.select import SPEC as SEL
+    from subtomo.jobs.select import SelectParams
 
     root = Path(project).resolve()
     if not glob.glob(str(root / "Extract/job*/subtomo_proj2d.star")):

@@ -36,7 +36,8 @@ from bench_refine3d import latest, sh, truth_ctf_node  # noqa: E402
 
 from subtomo.geometry.euler import matrix_to_euler, random_rotations  # noqa: E402
 from subtomo.io.mrc import read_mrc, write_mrc  # noqa: E402
-from subtomo.io.star import read_particles, read_star_table, write_particles  # noqa: E402
+from subtomo.io.particles import read_particles
+from subtomo.io.star import read_star_table, write_particles  # noqa: E402
 from subtomo.simulate.scoring import oracle_poses  # noqa: E402
 
 

@@ -182,7 +182,8 @@ def bench_ctf_accuracy(figs: dict, seed: int = 0) -> None:
     from subtomo.fourier import fft_centered, phase_shift, shell_index
     from subtomo.geometry.euler import euler_to_matrix
     from subtomo.io.mrc import read_mrc
-    from subtomo.io.star import read_particles, read_star_table, write_star
+    from subtomo.io.particles import read_particles
+    from subtomo.io.star import read_star_table, write_star
     from subtomo.jobs import extract as jx
     from subtomo.jobs import import_tomograms as ji
     from subtomo.jobs import prepare as jp

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_json_option, write_figures  # noqa: E402
-from bench_refine3d import latest, sh, truth_ctf_node  # noqa: E402
+from bench_refine3d import sh, truth_ctf_node  # noqa: E402
 
 from subtomo.io.mrc import read_mrc  # noqa: E402
 

@@ -37,7 +37,8 @@ from subtomo.fourier import fsc_maps
 from subtomo.geometry.euler import euler_to_matrix
 from subtomo.geometry.symmetry import symmetry_matrices
 from subtomo.io.mrc import read_mrc
-from subtomo.io.star import read_particles, read_star_table, write_particles, write_star
+from subtomo.io.particles import read_particles
+from subtomo.io.star import read_star_table, write_particles, write_star
 from subtomo.simulate import scoring
 
 RSS_WRAPPER = ("import resource, sys; from subtomo.cli.main import build_cli\n"

@@ -15,7 +15,8 @@ from subtomo.errors import SubtomoError
 from subtomo.fourier import crop_rfft
 from subtomo.geometry.euler import euler_to_matrix
 from subtomo.io.mrc import write_mrc
-from subtomo.io.star import read_particles, read_star, write_star
+from subtomo.io.particles import read_particles
+from subtomo.io.star import read_star, write_star
 from subtomo.jobs.base import execute
 from subtomo.tomo.ctf3d import ParticleCtfModels, ctf3d_from_tilts, from_relion_cube, grid_indices, to_relion_cube
 from subtomo.tomo.defocus import beam_height_A, particle_defocus_A

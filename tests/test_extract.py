@@ -10,7 +10,8 @@ import torch
 from subtomo.errors import SubtomoError
 from subtomo.fourier import fft_centered, ifft_centered, phase_shift
 from subtomo.io.mrc import read_mrc, write_mrc
-from subtomo.io.star import read_particles, write_particles
+from subtomo.io.particles import read_particles
+from subtomo.io.star import write_particles
 from subtomo.jobs.base import execute
 from subtomo.tomo.extract import ExtractionSettings, TomogramBoxReader, box_start, extract_one, normalise, outside_sphere_mask
 

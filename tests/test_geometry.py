@@ -7,10 +7,9 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from subtomo.geometry.euler import (angular_distance_deg, euler_to_matrix, euler_to_matrix_torch, matrix_to_euler,
-                                    random_rotations)
-from subtomo.geometry.symmetry import symmetry_matrices
 from subtomo.errors import SubtomoError
+from subtomo.geometry.euler import angular_distance_deg, euler_to_matrix, euler_to_matrix_torch, matrix_to_euler, random_rotations
+from subtomo.geometry.symmetry import symmetry_matrices
 
 
 def relion_euler_matrix(rot, tilt, psi):

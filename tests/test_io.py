@@ -11,7 +11,8 @@ import pytest
 
 from subtomo.errors import SubtomoError
 from subtomo.io.mrc import read_mrc, read_mrc_header, read_tilt_angles_from_header, write_mrc
-from subtomo.io.star import read_particles, read_star, read_star_table, write_particles, write_star
+from subtomo.io.particles import read_particles
+from subtomo.io.star import read_star, read_star_table, write_particles, write_star
 from subtomo.io.text import match_order_to_tilts, read_coords, read_order, read_tlt
 
 

@@ -112,7 +112,7 @@ def d2_project(tmp_path):
 
 def test_refine3d_job_c1_then_align_d2(d2_project, one_torch_thread):
     from subtomo.geometry.euler import euler_to_matrix
-    from subtomo.io.star import read_particles
+    from subtomo.io.particles import read_particles
     from subtomo.jobs.base import SUCCESS_SENTINEL, execute
     from subtomo.jobs.refine3d import SPEC, Refine3DParams
 

@@ -381,7 +381,7 @@ def _tomo_key(df: pd.DataFrame) -> pd.Series:
 def _number_2d(df: pd.DataFrame) -> pd.Series:
     if "rlnTomoParticleId" in df.columns:
         return df["rlnTomoParticleId"].astype(int)
-    return df["rlnImageName"].astype(str).map(lambda s: int(s.split("@")[0]))  # stack index, as the script
+    return df["rlnImageName"].astype(str).map(lambda s: parse_image_name(s)[0] or 0)  # stack index, as the script
 
 
 def _number_3d(df: pd.DataFrame) -> pd.Series:

@@ -380,6 +380,27 @@ class ParticleSet:
         return [ref.path for ref in self.image_refs(column)]
 
 
+def read_particles(path: str | Path, project: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Read a particle STAR as plain tables (for scripts and tests; jobs keep the :class:`ParticleSet`).
+
+    Parameters
+    ----------
+    path : str or Path
+        Particle STAR file (RELION 3.0 or 3.1+).
+    project : str or Path, optional
+        Directory relative paths are resolved against.
+
+    Returns
+    -------
+    particles : pandas.DataFrame
+        One row per particle with its optics group's columns copied in.
+    optics : pandas.DataFrame or None
+        The optics block, None for a single-block file.
+    """
+    particle_set = ParticleSet.read(path, project)
+    return particle_set.merged(), particle_set.optics
+
+
 def _check_complete_rows(table: pd.DataFrame, file: Path) -> None:
     """Refuse rows with missing fields (a damaged or truncated line reads as NaN)."""
     if table.empty:

@@ -119,39 +119,6 @@ def read_star_table(path: str | Path, block: str | None = None) -> pd.DataFrame:
     return table_of(table)
 
 
-def read_particles(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Read a particle STAR with the optics columns merged into the particle rows.
-
-    Works for 3.0-style single-block files (optics None) and 3.1+ files; optics columns
-    missing from the particle rows are copied in by ``rlnOpticsGroup``.
-
-    Parameters
-    ----------
-    path : str or Path
-        The particle STAR file.
-
-    Returns
-    -------
-    particles : pandas.DataFrame
-        One row per particle (RELION labels, values in the file's units, e.g. rlnImagePixelSize [Å]),
-        with the optics columns it lacked; a column present in both keeps the particle's value.
-    optics : pandas.DataFrame or None
-        The ``data_optics`` table, or None for a single-block file.
-
-    Raises
-    ------
-    SubtomoError
-        The file is missing, unparsable, or has no particle table (:func:`read_star_table`).
-    """
-    blocks = read_star(path)
-    optics = blocks.get("optics")
-    particles = read_star_table(path)
-    if isinstance(optics, pd.DataFrame) and "rlnOpticsGroup" in particles.columns:
-        extra = [c for c in optics.columns if c not in particles.columns or c == "rlnOpticsGroup"]
-        particles = particles.merge(optics[extra], on="rlnOpticsGroup", how="left")
-    return particles, optics if isinstance(optics, pd.DataFrame) else None
-
-
 def write_star(path: str | Path, blocks: Mapping[str, pd.DataFrame | dict] | pd.DataFrame) -> Path:
     """Write blocks atomically; a single DataFrame becomes one block named ``data_``.
 

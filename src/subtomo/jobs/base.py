@@ -19,6 +19,7 @@ import datetime as _dt
 import json
 import os
 import signal
+import socket
 import threading
 import traceback
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import torch
 
 from subtomo import __version__
 from subtomo.errors import SubtomoError
+from subtomo.io.particles import resolve_project_path
 from subtomo.jobs import pipeline as pipeline_file
 from subtomo.jobs.context import ComputeParams, JobContext, JobParams, resolve_device
 from subtomo.jobs.contracts import InputSpec, OutputSpec
@@ -74,7 +76,7 @@ class JobSpec:
 
 def _continued_job_dir(spec: JobSpec, params: JobParams, project: Path, cont: str) -> tuple[Path, str]:
     """The directory of ``--continue-job``, refused unless it is an unfinished job of this type on the same input."""
-    d = Path(cont) if Path(cont).is_absolute() else project / cont
+    d = resolve_project_path(project, cont)
     if not (d / "job.json").exists():
         raise SubtomoError(f"--continue-job {cont}: not a job directory (no job.json). Give the directory of the job to continue.")
     try:
@@ -101,7 +103,7 @@ def _job_dir_for(spec: JobSpec, params: JobParams, project: Path) -> tuple[Path,
     if cont:
         return _continued_job_dir(spec, params, project, cont)
     if params.output:
-        d = Path(params.output) if Path(params.output).is_absolute() else project / params.output
+        d = resolve_project_path(project, params.output)
         if d.exists() and any(d.iterdir()):
             raise SubtomoError(f"--output {params.output}: directory exists and is not empty; nothing of it is overwritten. Choose a new directory.")
         d.mkdir(parents=True, exist_ok=True)
@@ -168,6 +170,7 @@ def execute(spec: JobSpec, params: JobParams, project: str | Path = ".", argv: l
         "command_line": " ".join(argv) if argv else f"subtomo {spec.command}",
         "parameters": params.model_dump(), "subtomo_version": __version__,
         "torch_version": torch.__version__, "started": _dt.datetime.now().isoformat(timespec="seconds"),
+        "pid": os.getpid(), "host": socket.gethostname(),
     }
     proc = Process(name, spec.job_type, STATUS_RUNNING)
     ctx = JobContext(spec, params, project, job_dir, name, state, quiet=quiet)

@@ -21,7 +21,8 @@ from subtomo.fourier import resolution_at_threshold, soft_sphere_mask
 from subtomo.geometry.euler import euler_to_matrix
 from subtomo.geometry.symmetry import symmetry_matrices
 from subtomo.io.mrc import read_mrc
-from subtomo.io.star import read_particles, read_star, read_star_table
+from subtomo.io.particles import read_particles
+from subtomo.io.star import read_star, read_star_table
 from subtomo.plot.html import Figure, Section, Table, write_html_report
 from subtomo.simulate import scoring
 

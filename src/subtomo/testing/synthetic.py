@@ -22,7 +22,7 @@ from subtomo.em.projector3d import Projector3D
 from subtomo.fourier import fft_centered, ifft_centered, phase_shift, rfft_frequencies
 from subtomo.geometry.euler import angular_distance_deg, random_rotations
 from subtomo.io.mrc import write_mrc
-from subtomo.io.star import write_particles
+from subtomo.io.particles import ParticleSet
 
 
 @dataclass
@@ -142,7 +142,7 @@ def write_star_project(ds: SyntheticSet, root: str | Path) -> Path:
     optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
                            "rlnImagePixelSize": [ds.pixel_size_A], "rlnImageSize": [ds.volumes.shape[-1]],
                            "rlnImageDimensionality": [3]})
-    return write_particles(root / "particles.star", particles, optics)
+    return ParticleSet.from_table(particles, optics, root).write(root / "particles.star")
 
 
 def two_class_set(n_per: int = 24, box: int = 24, pixel_size_A: float = 10.0, snr: float = 2.0,
