@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -15,9 +17,9 @@ from subtomo.jobs.registry import all_specs
 
 
 def _matches(filename: str, pattern: str) -> bool:
-    """Whether a Source file name (matched by suffix) can be produced by an OutputSpec pattern."""
-    stem = pattern.split("}")[-1] if "{" in pattern else pattern.split("*")[-1]
-    return filename.endswith(stem) or stem.endswith(filename)
+    """Whether a Source file name (a whole name, or a suffix such as ``_data.star``) fits an OutputSpec pattern."""
+    glob = re.sub(r"\{[^}]*\}", "*", pattern)
+    return fnmatch.fnmatch(filename, glob) or (filename.startswith("_") and glob.endswith(filename))
 
 
 def test_every_contract_is_data_and_names_real_parameters():
