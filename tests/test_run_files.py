@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import pandas as pd
 import torch
 
@@ -65,3 +66,28 @@ def test_latest_optimiser_state_is_the_highest_iteration(tmp_path):
     assert it == 10 and path.name == f"{run_root(10)}_optimiser.pt" and float(state["x"][0]) == 10.0
     assert run_root(None) == "run" and run_root(7) == "run_it007"
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically, no temporary file left
+
+
+def test_checkpoint_with_foreign_objects_is_refused(tmp_path):
+    import os as _os
+
+    import torch
+
+    from subtomo.errors import SubtomoError
+    from subtomo.io.run_files import load_optimiser_state
+
+    path = tmp_path / "run_it001_optimiser.pt"
+    torch.save({"payload": _os.system}, path)  # unpickling this would hand over a callable
+    with pytest.raises(SubtomoError, match="holds objects a checkpoint may not hold"):
+        load_optimiser_state(path)
+
+
+def test_torn_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    save_optimiser_state(tmp_path, 1, {"iteration": 1, "x": np.arange(3)})
+    save_optimiser_state(tmp_path, 2, {"iteration": 2, "x": np.arange(4)})
+    newest = tmp_path / f"{run_root(2)}_optimiser.pt"
+    newest.write_bytes(newest.read_bytes()[:40])  # killed while writing (without the atomic rename)
+    warnings: list[str] = []
+    it, state, path = latest_optimiser_state(tmp_path, warn=warnings.append)
+    assert it == 1 and list(state["x"]) == [0, 1, 2] and path.name == f"{run_root(1)}_optimiser.pt"
+    assert len(warnings) == 1 and "Falling back" in warnings[0]

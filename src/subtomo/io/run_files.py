@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
+from subtomo.errors import SubtomoError
 from subtomo.io.mrc import write_mrc
 from subtomo.io.particles import ParticleSet
 from subtomo.io.star import write_star
@@ -247,22 +248,72 @@ def save_optimiser_state(directory: str | Path, iteration: int, state: dict) -> 
     return path
 
 
-def latest_optimiser_state(directory: str | Path) -> tuple[int, dict, Path] | None:
-    """The optimiser state of the last finished iteration in a job directory.
+def _checkpoint_globals() -> list:
+    """The non-tensor types an optimiser state may hold: numpy arrays and their dtypes."""
+    multiarray = getattr(np, "_core", None) or np.core
+    dtypes = [t for t in vars(np.dtypes).values() if isinstance(t, type)]
+    return [np.ndarray, np.dtype, multiarray.multiarray._reconstruct, *dtypes]
+
+
+def load_optimiser_state(path: str | Path, allowed_types: Sequence[type] = ()) -> dict:
+    """Read one optimiser state without unpickling arbitrary objects.
+
+    Parameters
+    ----------
+    path : str or Path
+        A ``run_itNNN_optimiser.pt`` file.
+    allowed_types : sequence of type
+        The caller's own (data)classes the state may hold, besides tensors and numpy arrays.
+
+    Returns
+    -------
+    dict
+        The state.
+
+    Raises
+    ------
+    SubtomoError
+        The file is damaged, or holds objects of other types (a checkpoint from elsewhere must
+        not run code when it is read).
+    """
+    try:
+        with torch.serialization.safe_globals([*_checkpoint_globals(), *allowed_types]):
+            return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        raise SubtomoError(f"{path}: cannot read this optimiser state ({type(exc).__name__}: {str(exc)[:200]}). It is "
+                           "damaged, or holds objects a checkpoint may not hold.") from exc
+
+
+def latest_optimiser_state(directory: str | Path, allowed_types: Sequence[type] = (),
+                           warn: Callable[[str], None] | None = None) -> tuple[int, dict, Path] | None:
+    """The optimiser state of the last finished iteration that can be read.
+
+    A damaged newest state (a job killed while writing it) is skipped with a warning and the
+    one before it is used.
 
     Parameters
     ----------
     directory : str or Path
         The job directory.
+    allowed_types : sequence of type
+        Passed to :func:`load_optimiser_state`.
+    warn : callable, optional
+        Receives a message for every state that is skipped.
 
     Returns
     -------
     tuple of (int, dict, Path) or None
         (iteration, state, file), or None when no iteration has finished.
     """
-    found = [(int(m.group(1)), f) for f in Path(directory).glob("run_it*_optimiser.pt")
-             if (m := _OPTIMISER_RE.search(f.name))]
-    if not found:
-        return None
-    iteration, path = max(found)
-    return iteration, torch.load(path, weights_only=False), path
+    found = sorted(((int(m.group(1)), f) for f in Path(directory).glob("run_it*_optimiser.pt")
+                    if (m := _OPTIMISER_RE.search(f.name))), reverse=True)
+    for iteration, path in found:
+        try:
+            return iteration, load_optimiser_state(path, allowed_types), path
+        except SubtomoError as exc:
+            if warn is not None:
+                warn(f"{exc} Falling back to the iteration before.")
+    if found:
+        raise SubtomoError(f"{directory}: none of the {len(found)} optimiser states can be read; the job cannot be "
+                           "continued. Start a new job.")
+    return None

@@ -15,6 +15,7 @@ from typing import Callable, TypeVar
 import numpy as np
 
 from subtomo.em.classify import ClassifyIteration, ClassifyState
+from subtomo.em.iteration import PoseTable
 from subtomo.em.model import EMModel
 from subtomo.em.refine import RefineIteration, RefineState
 from subtomo.fourier import resolution_at_threshold
@@ -31,11 +32,13 @@ from subtomo.plot.maps import plot_class_slices, plot_slices
 from subtomo.plot.post import plot_fsc
 
 S = TypeVar("S", RefineState, ClassifyState)
+# the engine's own classes an optimiser state may hold (nothing else is unpickled on --continue-job)
+CHECKPOINT_TYPES: tuple[type, ...] = (PoseTable,)
 
 
 def resume_state(directory: Path, from_dict: Callable[[dict, object], S], device, log: Callable[[str], None]) -> S | None:
     """The engine state of the last finished iteration in ``directory`` (``--continue-job``), or None."""
-    found = latest_optimiser_state(directory)
+    found = latest_optimiser_state(directory, CHECKPOINT_TYPES, warn=log)
     if found is None:
         return None
     iteration, state, path = found

@@ -104,7 +104,7 @@ def _run(ctx: JobContext) -> None:
     if {"rlnOriginXAngst", "rlnOriginYAngst"} <= set(particles.table.columns):  # 2D origins (no Z)
         origin = particles.table[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float) / px
     start = 1
-    resumed = latest_optimiser_state(ctx.dir) if p.continue_job else None
+    resumed = latest_optimiser_state(ctx.dir, warn=ctx.warn) if p.continue_job else None
     if resumed is not None:
         last, state, _ = resumed
         saved = state["settings"]
