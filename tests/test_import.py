@@ -93,8 +93,27 @@ def test_no_tlt_and_no_header_angles(tmp_path):
 
 def test_order_without_matching_tilt(tmp_path):
     d = make_layout(tmp_path)
-    (d / "tomo1.order").write_text("0 0\n1 2\n-1 4\n")
+    (d / "tomo1.order").write_text("0 0\n1 2\n-1 4\n2 6\n-2 8\n")
     assert_fails_and_writes_nothing(tmp_path, "tomo1.order: no line with a tilt angle within 3.25 deg of the refined tilt")
+
+
+@pytest.mark.parametrize("lines", [4, 6])
+def test_order_with_another_number_of_lines_than_images(tmp_path, lines):
+    d = make_layout(tmp_path)
+    angles = [0, 3, -3, 6, -6, 9][:lines]
+    (d / "tomo1.order").write_text("".join(f"{t:.1f} {i * 2.0:.1f}\n" for i, t in enumerate(angles)))
+    assert_fails_and_writes_nothing(tmp_path, f"tomo1.order: {lines} lines for the 5 images of the tilt series",
+                                    "one line per image")
+
+
+def test_repeated_zero_tilt_gets_its_own_dose():
+    from subtomo.io.text import match_order_to_tilts
+
+    tilts = np.array([0.1, 3.0, -0.1, -3.0])  # two images near 0 deg (start and return of a bidirectional series)
+    order = np.array([[0.0, 0.0], [3.0, 3.0], [0.0, 6.0], [-3.0, 9.0]])
+    dose, diff = match_order_to_tilts(tilts, order)
+    assert sorted(dose[[0, 2]].tolist()) == [0.0, 6.0] and dose[1] == 3.0 and dose[3] == 9.0
+    assert diff.max() < 0.2
 
 
 def test_trial_must_hold_twice_the_images(tmp_path):

@@ -183,7 +183,11 @@ def _scan_one(project: Path, d: Path, pixel_size_A: float | None, problems: list
         if len(coords) == 0:
             problems.append(f"{_rel(project, files['.coords'])}: no particles. Fix: Step 3, one line x y z per particle.")
     dose = np.zeros(0)
-    if tilts is not None and order is not None and len(order):
+    if tilts is not None and order is not None and len(order) and len(order) != len(tilts):
+        problems.append(f"{_rel(project, files['.order'])}: {len(order)} lines for the {len(tilts)} images of the tilt "
+                        f"series ({_rel(project, files['.tlt'])}). Fix: Step 6, one line per image (tilt angle and "
+                        "accumulated dose), no more and no fewer.")
+    elif tilts is not None and order is not None and len(order):
         dose, diff = match_order_to_tilts(tilts, order)
         step = float(np.ptp(tilts) / max(len(tilts) - 1, 1)) if len(tilts) > 1 else 0.0
         worst = int(np.argmax(diff)) if len(diff) else 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from subtomo.errors import SubtomoError
 
@@ -116,8 +117,11 @@ def read_order(path: str | Path) -> np.ndarray:
 def match_order_to_tilts(tilts_deg: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Accumulated dose for each refined tilt from ``.order`` rows of (nominal) tilt, dose.
 
-    As Step 6 says, nominal angles are assigned to the closest refined tilt: each tilt
-    takes the dose of the ``.order`` row whose angle is nearest.
+    As Step 6 says, nominal angles are assigned to the closest refined tilt. With one row per
+    image (the valid case) the assignment is one-to-one (the pairing with the smallest total
+    angle difference), so two images at nearly the same angle (a repeated 0° tilt) get their
+    own rows; with another number of rows each tilt takes the nearest row (callers report the
+    count mismatch).
 
     Parameters
     ----------
@@ -136,7 +140,10 @@ def match_order_to_tilts(tilts_deg: np.ndarray, order: np.ndarray) -> tuple[np.n
     """
     tilts = np.asarray(tilts_deg, dtype=np.float64)
     diff = np.abs(tilts[:, None] - order[None, :, 0])
-    nearest = np.argmin(diff, axis=1)
+    if len(order) == len(tilts):
+        _, nearest = linear_sum_assignment(diff)
+    else:
+        nearest = np.argmin(diff, axis=1)
     return order[nearest, 1].copy(), diff[np.arange(len(tilts)), nearest]
 
 
