@@ -56,7 +56,7 @@ def test_good_layout_writes_all_tomograms_star(tmp_path):
     ctx = run_import(tmp_path)
     table = read_star_table(ctx.path("all_tomograms.star"))
     assert table["rlnMicrographName"].tolist() == ["Tomograms/tomo1/tomo1.mrc", "Tomograms/tomo2/tomo2.mrc"]
-    assert table["rlnNumberOfParticles"].tolist() == [2, 2]
+    assert table["subtomoNumberOfParticles"].tolist() == [2, 2]
     tilts = read_star_table(ctx.path("tilt_series/tomo1.star"))
     assert tilts["rlnTomoNominalStageTiltAngle"].tolist() == TILTS
     # .order lists nominal angles 0.3 deg off; each refined tilt takes the closest line's dose
@@ -124,7 +124,7 @@ def test_trial_must_hold_twice_the_images(tmp_path):
 def test_good_trial_is_accepted(tmp_path):
     make_layout(tmp_path, trial_images=10)
     ctx = run_import(tmp_path)
-    assert read_star_table(ctx.path("all_tomograms.star"))["rlnTomoHasTrials"].tolist() == [1]
+    assert read_star_table(ctx.path("all_tomograms.star"))["subtomoHasTrials"].tolist() == [1]
 
 
 def test_coordinates_outside_tomogram(tmp_path):

@@ -3,7 +3,8 @@
 ``Tomograms/<name>/`` holds ``<name>.mrc`` (tomogram), ``<name>.coords`` (particle
 centres, pixels), ``<name>.mrcs`` (aligned tilt series), ``<name>.tlt`` (refined tilt
 angles; optional if the stack's extended header has them), ``<name>.order`` (tilt and
-accumulated dose) and optionally ``<name>.trial`` (two CTF trial images per tilt).
+accumulated dose) and optionally ``<name>.trial`` (two CTF trial images per tilt). The
+tomogram may instead be an OME-Zarr image ``<name>.zarr`` (read lazily, finest level).
 :func:`scan_layout` collects *every* problem before failing, each naming the file, the
 problem and the fix.
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from subtomo.errors import SubtomoError
-from subtomo.io.mrc import read_mrc_header, read_tilt_angles_from_header
+from subtomo.io.mrc import is_ome_zarr, read_mrc_header, read_tilt_angles_from_header, read_tomogram_header
 from subtomo.io.text import match_order_to_tilts, read_coords, read_order, read_tlt
 
 PIXEL_SIZE_TOLERANCE = 1e-3  # relative
@@ -104,6 +105,8 @@ def _rel(project: Path, p: Path) -> Path:
 def _scan_one(project: Path, d: Path, pixel_size_A: float | None, problems: list[str]) -> TomogramInputs | None:
     name = d.name
     files = {ext: d / f"{name}{ext}" for ext in (".mrc", ".coords", ".mrcs", ".tlt", ".order", ".trial")}
+    if not files[".mrc"].exists() and is_ome_zarr(d / f"{name}.zarr"):
+        files[".mrc"] = d / f"{name}.zarr"  # an OME-Zarr tomogram (read lazily, finest level)
     n_before = len(problems)
     for ext, what, protocol_step in ((".mrc", "tomogram", "Step 2"), (".coords", "particle coordinates", "Step 3"),
                             (".mrcs", "aligned tilt series", "Step 4"), (".order", "tilt angle / accumulated dose list", "Step 6")):
@@ -113,7 +116,7 @@ def _scan_one(project: Path, d: Path, pixel_size_A: float | None, problems: list
     if len(problems) > n_before:
         return None
     try:
-        tomo_shape, tomo_px = read_mrc_header(files[".mrc"])
+        tomo_shape, tomo_px = read_tomogram_header(files[".mrc"])
         ts_shape, ts_px = read_mrc_header(files[".mrcs"])
     except SubtomoError as exc:
         problems.append(str(exc))

@@ -14,6 +14,7 @@ import mrcfile
 import numpy as np
 
 from subtomo.errors import SubtomoError
+from subtomo.io.importers.omezarr import OmeZarrTomogram, open_ome_zarr
 
 _BITS_PER_VOXEL = {0: 8, 1: 16, 2: 32, 3: 32, 4: 64, 6: 16, 12: 16, 101: 4}  # MRC mode -> bits
 
@@ -136,6 +137,64 @@ def open_mrc_mmap(path: str | Path) -> mrcfile.mrcmemmap.MrcMemmap:
         return mrcfile.mmap(path, mode="r", permissive=True)
     except (ValueError, OSError) as exc:
         raise SubtomoError(f"{path}: not a valid MRC file ({exc}).") from exc
+
+
+def is_ome_zarr(path: str | Path) -> bool:
+    """Whether ``path`` names an OME-Zarr image (a ``.zarr`` directory) rather than an MRC file.
+
+    Parameters
+    ----------
+    path : str or Path
+        A tomogram path.
+
+    Returns
+    -------
+    bool
+    """
+    p = Path(path)
+    return p.suffix == ".zarr" or (p.is_dir() and ((p / ".zattrs").is_file() or (p / "zarr.json").is_file()))
+
+
+def open_tomogram(path: str | Path, pixel_size_A: float | None = None) -> mrcfile.mrcmemmap.MrcMemmap | OmeZarrTomogram:
+    """Open a tomogram lazily: an MRC file memory-mapped, or one level of an OME-Zarr image.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.mrc``/``.rec`` file or ``.zarr`` directory.
+    pixel_size_A : float, optional
+        OME-Zarr only: the level with this pixel size [Å] (default: the finest).
+
+    Returns
+    -------
+    mrcfile.mrcmemmap.MrcMemmap or OmeZarrTomogram
+        Either way ``.data`` is (z, y, x), sliced without reading the rest, ``.voxel_size.x``
+        is the pixel size [Å], and the object is a context manager with ``close()``.
+    """
+    if is_ome_zarr(path):
+        return open_ome_zarr(path, pixel_size_A)
+    return open_mrc_mmap(path)
+
+
+def read_tomogram_header(path: str | Path) -> tuple[tuple[int, int, int], float]:
+    """Shape and pixel size of an MRC or OME-Zarr tomogram (finest level), without reading the data.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.mrc`` file or ``.zarr`` directory.
+
+    Returns
+    -------
+    shape : tuple of int
+        (nz, ny, nx) [px].
+    pixel_size_A : float
+        Pixel size [Å].
+    """
+    if is_ome_zarr(path):
+        with open_ome_zarr(path) as t:
+            return (int(t.data.shape[0]), int(t.data.shape[1]), int(t.data.shape[2])), float(t.voxel_size.x)
+    return read_mrc_header(path)
 
 
 def read_mrc_header(path: str | Path) -> tuple[tuple[int, int, int], float]:

@@ -39,7 +39,6 @@ from subtomo.io.star import write_star
 from subtomo.io.text import write_text_rows
 from subtomo.simulate import potential as pot
 from subtomo.simulate.presets import SimulationConfig
-from subtomo.simulate.reconstruct import weighted_backprojection
 from subtomo.simulate.sample import Objects, gold_bead_map, junk_map, place_spheres, random_poses
 from subtomo.simulate.tiltseries import (
     WATER_MOLECULES_PER_A3,
@@ -60,6 +59,7 @@ from subtomo.simulate.tiltseries import (
     tilt_scheme,
     water_noise_std,
 )
+from subtomo.tomo.reconstruct import weighted_backprojection
 
 DATA_DIR = Path(subtomo.__file__).resolve().parent / "data"
 DEFAULT_STRUCTURE = DATA_DIR / "3j9i_Tacidophilum_20S_proteasome.pdb.gz"
