@@ -25,7 +25,7 @@ import torch
 
 from subtomo.errors import SubtomoError
 from subtomo.fourier import fourier_resize
-from subtomo.io.mrc import open_mrc_mmap
+from subtomo.io.mrc import open_tomogram
 
 
 def box_start(coord_px: np.ndarray, box: int) -> tuple[np.ndarray, np.ndarray]:
@@ -293,7 +293,7 @@ class TomogramBoxReader:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._mrc = open_mrc_mmap(self.path)
+        self._mrc = open_tomogram(self.path)  # MRC memory-mapped, or OME-Zarr read lazily
         self.data = self._mrc.data
         self.shape_zyx = tuple(int(n) for n in self.data.shape)
         self.pixel_size_A = float(self._mrc.voxel_size.x)
