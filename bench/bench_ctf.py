@@ -151,7 +151,7 @@ def simulated_project(args, preset: str, figs: dict) -> None:
         tomos = read_star_table(ctx.path("ctf_tomograms.star"))
         errs, fit_errs, tilts, failed = [], [], [], []
         for _, row in tomos.iterrows():
-            res = read_star_table(root / row["rlnCtfFindResultsStar"])
+            res = read_star_table(root / row["subtomoCtfResultsStar"])
             gt = truth[truth["rlnTomoName"] == row["rlnTomoName"]].reset_index(drop=True)
             est = (res["rlnDefocusU"] + res["rlnDefocusV"]).to_numpy() / 2
             ref = (gt["rlnDefocusU"] + gt["rlnDefocusV"]).to_numpy() / 2

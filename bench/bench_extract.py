@@ -212,7 +212,7 @@ def bench_ctf_accuracy(figs: dict, seed: int = 0) -> None:
             cols = ["rlnMicrographName", "rlnTomoNominalStageTiltAngle", "rlnMicrographPreExposure", "rlnDefocusU",
                     "rlnDefocusV", "rlnDefocusAngle"]
             paths.append(str(write_star(ctf_dir / f"{name}_ctffind.star", {name: rows[cols]}).relative_to(root)))
-        tomos["rlnCtfFindResultsStar"] = paths
+        tomos["subtomoCtfResultsStar"] = paths
         write_star(ctf_dir / "ctf_tomograms.star", tomos)
         ctf_in = str((ctf_dir / "ctf_tomograms.star").relative_to(root))
         variants = {

@@ -83,7 +83,7 @@ def truth_ctf_node(project: Path) -> Path:
         write_star(out / f"{t}_ctffind.star", {t: tab})
         paths.append(f"CtfTruth/{t}_ctffind.star")
     tomos = tomos.copy()
-    tomos["rlnCtfFindResultsStar"] = paths
+    tomos["subtomoCtfResultsStar"] = paths
     return write_star(out / "ctf_tomograms.star", {"global": tomos})
 
 

@@ -228,7 +228,7 @@ def test_job_writes_contract_outputs(fitted_project):
     assert np.all(np.abs(mean - TRUE_D) < 500), mean - TRUE_D
     assert table["subtomoCtfFitFailed"].sum() == 0
     tomos = read_star_table(ctx.path("ctf_tomograms.star"))
-    assert tomos["rlnCtfFindResultsStar"].tolist() == [f"{ctx.name}TS01_ctffind.star"]
+    assert tomos["subtomoCtfResultsStar"].tolist() == [f"{ctx.name}TS01_ctffind.star"]
     assert tomos["subtomoSkipCtf"].tolist() == [0]
     assert tomos["subtomoCtfReplacedByTrend"].tolist() == [0] and tomos["subtomoCtfUnknown"].tolist() == [0]
     assert np.allclose(table["subtomoCtfFittedDefocus"], mean)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import pandas as pd
+import pytest
 import torch
 
 from subtomo.em.iteration import PoseTable
@@ -29,7 +29,7 @@ def test_model_star_holds_the_model(tmp_path):
     blocks = read_star(path)
     general = blocks["model_general"]
     assert general["rlnPixelSize"] == 4.0 and general["rlnNrClasses"] == 2
-    assert abs(general["rlnCurrentResolution"] - 4 / (16 * 4.0)) < 1e-9  # shell 4 of a 16 px box at 4 Å
+    assert abs(general["rlnCurrentResolution"] - 16.0) < 1e-9  # shell 4 of a 16 px box at 4 Å: 16 Å (RELION writes Å)
     assert abs(general["rlnSigmaOffsetsAngst"] - 1.5 * 4.0) < 1e-9
     classes = blocks["model_classes"]
     np.testing.assert_allclose(classes["rlnClassDistribution"], [0.25, 0.75])

@@ -185,7 +185,7 @@ def test_output_passes_import(tiny):
     ctx = execute(IMPORT, ImportParams(), tiny, quiet=True)
     table = read_star_table(ctx.dir / "all_tomograms.star")
     assert table["rlnTomoName"].tolist() == ["TS_01"]
-    assert int(table["rlnTomoHasTrials"].iloc[0]) == 1
+    assert int(table["subtomoHasTrials"].iloc[0]) == 1
 
 
 def _particles(project: Path):

@@ -26,6 +26,7 @@ from subtomo.ctf.trend import check_against_trend, ctf_unknown
 from subtomo.errors import SubtomoError
 from subtomo.io.mrc import open_mrc_mmap, read_mrc_header
 from subtomo.io.particles import resolve_project_path
+from subtomo.io.relion import upgrade_legacy_labels
 from subtomo.io.star import read_star_table
 
 RESULT_COLUMNS = [
@@ -471,7 +472,8 @@ def merge_refitted(previous: pd.DataFrame, new: pd.DataFrame, rows: list[int], p
 
 def fit_tilt_series(series: TiltSeries, params: CtfSearchParams, rows: list[int], use_trials: bool = False,
                     device: torch.device | str = "cpu", batch: int = 8, diagnostics: bool = False,
-                    progress: Progress | None = None) -> tuple[pd.DataFrame, CtfFit, list[tuple[int, int]]]:
+                    progress: Progress | None = None,
+                    handedness: int = -1) -> tuple[pd.DataFrame, CtfFit, list[tuple[int, int]]]:
     """Fit the CTF of images ``rows`` of a tilt series (or of their trial images).
 
     Parameters
@@ -486,6 +488,10 @@ def fit_tilt_series(series: TiltSeries, params: CtfSearchParams, rows: list[int]
         Fit the two trial images of each tilt (``<stack>.trial``) and use their mean.
     device, batch, diagnostics, progress
         Torch device, images per batch, keep diagnostics for plots, progress wrapper.
+    handedness : int
+        Defocus handedness of the tilt gradient (docs/conventions.md): −1 (default), at
+        positive tilt the right side (x > 0) is more underfocused (offset x tan θ); +1 the
+        opposite (the fits see the tilts with their sign flipped).
 
     Returns
     -------
@@ -503,15 +509,16 @@ def fit_tilt_series(series: TiltSeries, params: CtfSearchParams, rows: list[int]
     if bad:
         raise SubtomoError(f"--image {','.join(map(str, bad))}: {series.name} has {len(series)} images.")
     tilts = series.tilts_deg
+    grad = -handedness * tilts  # the estimator's gradient is x tan(tilt): hand -1
     if use_trials:
         trial = series.stack.with_suffix(".trial")
         if not trial.exists():
             raise SubtomoError(f"{trial}: not found; --use-trials needs a .trial stack (2 images per tilt) beside "
                                f"{series.stack.name}.")
-        fit, raw = estimate_trials(trial, tilts, series.optics, params, rows, device, batch, progress)
+        fit, raw = estimate_trials(trial, grad, series.optics, params, rows, device, batch, progress)
         diagnostic_fit, labels, source = raw, [(i, k) for i in rows for k in (1, 2)], "trials"
     else:
-        fit = estimate_stack(series.stack, tilts[rows], series.optics, params, rows, device, batch,
+        fit = estimate_stack(series.stack, grad[rows], series.optics, params, rows, device, batch,
                              diagnostics=diagnostics, progress=progress)
         diagnostic_fit, labels, source = fit, [(i, 0) for i in rows], "fit"
     table = results_table([series.image_names[i] for i in rows], tilts[rows], series.pre_exposure[rows], fit, source)
@@ -593,7 +600,7 @@ class SeriesEstimate:
 def estimate_series(series: TiltSeries, params: CtfSearchParams, rows: list[int], previous: pd.DataFrame | None = None,
                     previous_path: Path | None = None, max_deviation_A: float = 10000.0, trend_tolerance: float = 3.0,
                     use_trials: bool = False, device: torch.device | str = "cpu", batch: int = 8,
-                    diagnostics: bool = False, progress: Progress | None = None) -> SeriesEstimate:
+                    diagnostics: bool = False, progress: Progress | None = None, handedness: int = -1) -> SeriesEstimate:
     """Fit images ``rows`` of a tilt series, then check the whole series for consistency.
 
     The fits (:func:`fit_tilt_series`) replace ``rows`` of ``previous`` (a table to update,
@@ -611,7 +618,7 @@ def estimate_series(series: TiltSeries, params: CtfSearchParams, rows: list[int]
         The series' previous table (n rows) to update; ``previous_path`` names its file.
     max_deviation_A, trend_tolerance : float
         The two consistency checks' thresholds (0: off).
-    use_trials, device, batch, diagnostics, progress
+    use_trials, device, batch, diagnostics, progress, handedness
         As for :func:`fit_tilt_series`.
 
     Returns
@@ -621,7 +628,8 @@ def estimate_series(series: TiltSeries, params: CtfSearchParams, rows: list[int]
     """
     (_, ny, nx), _ = read_mrc_header(series.stack)
     notes = list(effective_band((ny, nx), series.optics.pixel_size_A, params).notes)
-    new, diagnostic_fit, labels = fit_tilt_series(series, params, rows, use_trials, device, batch, diagnostics, progress)
+    new, diagnostic_fit, labels = fit_tilt_series(series, params, rows, use_trials, device, batch, diagnostics, progress,
+                                                  handedness)
     table = merge_refitted(previous, new, rows, previous_path or Path("previous table")) if previous is not None else new
     if len(table) != len(series):
         raise SubtomoError(f"{previous_path}: {len(table)} rows but {series.name} has {len(series)} images.")
@@ -642,6 +650,63 @@ def estimate_series(series: TiltSeries, params: CtfSearchParams, rows: list[int]
                             f"at 0 deg, {trend.tolerance_A(np.full(1, 60.0))[0]:.0f} A at 60 deg); {len(check.flagged)} "
                             f"fit(s) off the trend, {len(check.replaced)} image(s) given the trend's defocus")
     return result
+
+
+def handedness_scores(series: TiltSeries, params: CtfSearchParams, min_tilt_deg: float = 30.0, n_images: int = 4,
+                      device: torch.device | str = "cpu") -> dict[int, float]:
+    """How well each defocus handedness fits the highest-tilt images (where the gradient is largest).
+
+    Parameters
+    ----------
+    series : TiltSeries
+        The tilt series.
+    params : CtfSearchParams
+        Search options (with the tilt gradient on).
+    min_tilt_deg : float
+        Only images with |tilt| >= this [deg].
+    n_images : int
+        At most this many images, highest |tilt| first.
+    device : torch.device or str
+        Where to fit.
+
+    Returns
+    -------
+    dict of int to float
+        {−1: score, +1: score}: mean figure of merit (2D correlation of data and model) of
+        the images' fits with each hand; empty when no image is tilted enough.
+    """
+    order = np.argsort(-np.abs(series.tilts_deg), kind="stable")
+    rows = [int(i) for i in order[:n_images] if abs(series.tilts_deg[i]) >= min_tilt_deg]
+    if not rows or not params.tilt_gradient:
+        return {}
+    tilts = series.tilts_deg[rows]
+    return {hand: float(np.mean(estimate_stack(series.stack, -hand * tilts, series.optics, params, rows, device,
+                                               len(rows)).figure_of_merit)) for hand in (-1, 1)}
+
+
+def handedness_report(series: TiltSeries, params: CtfSearchParams, chosen: int,
+                      device: torch.device | str = "cpu") -> tuple[str, bool] | None:
+    """A log line with both hands' scores on the highest tilts (:func:`handedness_scores`).
+
+    Parameters
+    ----------
+    series, params, device
+        As for :func:`handedness_scores`.
+    chosen : int
+        The handedness in use (−1 or +1).
+
+    Returns
+    -------
+    tuple of (str, bool) or None
+        The message and whether the other hand fits better (a warning); None without tilted images.
+    """
+    hs = handedness_scores(series, params, device=device)
+    if not hs:
+        return None
+    better = max(hs, key=lambda h: hs[h])
+    advice = "" if better == chosen else f"; hand {better:+d} fits better: consider --defocus-handedness {better:+d} (ctf, prepare)"
+    return (f"defocus handedness on the highest tilts: mean fit score {hs[-1]:.4f} for hand -1, {hs[1]:.4f} for hand +1"
+            f" (using {chosen:+d}){advice}", better != chosen)
 
 
 def previous_results(project: Path, job_dir: str, node: str = "ctf_tomograms.star") -> dict[str, Path]:
@@ -665,4 +730,5 @@ def previous_results(project: Path, job_dir: str, node: str = "ctf_tomograms.sta
     if not path.exists():
         raise SubtomoError(f"--update {job_dir}: {path} not found. Give a finished CtfFind job directory.")
     table = read_star_table(path)
-    return {str(r["rlnTomoName"]): resolve_project_path(project, str(r["rlnCtfFindResultsStar"])) for _, r in table.iterrows()}
+    table = upgrade_legacy_labels(table)
+    return {str(r["rlnTomoName"]): resolve_project_path(project, str(r["subtomoCtfResultsStar"])) for _, r in table.iterrows()}

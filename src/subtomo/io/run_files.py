@@ -183,7 +183,7 @@ def write_model_star(path: str | Path, model: ModelSpectra, map_names: list[str]
     res = np.where(r > 0, n * px / np.maximum(r, 1), 999.0)
     blocks: dict = {"model_general": _model_general(model, extra_general)}
     blocks["model_classes"] = pd.DataFrame({
-        "rlnReferenceImage": map_names,
+        "rlnReferenceImage": [project_relative_name(path, m) for m in map_names],
         "rlnClassDistribution": _np(model.class_priors),
         "rlnAccuracyRotations": [accuracy_rot_deg if accuracy_rot_deg is not None else 999.0] * k,
         "rlnAccuracyTranslationsAngst": [accuracy_trans_px * px if accuracy_trans_px is not None else 999.0] * k,
@@ -204,6 +204,34 @@ def write_model_star(path: str | Path, model: ModelSpectra, map_names: list[str]
     return write_star(path, blocks)
 
 
+_JOB_DIR_RE = re.compile(r"job\d{3,}$")
+
+
+def project_relative_name(star_path: str | Path, name: str) -> str:
+    """A file name inside a job directory as RELION writes it: relative to the project.
+
+    ``run_class001.mrc`` (or ``k@run_it003_classes.mrcs``) of a STAR file in
+    ``<project>/<JobType>/jobNNN/`` becomes ``<JobType>/jobNNN/run_class001.mrc``; names that
+    already contain a directory, and files outside a job directory, are kept.
+
+    Parameters
+    ----------
+    star_path : str or Path
+        The STAR file being written.
+    name : str
+        A file name, optionally ``index@name``.
+
+    Returns
+    -------
+    str
+    """
+    index, sep, file = name.rpartition("@") if "@" in name else ("", "", name)
+    job = Path(star_path).parent
+    if "/" in file or not _JOB_DIR_RE.match(job.name):
+        return name
+    return f"{index}{sep}{job.parent.name}/{job.name}/{file}"
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().double().numpy()
 
@@ -212,7 +240,7 @@ def _model_general(model: ModelSpectra, extra: dict | None) -> dict:
     n, px = model.box, model.pixel_size_A
     general = {
         "rlnReferenceDimensionality": model.ndim, "rlnDataDimensionality": model.ndim,
-        "rlnOriginalImageSize": n, "rlnCurrentResolution": 1.0 / model.current_resolution_A,
+        "rlnOriginalImageSize": n, "rlnCurrentResolution": model.current_resolution_A,  # Å, as RELION writes it
         "rlnCurrentImageSize": model.current_size or n, "rlnPaddingFactor": 2,
         "rlnFourierSpaceInterpolator": 1, "rlnMinRadiusNnInterpolation": 10,
         "rlnPixelSize": px, "rlnNrClasses": model.n_classes, "rlnNrBodies": 1, "rlnNrGroups": 1,

@@ -2,7 +2,7 @@
 
 Writes ``CtfFind/jobNNN/<t>_ctffind.star`` per tomogram (one row per image of the
 aligned stack, in stack order), ``ctf_tomograms.star`` (the input tomogram rows plus
-``rlnCtfFindResultsStar``, ``subtomoSkipCtf``, ``subtomoCtfReplacedByTrend`` (images given the
+``subtomoCtfResultsStar``, ``subtomoSkipCtf``, ``subtomoCtfReplacedByTrend`` (images given the
 series' defocus trend, :mod:`subtomo.ctf.trend`) and ``subtomoCtfUnknown``; later stages default to it), a
 diagnostic PNG per image (``Diagnostics/<t>/<t>_NNN.png``) and per series
 (``Diagnostics/<t>_summary.png``), and ``relion_subtomo_commands.txt`` with a command
@@ -26,6 +26,7 @@ from subtomo.ctf.series import (
     TOMOGRAM_COLUMNS,
     apply_lower_tilt_defoci,
     estimate_series,
+    handedness_report,
     previous_results,
     read_tilt_series,
     results_table,
@@ -35,6 +36,7 @@ from subtomo.ctf.series import (
 )
 from subtomo.errors import SubtomoError
 from subtomo.io.particles import path_component
+from subtomo.io.relion import upgrade_legacy_labels
 from subtomo.io.star import read_star_table, write_star
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
 from subtomo.jobs.contracts import InputSpec, NodeType, OutputSpec, Source
@@ -52,6 +54,7 @@ class CtfParams(ComputeParams):
     defocus_step: float = Field(500.0, gt=0, description="Step of the exhaustive defocus search [Å].")
     astigmatism: float = Field(1000.0, ge=0, description="Expected astigmatism |DefocusU - DefocusV| [Å]; fits up to 2x this; 0: none.")
     tilt_gradient: bool = Field(True, description="Model the defocus gradient across tilted images (x tan(tilt)); defocus is reported at the image centre.")
+    defocus_handedness: int = Field(-1, description="Hand of that gradient, -1 or +1 (docs/conventions.md): -1 (default) the right side (x > 0) is more underfocused at positive tilt; the log reports which hand fits the highest tilts better (both scores).")
     use_trials: bool = Field(False, description="Estimate on Tomograms/<t>/<t>.trial (2 images per tilt) and use their mean (Step 11).")
     lower_tilt_defoci: float | None = Field(None, gt=0, description="Tilts with |tilt| above this get the mean defocus of those below it (Step 11) [deg].")
     skip_ctf: bool = Field(False, description="No CTF correction (phase plate, low target resolution; Table 1): defocus 0, wedge/dose weighting only.")
@@ -72,6 +75,8 @@ def _check(p: CtfParams, project: Path) -> dict:
     problems = []
     if p.import_ctffind and p.import_imod:
         problems.append("--import-ctffind and --import-imod: give one of them.")
+    if p.defocus_handedness not in (-1, 1):
+        problems.append(f"--defocus-handedness {p.defocus_handedness}: must be -1 or +1.")
     if p.skip_ctf and (p.import_ctffind or p.import_imod or p.use_trials):
         problems.append("--skip-ctf writes defocus 0; it cannot be combined with --use-trials or --import-*.")
     if p.use_trials and (p.import_ctffind or p.import_imod):
@@ -92,18 +97,16 @@ def _check(p: CtfParams, project: Path) -> dict:
     if problems:
         raise SubtomoError("invalid options for subtomo ctf", problems)
     inp = SPEC.input("i").resolve(project, p.i)
-    tomos = read_star_table(inp)
+    tomos = upgrade_legacy_labels(read_star_table(inp))  # files of older versions
     for col in TOMOGRAM_COLUMNS:
         if col not in tomos.columns:
             raise SubtomoError(f"{inp}: column {col} missing; this is not an all_tomograms.star from subtomo import. Re-run subtomo import.")
     names = [path_component(n, "rlnTomoName", inp) for n in tomos["rlnTomoName"]]  # outputs are named after them
     if p.tomo:
-        unknown = [t for t in p.tomo if t not in names]
-        if unknown:
+        if unknown := [t for t in p.tomo if t not in names]:
             raise SubtomoError(f"--tomo {','.join(unknown)}: not in {inp} (tomograms: {', '.join(names)}).")
     previous = previous_results(project, p.update, RESULTS_NODE) if p.update else {}
-    missing = [n for n in names if p.update and n not in previous and not (p.tomo and n in p.tomo)]
-    if missing:
+    if missing := [n for n in names if p.update and n not in previous and not (p.tomo and n in p.tomo)]:
         raise SubtomoError(f"--update {p.update}: has no results for {', '.join(missing)}; give them with --tomo.")
     if p.image and p.tomo and p.tomo[0] not in previous:
         raise SubtomoError(f"--update {p.update}: has no results for {p.tomo[0]} to update single images in.")
@@ -124,10 +127,8 @@ _RERUN_OPTIONS = ("box", "res_min", "res_max", "defocus_min", "defocus_max", "de
 def _rerun_command(ctx: JobContext, p: CtfParams, inp: Path, name: str, image: int) -> str:
     opts = [f"--i {ctx.rel(inp)}", f"--update {ctx.name}", f"--tomo {name}", f"--image {image}"]
     opts += [f"--{key.replace('_', '-')} {getattr(p, key):g}" for key in _RERUN_OPTIONS]
-    if not p.tilt_gradient:
-        opts.append("--no-tilt-gradient")
-    if p.use_trials:
-        opts.append("--use-trials")
+    opts += ["--no-tilt-gradient"] * (not p.tilt_gradient) + ["--use-trials"] * p.use_trials
+    opts += [f"--defocus-handedness {p.defocus_handedness:+d}"] * (p.defocus_handedness != -1)
     if p.lower_tilt_defoci is not None:
         opts.append(f"--lower-tilt-defoci {p.lower_tilt_defoci:g}")
     return "subtomo ctf " + " ".join(opts)
@@ -153,7 +154,9 @@ def _tomogram_table(ctx: JobContext, row: pd.Series, prev_path: Path | None) -> 
     sel = [i - 1 for i in p.image] if p.image else list(range(n))
     previous = read_star_table(prev_path) if p.image and prev_path else None
     est = estimate_series(series, _search_params(p), sel, previous, prev_path, p.max_defocus_deviation, p.trend_tolerance,
-                          p.use_trials, ctx.device, p.batch, p.plots, ctx.progress)
+                          p.use_trials, ctx.device, p.batch, p.plots, ctx.progress, p.defocus_handedness)
+    if not p.image and (hand := handedness_report(series, _search_params(p), p.defocus_handedness, ctx.device)):
+        (ctx.warn if hand[1] else ctx.log)(f"{name}: {hand[0]}")
     for note in est.notes:
         ctx.log(f"{name}: {note}")
     for warning in est.warnings:
@@ -172,7 +175,7 @@ def _report(ctx: JobContext, row: pd.Series, table: pd.DataFrame, source: str, o
     failed = table.index[table.get("subtomoCtfFitFailed", pd.Series(0, index=table.index)).astype(int) == 1]
     if len(failed) and source != "copied":
         lst = ", ".join(f"{i + 1} ({table['rlnTomoNominalStageTiltAngle'].iloc[i]:.1f} deg)" for i in failed)
-        has_trials = bool(int(row.get("rlnTomoHasTrials", 0) or 0))
+        has_trials = bool(int(row.get("subtomoHasTrials", 0) or 0))
         ctx.warn(f"{name}: CTF fit failed or off the series' trend for image(s) {lst} (Fig. 2e); unless the CTF is "
                  "unknown they get the series' defocus trend. Remedies: "
                  + ("--use-trials (a .trial stack exists); " if has_trials and not p.use_trials else "")
@@ -195,12 +198,10 @@ def _report(ctx: JobContext, row: pd.Series, table: pd.DataFrame, source: str, o
 def _run(ctx: JobContext) -> None:
     p: CtfParams = ctx.params
     state = ctx.state
-    inp: Path = state["input"]
-    tomos: pd.DataFrame = state["tomograms"]
+    inp, tomos = state["input"], state["tomograms"]
     ctx.add_input(inp)
     selected = set(p.tomo) if p.tomo else None
-    out_rows = []
-    commands = []
+    out_rows, commands = [], []
     for _, row in tomos.iterrows():
         name = str(row["rlnTomoName"])
         prev = state["previous"].get(name)
@@ -222,12 +223,11 @@ def _run(ctx: JobContext) -> None:
         write_star(out_star, {name: table})
         _report(ctx, row, table, source, out_star)
         commands.extend(_rerun_command(ctx, p, inp, name, i + 1) for i in range(len(table)))
-        out_rows.append({**row.to_dict(), "rlnCtfFindResultsStar": ctx.rel(out_star), **series_columns(table)})
+        out_rows.append({**row.to_dict(), "subtomoCtfResultsStar": ctx.rel(out_star), **series_columns(table)})
     if not out_rows:
         raise SubtomoError("no tomogram selected; check --tomo.")
     (ctx.path("relion_subtomo_commands.txt")).write_text("\n".join(commands) + "\n")
-    out = write_star(ctx.path(RESULTS_NODE), pd.DataFrame(out_rows))
-    ctx.add_output(out, "TomogramGroupMetadata")
+    ctx.add_output(out := write_star(ctx.path(RESULTS_NODE), pd.DataFrame(out_rows)), "TomogramGroupMetadata")
     for r in out_rows:
         ctx.add_output(ctx.path(f"{r['rlnTomoName']}_ctffind.star"), "CtfFindResults")
     ctx.log(f"wrote {ctx.rel(out)}: {len(out_rows)} tomograms"

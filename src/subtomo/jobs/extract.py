@@ -25,6 +25,7 @@ from subtomo.io.mrc import write_mrc
 from subtomo.io.particles import ParticleSet, path_component, resolve_project_path
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
 from subtomo.jobs.contracts import NodeType, OutputSpec, Source, particles_spec
+from subtomo.tomo.ctf3d import check_ctf_volumes
 from subtomo.tomo.ctf_models import tomogram_pixel_size_A
 from subtomo.tomo.extract import ExtractionSettings, TomogramBoxReader, default_bg_radius_A, extract_one, max_bg_radius_A
 
@@ -72,7 +73,7 @@ def _check(params: ExtractParams, project: Path):
         if not tomo.exists():
             problems.append(f"{tomo}: tomogram not found (rlnMicrographName of {len(rows)} particle(s) in {star}).")
             continue
-        # the tomogram's pixel size (one rule, shared with prepare): rlnTomoTiltSeriesPixelSize, else its header
+        # the tomogram's pixel size (one rule, shared with prepare): subtomoTomogramPixelSize, else its header
         pixel[name] = tomogram_pixel_size_A(rows.iloc[0], tomo)
     if problems:
         raise SubtomoError(f"{star}: cannot extract", problems)
@@ -83,6 +84,7 @@ def _check(params: ExtractParams, project: Path):
             raise SubtomoError(f"--bg-diameter {params.bg_diameter:g} A: must be smaller than the box ({out_box} px x "
                                f"{out_px:.3f} A = {out_box * out_px:.1f} A) so that background voxels remain. Use a larger "
                                f"--box or a smaller diameter.")
+    check_ctf_volumes(particle_set, out_box, next(iter(pixel.values())) * params.box / out_box)  # RELION volumes fit?
     return star, particles, optics, pixel
 
 

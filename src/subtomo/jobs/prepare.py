@@ -7,7 +7,12 @@ parameters are written per tomogram to ``CtfModels/<t>_ctf.star`` (one row per p
 tilt) and referenced by ``rlnCtfImage = NNNNNN@CtfModels/<t>_ctf.star``; later jobs build
 the 3D CTF volumes on the fly (:class:`subtomo.tomo.ctf3d.ParticleCtfModels`), so no
 ``do_all_reconstruct_ctfs.sh`` is needed. ``--export-relion BOX`` also writes RELION-style
-``rlnCtfImage`` volumes and a particle STAR that points at them. The tables are computed
+``rlnCtfImage`` volumes (as ``relion_reconstruct --reconstruct_ctf`` makes them from the per-tilt
+STAR beside each) and ``particles_subtomo_relion.star`` pointing at them; extract it with
+``subtomo extract --i Prepare/jobNNN/particles_subtomo_relion.star --box BOX`` (the same box, no
+``--rescale``: a CTF volume only fits particles of its box and pixel size), or use
+``subtomo export-relion`` after extraction. ``--defocus-handedness`` (docs/conventions.md)
+chooses the sign of the position-dependent defocus. The tables are computed
 by :mod:`subtomo.tomo.ctf_models` (failed CTF fits get the tilt series' defocus trend; a
 series whose CTF is unknown is refused); this job writes them.
 """
@@ -27,8 +32,9 @@ from subtomo.io.particles import ParticleSet
 from subtomo.io.star import write_star
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
 from subtomo.jobs.contracts import InputSpec, NodeType, OutputSpec, Source
-from subtomo.tomo.ctf3d import CTF_GENERAL_BLOCK, CTF_TABLE_BLOCK, to_relion_cube
+from subtomo.tomo.ctf3d import CTF_GENERAL_BLOCK, CTF_TABLE_BLOCK, relion_ctf_cube, to_relion_cube
 from subtomo.tomo.ctf_models import (
+    RELION_CTF_COLUMNS,
     TomoCtf,
     ctf_table,
     general_block,
@@ -55,6 +61,9 @@ class PrepareParams(ComputeParams):
     defocus_model: Literal["exact", "relion"] = Field(
         "exact", description="Position-dependent defocus: exact geometry (D − h), or relion (first-order D + x_img sin θ "
                              "of relion_prepare_subtomograms.py).")
+    defocus_handedness: int = Field(-1, description="Defocus handedness, -1 or +1 (docs/conventions.md): -1 (default) = "
+                                                    "RELION 5's hand -1 and RELION 3's formula; +1 for data of the other "
+                                                    "hand (subtomo ctf reports which hand the high tilts fit better).")
     use_lower_tilt_defoci: bool = Field(False, description="Step 11: give every tilt with |θ| above --lower-tilt-limit the "
                                                            "mean defocus of the tilts below it.")
     lower_tilt_limit: float = Field(30.0, gt=0, description="Tilt limit for --use-lower-tilt-defoci [deg].")
@@ -71,6 +80,8 @@ def _input_path(params: PrepareParams, project: Path) -> Path:
 
 
 def _check(params: PrepareParams, project: Path):
+    if params.defocus_handedness not in (-1, 1):
+        raise SubtomoError(f"--defocus-handedness {params.defocus_handedness}: must be -1 or +1.")
     if params.export_relion is not None and params.export_relion % 2:
         raise SubtomoError(f"--export-relion {params.export_relion}: the box size must be even (as the subtomograms' box).")
     star = _input_path(params, project)
@@ -82,7 +93,7 @@ def _run(ctx: JobContext) -> None:
     p: PrepareParams = ctx.params
     star, tomos = ctx.state
     ctx.add_input(star)
-    ctx.log(f"input {ctx.rel(star)}: {len(tomos)} tomogram(s); defocus model {p.defocus_model}, "
+    ctx.log(f"input {ctx.rel(star)}: {len(tomos)} tomogram(s); defocus model {p.defocus_model}, hand {p.defocus_handedness:+d}, "
             f"B = {p.bfactor_per_dose:g} A^2 per e/A^2 x accumulated dose, scale = cos(tilt)")
     optics, group_of = optics_groups(tomos)
     rows: list[dict] = []
@@ -93,9 +104,9 @@ def _run(ctx: JobContext) -> None:
                 ctx.warn(note)
             else:
                 ctx.log(note)
-        table = ctf_table(t, p.bfactor_per_dose, p.defocus_model)
+        table = ctf_table(t, p.bfactor_per_dose, p.defocus_model, p.defocus_handedness)
         tables[t.name] = table
-        path = write_star(ctx.path(f"CtfModels/{t.name}_ctf.star"), {CTF_GENERAL_BLOCK: general_block(t, p.defocus_model),
+        path = write_star(ctx.path(f"CtfModels/{t.name}_ctf.star"), {CTF_GENERAL_BLOCK: general_block(t, p.defocus_model, p.defocus_handedness),
                                                                       CTF_TABLE_BLOCK: table})
         ctx.add_output(path, "TomogramCtfModels")
         n = len(t.coords_px)
@@ -132,26 +143,26 @@ def _run(ctx: JobContext) -> None:
 
 def _export_relion(ctx: JobContext, tomos: list[TomoCtf], tables: dict[str, pd.DataFrame], particles: ParticleSet,
                    box: int) -> None:
-    """RELION rlnCtfImage volumes: float32 N³, DC at N/2, Friedel-symmetric, pixel size in the header."""
-    chunk = max(1, int(2 ** 24 // (box * box * (box // 2 + 1))))
-    work = [(t, ids[i:i + chunk]) for t in tomos
-            for ids in [np.arange(1, len(t.coords_px) + 1)] for i in range(0, len(ids), chunk)]
+    """RELION rlnCtfImage volumes as relion_reconstruct --reconstruct_ctf makes them from the per-tilt STAR beside each."""
     ctf_names: dict[tuple[str, int], str] = {}
-    for t, ids in ctx.progress(work, description=f"RELION 3D CTF volumes (box {box})"):
-        table = tables[t.name]
-        cubes = to_relion_cube(particle_volumes(t, table, ids, box, ctx.device)).cpu().numpy()
-        for pid, cube in zip(ids, cubes):
-            root = ctx.path(f"Particles/Tomograms/{t.name}/{t.name}_ctf{pid:06d}")
-            write_mrc(root.with_suffix(".mrc"), cube, t.pixel_size_A)
-            write_star(root.with_suffix(".star"), {"images": relion_ctf_star(t, table[table["rlnTomoParticleId"] == pid])})
-            ctf_names[(t.name, int(pid))] = ctx.rel(root.with_suffix(".mrc"))
+    work = [(t, pid) for t in tomos for pid in range(1, len(t.coords_px) + 1)]
+    for t, pid in ctx.progress(work, description=f"RELION 3D CTF volumes (box {box})"):
+        rows = tables[t.name][tables[t.name]["rlnTomoParticleId"] == pid]
+        cube = relion_ctf_cube(*(rows[c].to_numpy(float) for c in RELION_CTF_COLUMNS), box, t.pixel_size_A,
+                               t.voltage_kV, t.cs_mm, t.amplitude_contrast, skip_ctf=t.skip_ctf)
+        root = ctx.path(f"Particles/Tomograms/{t.name}/{t.name}_ctf{pid:06d}")
+        write_mrc(root.with_suffix(".mrc"), cube, t.pixel_size_A)
+        write_star(root.with_suffix(".star"), {"images": relion_ctf_star(t, rows)})
+        ctf_names[(t.name, pid)] = ctx.rel(root.with_suffix(".mrc"))
     table = particles.table
     names = [ctf_names[(n, int(i))] for n, i in zip(table["rlnTomoName"], table["rlnTomoParticleId"])]
     assert particles.optics is not None  # prepare always writes an optics table
     rel = ParticleSet.from_table(table.assign(rlnCtfImage=names), particles.optics.assign(rlnImageSize=box), ctx.project)
     out = rel.write(ctx.path("particles_subtomo_relion.star"))
     ctx.add_output(out, "ParticlesData")
-    ctx.log(f"wrote {len(rel)} RELION 3D CTF volumes (box {box}) and {ctx.rel(out)}")
+    ctx.log(f"wrote {len(rel)} RELION 3D CTF volumes (box {box}) and {ctx.rel(out)}; extract them with "
+            f"subtomo extract --i {ctx.rel(out)} --box {box} (same box, no --rescale), or use subtomo export-relion "
+            "after extraction")
 
 
 SPEC = JobSpec(

@@ -12,7 +12,10 @@ from subtomo.jobs.base import JobSpec
 
 JOB_MODULES: tuple[str, ...] = (
     "simulate",
+    "reconstruct",
     "import_tomograms",
+    "import_particles",
+    "import_relion",
     "ctf",
     "prepare",
     "extract",
@@ -23,6 +26,7 @@ JOB_MODULES: tuple[str, ...] = (
     "mask",
     "postprocess",
     "localres",
+    "export_relion",
     "demo",
 )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from subtomo.errors import SubtomoError
 
@@ -49,6 +49,8 @@ class SimulationConfig(BaseModel):
     defocus_spread: float = Field(1.0, ge=0, description="Defocus range between tomograms (uniform ± half) [µm].")
     defocus_jitter: float = Field(0.1, ge=0, description="Per-tilt defocus error (std) [µm].")
     astigmatism: float = Field(400.0, ge=0, description="Astigmatism, defocus U - V [Å].")
+    defocus_handedness: int = Field(-1, ge=-1, le=1, description="Defocus handedness, -1 or +1 (docs/conventions.md): "
+                                                                 "-1 (default) defocus D - h; +1 data of the other hand, D + h.")
     image_bfactor: float = Field(50.0, ge=0, description="Image envelope B-factor (drift, vibration) [Å²].")
     mtf: str = Field("k3", description="Detector MTF: none, k3 (shipped Gatan K3 300 kV curve) or a RELION MTF STAR file.")
     detector_pixel_size: float = Field(1.35, gt=0, description="Physical detector pixel (for the MTF) [Å].")
@@ -62,6 +64,13 @@ class SimulationConfig(BaseModel):
     misalignment_tilt: float = Field(0.1, ge=0, description="Residual alignment error: per-tilt angle std (not in the .tlt) [deg].")
     trials: bool = Field(True, description="Write the .trial stacks (two particle-free images per tilt).")
     trial_defocus_offset: float = Field(200.0, ge=0, description="Std of the trial areas' defocus difference from the exposure [Å].")
+
+    @field_validator("defocus_handedness")
+    @classmethod
+    def _hand(cls, v: int) -> int:
+        if v not in (-1, 1):
+            raise ValueError("must be -1 or +1")
+        return v
 
 
 PRESETS: dict[str, dict] = {

@@ -97,6 +97,7 @@ class TiltGeometry:
     astigmatism_angle_deg: np.ndarray
     image_shape: tuple[int, int]  # (ny, nx)
     pixel_size_A: float
+    defocus_hand: int = -1  # defocus = D_θ + hand·h (−1: D_θ − h, docs/conventions.md; +1: data of the other hand)
 
     @property
     def defocus_u(self) -> np.ndarray:
@@ -206,8 +207,8 @@ def render_objects(canvas: torch.Tensor, pad: int, projector: FourierSliceProjec
         proj = projector.project(rot, th)
         hh = torch.as_tensor(h[sl], dtype=torch.float32, device=dev).reshape(b, 1, 1)
         tsel = ti[sl]
-        du = torch.as_tensor(geom.defocus_u[tsel], dtype=torch.float32, device=dev).reshape(b, 1, 1) - hh
-        dv = torch.as_tensor(geom.defocus_v[tsel], dtype=torch.float32, device=dev).reshape(b, 1, 1) - hh
+        du = torch.as_tensor(geom.defocus_u[tsel], dtype=torch.float32, device=dev).reshape(b, 1, 1) + geom.defocus_hand * hh
+        dv = torch.as_tensor(geom.defocus_v[tsel], dtype=torch.float32, device=dev).reshape(b, 1, 1) + geom.defocus_hand * hh
         ang = torch.as_tensor(geom.astigmatism_angle_deg[tsel], dtype=torch.float32, device=dev).reshape(b, 1, 1)
         ctf = ctf_2d(freq_A, du, dv, ang, optics.voltage_kV, optics.cs_mm, optics.amplitude_contrast)
         f = proj * ctf * filters[torch.as_tensor(tsel, device=dev)]
@@ -257,7 +258,7 @@ def ctf_filter_layers(layers: list[tuple[torch.Tensor, float]], geom: TiltGeomet
     """CTF-filter projections of thin layers (image (ny, nx), height z in Å) of the tilted specimen.
 
     A plane at height z seen at tilt θ has defocus D_θ + x_img tan θ − z / cos θ at image
-    position x_img. Each layer is filtered at defocus nodes along x spaced so that the CTF
+    position x_img (``geom.defocus_hand`` −1; +1 flips the sign of the offset). Each layer is filtered at defocus nodes along x spaced so that the CTF
     phase at Nyquist changes by at most ``max_phase_error`` between nodes, and the node
     images are blended linearly along x. Returns the filtered sum (V·Å).
     """
@@ -278,7 +279,7 @@ def ctf_filter_layers(layers: list[tuple[torch.Tensor, float]], geom: TiltGeomet
         x_img = (float(nodes[k]) - nx / 2) * p
         acc = 0
         for ft, (_, z) in zip(fts, layers):
-            d = float(geom.defocus_A[t]) + defocus_offset_A + x_img * math.tan(th) - z / math.cos(th)
+            d = float(geom.defocus_A[t]) + defocus_offset_A - geom.defocus_hand * (x_img * math.tan(th) - z / math.cos(th))
             acc = acc + ft * grid.ctf(d, half, ang)
         stack.append(acc * filt)
     imgs = ifft_centered(torch.stack(stack), (ny, nx))  # (K, ny, nx)

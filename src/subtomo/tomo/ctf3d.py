@@ -33,11 +33,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from subtomo.ctf.model import chi
+from subtomo.ctf.model import chi, ctf_2d
 from subtomo.errors import SubtomoError
 from subtomo.fourier import crop_rfft
-from subtomo.io.mrc import read_mrc
+from subtomo.io.mrc import read_mrc, read_mrc_header
 from subtomo.io.particles import ParticleSet
+from subtomo.io.relion import tomogram_pixel_size_label
 from subtomo.io.star import read_star
 
 # Entries (pairs × voxels) evaluated at once; bounds temporary memory (~10 float32 arrays).
@@ -310,6 +311,77 @@ def from_relion_cube(cube: torch.Tensor) -> torch.Tensor:
     return cube.index_select(-3, zi).index_select(-2, zi).index_select(-1, xi)
 
 
+def _relion_half_samples(box: int) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) Fourier indices of the 2D half grid that RELION inserts (|k| <= N/2, no x = 0, y < 0)."""
+    h = box // 2
+    y, x = np.meshgrid(np.arange(-h, h), np.arange(0, h + 1), indexing="ij")
+    keep = (x * x + y * y <= h * h) & ~((x == 0) & (y < 0))
+    return x[keep].astype(np.float64), y[keep].astype(np.float64)
+
+
+def relion_ctf_cube(defocus_u_A, defocus_v_A, astig_angle_deg, tilt_deg, bfactor_A2, scale, box: int,
+                    pixel_size_A: float, voltage_kV: float, cs_mm: float, amplitude_contrast: float,
+                    skip_ctf: bool = False) -> np.ndarray:
+    """One particle's 3D CTF exactly as ``relion_reconstruct --reconstruct_ctf`` (RELION >= 3.1) makes it.
+
+    Each tilt's 2D CTF, sampled on the half grid (x >= 0, |k| <= N/2; its DC sample is 0),
+    is placed at RELION's Euler angles (0, −θ, 0) (our tilt θ, docs/conventions.md) and
+    splatted trilinearly into data and weight arrays (Friedel mates for x < 0); the volume
+    is data / weight where the weight is positive, the x = 0 plane Hermitian-symmetrised.
+    Measured against RELION 3.1.3: equal inside |k| < N/2 − 1 (tests/test_relion.py). Our
+    on-the-fly model (:func:`ctf3d_from_tilts`) weights by distance to each plane instead.
+
+    Parameters
+    ----------
+    defocus_u_A, defocus_v_A, astig_angle_deg, tilt_deg, bfactor_A2, scale : array_like
+        (T,) per-tilt defocus U, V [Å], astigmatism angle [deg], tilt θ [deg], B-factor [Å²], scale.
+    box : int
+        N [px], even.
+    pixel_size_A : float
+        Pixel size [Å].
+    voltage_kV, cs_mm, amplitude_contrast : float
+        Microscope; ``skip_ctf`` uses Cs 0 and Q0 1 (CTF 1: wedge, dose and scale only).
+    skip_ctf : bool
+        Wedge-only model.
+
+    Returns
+    -------
+    numpy.ndarray
+        (N, N, N) float32 centred cube (DC at N/2), RELION's ``rlnCtfImage`` layout.
+    """
+    n, h = int(box), int(box) // 2
+    x, y = _relion_half_samples(n)
+    freq = torch.as_tensor(np.stack([x, y], -1) / (n * pixel_size_A), dtype=torch.float64)
+    cs, q0 = (0.0, 1.0) if skip_ctf else (cs_mm, amplitude_contrast)
+    shape = (n, n, h + 2)
+    data, weight = np.zeros(int(np.prod(shape))), np.zeros(int(np.prod(shape)))
+    per_tilt = zip(*(np.broadcast_to(np.asarray(a, dtype=np.float64), np.shape(tilt_deg)) for a in
+                     (defocus_u_A, defocus_v_A, astig_angle_deg, tilt_deg, bfactor_A2, scale)))
+    for du, dv, ang, th, b, sc in per_tilt:
+        c = ctf_2d(freq, 0.0 if skip_ctf else du, 0.0 if skip_ctf else dv, ang, voltage_kV, cs, q0, b, sc).numpy()
+        c = np.where((x == 0) & (y == 0), 0.0, c)
+        t = math.radians(-th)  # RELION's tilt for our θ
+        q = np.stack([x * math.cos(t), y, -x * math.sin(t)])
+        q = np.where(q[0] < 0, -q, q)  # Friedel mate
+        i0 = np.floor(q).astype(np.int64)
+        f = q - i0
+        for d in np.ndindex(2, 2, 2):
+            w = np.prod([f[a] if d[a] else 1 - f[a] for a in range(3)], axis=0)
+            flat = np.ravel_multi_index(((i0[2] + d[2]) % n, (i0[1] + d[1]) % n, i0[0] + d[0]), shape)
+            data += np.bincount(flat, w * c, len(data))
+            weight += np.bincount(flat, w, len(weight))
+    data, weight = data.reshape(shape), weight.reshape(shape)
+    mate = (-np.arange(n)) % n
+    data[:, :, 0] += data[mate][:, mate, 0]
+    weight[:, :, 0] += weight[mate][:, mate, 0]
+    half = np.where(weight > 0, data / np.where(weight > 0, weight, 1.0), 0.0)[:, :, : h + 1]
+    kz, ky, kx = np.meshgrid(*(np.arange(-h, h),) * 3, indexing="ij")
+    sign = np.where(kx < 0, -1, 1)
+    cube = half[(sign * kz) % n, (sign * ky) % n, sign * kx]
+    cube[kx * kx + ky * ky + kz * kz > h * h] = 0.0
+    return cube.astype(np.float32)
+
+
 # ----------------------------------------------------------------------------------------
 # Per-particle models referenced by rlnCtfImage.
 
@@ -358,6 +430,61 @@ def _microscope_arrays(general: list[dict], per: list[pd.DataFrame | None]) -> t
             for a, (k, default) in zip(arrays, keys):
                 a[i] = float(g.get(k, default))
     return arrays[0], arrays[1], arrays[2], arrays[3] > 0
+
+
+def check_ctf_volumes(particles: ParticleSet, box: int | None = None, pixel_size_A: float | None = None) -> None:
+    """Check that every RELION CTF volume (``rlnCtfImage = <file>.mrc``) fits its particle.
+
+    A 3D CTF volume is sampled at ``index / (N · pixel size)``: it only describes particles
+    of the same box N, pixel size and dimensionality (relion-internals §2.4). Compact
+    ``NNNNNN@…_ctf.star`` models are built at any box and pixel size and need no check.
+
+    Parameters
+    ----------
+    particles : ParticleSet
+        Particles with ``rlnCtfImage``.
+    box : int, optional
+        The particles' box [px] (default: :attr:`ParticleSet.box_px`, when known).
+    pixel_size_A : float, optional
+        Their pixel size [Å] (default: the set's, when known).
+
+    Raises
+    ------
+    SubtomoError
+        Naming the CTF file, the particle file and the fix, for each mismatch.
+    """
+    if not particles.has("rlnCtfImage"):
+        return
+    refs = {r.path for r in particles.image_refs("rlnCtfImage") if r.index is None}
+    if not refs:
+        return
+    box = box if box is not None else particles.box_px
+    if pixel_size_A is None:
+        try:
+            pixel_size_A = particles.pixel_size_A
+        except SubtomoError:
+            pixel_size_A = None
+    where = particles.path or (particles.image_paths()[0] if particles.has("rlnImageName") else particles.name)
+    problems = []
+    for path in sorted(refs):
+        if not path.exists():
+            problems.append(f"{path}: CTF volume not found (rlnCtfImage in {where}).")
+            continue
+        shape, px = read_mrc_header(path)
+        what = []
+        if len(set(shape)) != 1 or shape[0] == 1:
+            what.append(f"it is {'x'.join(map(str, shape[::-1]))}, not a 3D cube (the particles are 3D subtomograms)")
+        elif box is not None and shape[0] != box:
+            what.append(f"its box is {shape[0]} px but the particles' box is {box} px")
+        if pixel_size_A is not None and px > 0 and abs(px - pixel_size_A) > 1e-3 * pixel_size_A:
+            what.append(f"its pixel size is {px:.4f} A but the particles' is {pixel_size_A:.4f} A")
+        if what:
+            problems.append(f"{path}: CTF volume does not match the particles of {where}: {'; '.join(what)}. Fix: make "
+                            "the CTF volumes at the particles' box and pixel size (subtomo export-relion, or prepare "
+                            "--export-relion BOX with extract --box BOX and no --rescale), or use the compact models "
+                            "(rlnCtfImage = NNNNNN@CtfModels/<t>_ctf.star of subtomo prepare).")
+    if problems:
+        raise SubtomoError(f"{where}: particles and their 3D CTF volumes disagree", problems)
 
 
 @dataclass
@@ -429,6 +556,7 @@ class ParticleCtfModels:
         if not particles.has("rlnCtfImage"):
             raise SubtomoError(f"{particles.name}: no rlnCtfImage column. Run subtomo prepare (Step 9) and extract from "
                                "its particles_subtomo.star.")
+        check_ctf_volumes(particles)
         n = len(particles)
         tables: dict[Path, tuple[dict, dict[int, pd.DataFrame]]] = {}
         per: list[pd.DataFrame | None] = [None] * n
@@ -447,7 +575,8 @@ class ParticleCtfModels:
                 raise SubtomoError(f"rlnCtfImage {ref!r}: {image.path} has no rows with rlnTomoParticleId {image.index}. "
                                    "Re-run subtomo prepare.")
             per[i] = groups[image.index]
-            px[i] = float(general[i].get("rlnTomoTiltSeriesPixelSize", np.nan))
+            label = tomogram_pixel_size_label(general[i].keys())
+            px[i] = float(general[i][label]) if label else np.nan
         try:
             px = particles.pixel_sizes_A()
         except SubtomoError:
@@ -500,7 +629,7 @@ class ParticleCtfModels:
                 sel = pos[inv == u]
                 r = rows[sel]
                 if not np.isfinite(key[3]) or key[3] <= 0:
-                    raise SubtomoError("a particle's 3D CTF has no pixel size (rlnImagePixelSize or the CTF table's rlnTomoTiltSeriesPixelSize).")
+                    raise SubtomoError("a particle's 3D CTF has no pixel size (rlnImagePixelSize or the CTF table's subtomoTomogramPixelSize).")
                 vol = ctf3d_from_tilts(
                     self.defocus_u_A[r], self.tilt_deg[r], self.bfactor_A2[r], self.scale[r], box, float(key[3]),
                     float(key[0]), float(key[1]), float(key[2]), size=size, skip_ctf=bool(key[4]), device=device,

@@ -30,6 +30,7 @@ from subtomo.ctf.trend import check_against_trend
 from subtomo.errors import SubtomoError
 from subtomo.io.mrc import read_mrc_header
 from subtomo.io.particles import path_component, resolve_project_path
+from subtomo.io.relion import TOMOGRAM_PIXEL_SIZE, tomogram_pixel_size_label, upgrade_legacy_labels
 from subtomo.io.star import read_star_table
 from subtomo.io.text import match_order_to_tilts, read_coords, read_order, read_tlt
 from subtomo.tomo.ctf3d import CTF_GENERAL_BLOCK, CTF_TABLE_BLOCK, ctf3d_from_tilts
@@ -37,7 +38,10 @@ from subtomo.tomo.defocus import particle_defocus_A
 
 FAILED_COLUMN = "subtomoCtfFitFailed"
 SKIP_COLUMN = "subtomoSkipCtf"
-__all__ = ["CTF_GENERAL_BLOCK", "CTF_TABLE_BLOCK", "TomoCtf", "ctf_table", "general_block", "optics_groups",
+#: CTF-table columns in the argument order of :func:`subtomo.tomo.ctf3d.relion_ctf_cube` (U, V, angle, tilt, B, scale).
+RELION_CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnTomoNominalStageTiltAngle", "rlnCtfBfactor",
+                      "rlnCtfScalefactor")
+__all__ = ["CTF_GENERAL_BLOCK", "CTF_TABLE_BLOCK", "RELION_CTF_COLUMNS", "TomoCtf", "ctf_table", "general_block", "optics_groups",
            "particle_rows", "particle_volumes", "read_tomogram_ctfs", "relion_ctf_star", "tomogram_pixel_size_A"]
 
 
@@ -87,7 +91,7 @@ class TomoCtf:
 
 
 def tomogram_pixel_size_A(row: pd.Series | dict, tomogram: Path) -> float:
-    """Pixel size of a tomogram: ``rlnTomoTiltSeriesPixelSize`` of its row, else its MRC header.
+    """Pixel size of a tomogram: ``subtomoTomogramPixelSize`` (older files: ``rlnTomoTiltSeriesPixelSize``), else its header.
 
     Parameters
     ----------
@@ -101,7 +105,8 @@ def tomogram_pixel_size_A(row: pd.Series | dict, tomogram: Path) -> float:
     float
         Pixel size [Å].
     """
-    px = row.get("rlnTomoTiltSeriesPixelSize")
+    label = tomogram_pixel_size_label(row.keys())
+    px = row.get(label) if label else None
     if px is not None and np.isfinite(float(px)) and float(px) > 0:
         return float(px)
     return float(read_mrc_header(tomogram)[1])
@@ -117,11 +122,11 @@ def _tomogram_size_xyz(row: pd.Series, tomogram: Path) -> tuple[int, int, int]:
 
 def _tilt_inputs(project: Path, row: pd.Series, tomo: Path, star: Path, skip: bool) -> tuple[pd.DataFrame, str]:
     """Per-image table (tilt, dose[, defocus]) of one tomogram and where it came from."""
-    if "rlnCtfFindResultsStar" in row and isinstance(row["rlnCtfFindResultsStar"], str):
-        path = resolve_project_path(project, row["rlnCtfFindResultsStar"])
+    if "subtomoCtfResultsStar" in row and isinstance(row["subtomoCtfResultsStar"], str):
+        path = resolve_project_path(project, row["subtomoCtfResultsStar"])
         return read_star_table(path), str(path)
     if not skip:
-        raise SubtomoError(f"{star}: has no rlnCtfFindResultsStar column, so there are no CTF estimates for "
+        raise SubtomoError(f"{star}: has no subtomoCtfResultsStar column, so there are no CTF estimates for "
                            f"{row.get('rlnTomoName', tomo)}. Fix: run subtomo ctf and give its ctf_tomograms.star, or "
                            "add --skip-ctf for data without CTF correction.")
     if "rlnTomoTiltSeriesStarFile" in row and isinstance(row["rlnTomoTiltSeriesStarFile"], str):
@@ -252,7 +257,7 @@ def read_tomogram_ctfs(star: Path, project: Path, skip_ctf: bool = False,
     SubtomoError
         Listing every tomogram's problem (missing files and columns, unknown CTF).
     """
-    table = read_star_table(star)
+    table = upgrade_legacy_labels(read_star_table(star))
     if "rlnMicrographName" not in table.columns:
         raise SubtomoError(f"{star}: no rlnMicrographName column (the tomogram of each row). Give the all_tomograms.star of "
                            f"subtomo import or the ctf_tomograms.star of subtomo ctf.")
@@ -270,7 +275,7 @@ def read_tomogram_ctfs(star: Path, project: Path, skip_ctf: bool = False,
     return out
 
 
-def ctf_table(t: TomoCtf, bfactor_per_dose: float, model: str) -> pd.DataFrame:
+def ctf_table(t: TomoCtf, bfactor_per_dose: float, model: str, handedness: int = -1) -> pd.DataFrame:
     """The compact CTF table of one tomogram.
 
     Parameters
@@ -281,6 +286,10 @@ def ctf_table(t: TomoCtf, bfactor_per_dose: float, model: str) -> pd.DataFrame:
         Dose B-factor [Å² per e/Å²].
     model : str
         Position-dependent defocus model (``exact`` or ``relion``, :mod:`subtomo.tomo.defocus`).
+    handedness : int
+        Defocus handedness (docs/conventions.md): −1 (default) gives ``D_θ − h`` (``exact``) or
+        ``D_θ + x_img sin θ`` (``relion``), RELION 5's hand −1 and RELION 3's formula; +1 flips
+        the sign of the position-dependent offset (data of the other hand).
 
     Returns
     -------
@@ -292,8 +301,11 @@ def ctf_table(t: TomoCtf, bfactor_per_dose: float, model: str) -> pd.DataFrame:
     if t.skip_ctf:
         du = dv = np.zeros((n_p, n_t))
     else:
-        du = particle_defocus_A(t.defocus_u_A, t.tilts_deg, t.coords_px, t.size_xyz, t.pixel_size_A, model)
-        dv = particle_defocus_A(t.defocus_v_A, t.tilts_deg, t.coords_px, t.size_xyz, t.pixel_size_A, model)
+        if handedness not in (-1, 1):
+            raise SubtomoError(f"--defocus-handedness {handedness}: must be -1 or +1 (docs/conventions.md).")
+        offset = -handedness * particle_defocus_A(np.zeros_like(t.tilts_deg), t.tilts_deg, t.coords_px, t.size_xyz,
+                                                  t.pixel_size_A, model)  # (P, T); hand -1: the model's own sign
+        du, dv = t.defocus_u_A[None, :] + offset, t.defocus_v_A[None, :] + offset
     rep = lambda a: np.tile(np.asarray(a, dtype=np.float64), n_p)  # noqa: E731  per-tilt value for every particle
     return pd.DataFrame({
         "rlnTomoParticleId": np.repeat(np.arange(1, n_p + 1), n_t),
@@ -307,7 +319,7 @@ def ctf_table(t: TomoCtf, bfactor_per_dose: float, model: str) -> pd.DataFrame:
     })
 
 
-def general_block(t: TomoCtf, model: str) -> dict:
+def general_block(t: TomoCtf, model: str, handedness: int = -1) -> dict:
     """The ``data_general`` block of a CTF table: microscope, pixel size [Å], size [px], skip flag, model.
 
     Parameters
@@ -316,18 +328,21 @@ def general_block(t: TomoCtf, model: str) -> dict:
         The tomogram.
     model : str
         Position-dependent defocus model (``exact`` or ``relion``, :mod:`subtomo.tomo.defocus`).
+    handedness : int
+        Defocus handedness (−1 or +1, :func:`ctf_table`).
 
     Returns
     -------
     dict
         {label: value}: rlnTomoName, rlnVoltage [kV], rlnSphericalAberration [mm], rlnAmplitudeContrast,
-        rlnTomoTiltSeriesPixelSize [Å], rlnTomoSizeX/Y/Z [px], subtomoSkipCtf (0/1), subtomoDefocusModel.
+        subtomoTomogramPixelSize [Å], rlnTomoSizeX/Y/Z [px], subtomoSkipCtf (0/1), subtomoDefocusModel,
+        subtomoDefocusHandedness.
     """
     return {
         "rlnTomoName": t.name, "rlnVoltage": t.voltage_kV, "rlnSphericalAberration": t.cs_mm,
-        "rlnAmplitudeContrast": t.amplitude_contrast, "rlnTomoTiltSeriesPixelSize": t.pixel_size_A,
+        "rlnAmplitudeContrast": t.amplitude_contrast, TOMOGRAM_PIXEL_SIZE: t.pixel_size_A,
         "rlnTomoSizeX": t.size_xyz[0], "rlnTomoSizeY": t.size_xyz[1], "rlnTomoSizeZ": t.size_xyz[2],
-        SKIP_COLUMN: int(t.skip_ctf), "subtomoDefocusModel": model,
+        SKIP_COLUMN: int(t.skip_ctf), "subtomoDefocusModel": model, "subtomoDefocusHandedness": int(handedness),
     }
 
 
@@ -371,7 +386,9 @@ def relion_ctf_star(t: TomoCtf, rows: pd.DataFrame) -> pd.DataFrame:
     Our tilt-θ image fills the plane with normal n = (−sin θ, 0, cos θ) and in-plane x axis
     (cos θ, 0, sin θ). RELION inserts an image with Euler angles (rot, tilt, psi) at Aᵀ(x, y, 0);
     for (0, t, 0) that plane has normal (sin t, 0, cos t) and x axis (cos t, 0, −sin t)
-    (relion-internals §2.2), so our tilt θ is RELION's (0, −θ, 0).
+    (relion-internals §2.2), so our tilt θ is RELION's (0, −θ, 0): relion_reconstruct rebuilds our
+    volume from this table (tests/test_relion.py). relion_prepare_subtomo writes +θ for the same
+    .tlt, which gives the mirror image (kx → −kx) of our geometry (docs/conventions.md).
 
     Parameters
     ----------
@@ -443,12 +460,12 @@ def particle_rows(t: TomoCtf, ctf_table_path: str, optics_group: int) -> list[di
     Returns
     -------
     list of dict
-        P rows: coordinates [px], particle id, image name to extract to, rlnCtfImage, pixel size [Å].
+        P rows: coordinates [px], particle id, rlnCtfImage, pixel size [Å]. No ``rlnImageName``: the
+        particles are not extracted yet (``subtomo extract`` names the subtomograms).
     """
     return [{
         "rlnMicrographName": t.tomogram, "rlnTomoName": t.name,
         "rlnCoordinateX": x, "rlnCoordinateY": y, "rlnCoordinateZ": z, "rlnTomoParticleId": i,
-        "rlnImageName": f"Particles/Tomograms/{t.name}/{t.name}{i:06d}.mrc",
-        "rlnCtfImage": f"{i:06d}@{ctf_table_path}", "rlnTomoTiltSeriesPixelSize": t.pixel_size_A,
+        "rlnCtfImage": f"{i:06d}@{ctf_table_path}", TOMOGRAM_PIXEL_SIZE: t.pixel_size_A,
         "rlnOpticsGroup": optics_group,
     } for i, (x, y, z) in enumerate(t.coords_px, start=1)]
