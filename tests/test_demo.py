@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 
+from subtomo.io.relion import label_problems
 from subtomo.io.star import read_star, read_star_table
 from subtomo.jobs.base import execute
 from subtomo.jobs.demo import SPEC, DemoParams
@@ -46,3 +47,9 @@ def test_demo_runs_every_stage_on_a_tiny_project(tmp_path):
                     "Local resolution", "Time and memory per stage"):
         assert heading in page
     assert not re.search(r'src="(?!data:)', page)  # nothing refers to files beside it
+
+    # every label of every STAR file the demo wrote is RELION's (with RELION's type) or starts with subtomo
+    stars = sorted(project.rglob("*.star"))
+    assert len(stars) > 20
+    problems = [p for path in stars for p in label_problems(read_star(path), str(path.relative_to(project)))]
+    assert problems == [], "\n".join(problems)

@@ -215,7 +215,8 @@ def tilt_geometry(cfg: SimulationConfig, rng: np.random.Generator) -> TiltGeomet
     nx, ny, _ = cfg.tomo_size
     return TiltGeometry(tilts_deg=tilts, true_tilts_deg=true_tilts, shifts_px=shifts, acquisition=acq,
                         pre_dose=acq * dose, dose_per_tilt=dose, defocus_A=defocus, astigmatism_A=astig,
-                        astigmatism_angle_deg=angle, image_shape=(ny, nx), pixel_size_A=cfg.pixel_size)
+                        astigmatism_angle_deg=angle, image_shape=(ny, nx), pixel_size_A=cfg.pixel_size,
+                        defocus_hand=cfg.defocus_handedness)
 
 
 def make_objects(cfg: SimulationConfig, templates: list[Template], n_classes: int,

@@ -110,7 +110,7 @@ class Picks:
         px = pixel_size_A if pixel_size_A is not None else self.pixel_size_A
         if px is not None:
             optics["rlnImagePixelSize"] = float(px)
-            optics["rlnTomoTiltSeriesPixelSize"] = float(px)
+            optics["subtomoTomogramPixelSize"] = float(px)
         return ParticleSet.from_table(table, optics)
 
 
