@@ -86,6 +86,12 @@ def test_global_grid_children_and_local_prior():
     assert float(a.max()) <= 12.0 + 1e-3 and torch.all(loc.log_prior <= 0)
     tg = sampling.translation_grid(2.0, 1.0)
     assert tg.points.norm(dim=-1).max() <= 2.0 and len(tg.points) == 33
+    assert float(tg.children.reshape(-1, 3).norm(dim=-1).min()) > 0.4  # RELION: t +- step/4, never the centre
+    # classification's layout: the same step/2 lattice, containing the search centre (issue 22)
+    tc = sampling.translation_grid(2.0, 1.0, children_contain_centre=True)
+    assert float(tc.children.reshape(-1, 3).norm(dim=-1).min()) < 1e-6
+    assert torch.allclose(torch.sort((tc.children.reshape(-1, 3) + 0.25).flatten()).values,
+                          torch.sort(tg.children.reshape(-1, 3).flatten()).values)
 
 
 # ------------------------------------------------------------------ projection

@@ -275,6 +275,14 @@ class EStepOptions:
     max_keep: int = 12  # fine poses kept per particle for the M-step
     sigma_offset_px: float = 3.0
     cc: bool = False  # normalised cross-correlation + best pose only (first iteration, relative grey-scale)
+    # classification: the significant coarse points are chosen within each class (each class's posterior
+    # over (T, R) normalised on its own), so every class reaches the fine pass and the class is decided
+    # there, at the oversampled poses, not by which class had the luckiest coarse grid point
+    significant_per_class: bool = False
+    # at least this many coarse points (per class with significant_per_class) go to the fine pass: a
+    # coarse grid that undersamples a sharp posterior ranks its points unreliably (the optimum's
+    # parent is often the 2nd-4th best coarse point)
+    min_significant: int = 1
     memory_bytes: int = 512 * 2 ** 20  # working-set bound for one chunk
 
 
@@ -451,6 +459,61 @@ class _Significant:
         return int(self.valid.shape[1])
 
 
+def significant_coarse_points(log_w: torch.Tensor, fraction: float, max_significant: int, per_class: bool = False,
+                              min_significant: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Choose the coarse points carried to the fine pass.
+
+    Default: the smallest set of (t, k, r) holding ``fraction`` of each particle's posterior
+    mass (at most ``max_significant``). ``per_class``: that selection within every class
+    separately (posterior over (t, r) given k), so that no class is dropped on the coarse grid.
+    When the posterior is sharp (Pmax ~ 1), one coarse grid step costs more log-likelihood than
+    the difference between similar classes, and a joint selection lets the grid, not the data,
+    pick the class: with hard assignments particles then drift to the reference of lower power
+    (the smaller class) and the classes merge (issue 22). At least ``min_significant`` points
+    (per class with ``per_class``) are kept whatever their weight.
+
+    Parameters
+    ----------
+    log_w : torch.Tensor
+        (B, T, K, R) coarse log-weights (log-likelihood plus log-priors).
+    fraction : float
+        Posterior mass to keep (RELION's adaptive_fraction, 0.999).
+    max_significant : int
+        Most points per particle (per class with ``per_class``).
+    per_class : bool
+        Select within each class.
+    min_significant : int
+        Fewest points per particle (per class with ``per_class``).
+
+    Returns
+    -------
+    top : torch.Tensor
+        (B, P) int64 flat indices over (T, K, R).
+    valid : torch.Tensor
+        (B, P) bool, which of the P columns are selected for each particle.
+    count : torch.Tensor
+        (B,) number of selected points per particle.
+    """
+    b, n_t, kcls, n_r = log_w.shape
+    dev = log_w.device
+    rows = log_w.reshape(b, -1) if not per_class or kcls == 1 else log_w.permute(0, 2, 1, 3).reshape(b * kcls, n_t * n_r)
+    w_rows, _ = posterior(rows)
+    # the largest max_significant points suffice (a full sort of T*K*R points per particle is slow)
+    n_top = int(min(max_significant, w_rows.shape[1]))
+    w_top, order = torch.topk(w_rows, n_top, dim=1)
+    count = ((torch.cumsum(w_top, dim=1) < fraction).sum(1) + 1).clamp(min=min(min_significant, n_top), max=n_top)
+    p = int(count.max())
+    if not per_class or kcls == 1:
+        valid = torch.arange(p, device=dev)[None, :] < count[:, None]
+        return order[:, :p], valid, count
+    count = count.reshape(b, kcls)
+    sel = order[:, :p].reshape(b, kcls, p)  # index over (T, R) within each class
+    k = torch.arange(kcls, device=dev)[None, :, None]
+    flat = (sel // n_r) * (kcls * n_r) + k * n_r + sel % n_r
+    valid = torch.arange(p, device=dev)[None, None, :] < count[:, :, None]
+    return flat.reshape(b, kcls * p), valid.reshape(b, kcls * p), count.sum(1)
+
+
 def _significant_points(scores: torch.Tensor, batch: BatchData, trans_points: torch.Tensor, orient: Orientations,
                         log_class_prior: torch.Tensor, opts: EStepOptions) -> _Significant:
     """Coarse posteriors; the smallest set of points holding ``fraction`` of each particle's mass."""
@@ -461,15 +524,8 @@ def _significant_points(scores: torch.Tensor, batch: BatchData, trans_points: to
         log_w = scores * 1e4  # effectively the best pose only
     else:
         log_w = scores + lp_t[:, :, None, None] + log_class_prior[None, None, :, None] + orient.log_prior[None, None, None, :]
-    w_c, _ = posterior(log_w)
-    w_flat = w_c.reshape(b, -1)
-    # the largest max_significant points suffice (a full sort of T*K*R points per particle is slow)
-    n_top = int(min(opts.max_significant, w_flat.shape[1]))
-    w_top, order = torch.topk(w_flat, n_top, dim=1)
-    count = ((torch.cumsum(w_top, dim=1) < opts.fraction).sum(1) + 1).clamp(max=n_top)
-    p = int(count.max())
-    top = order[:, :p]  # (B, P) flat index over (T, K, R)
-    valid = torch.arange(p, device=scores.device)[None, :] < count[:, None]
+    top, valid, count = significant_coarse_points(log_w, opts.fraction, opts.max_significant,
+                                                  opts.significant_per_class, opts.min_significant)
     return _Significant(count, valid, top // (kcls * n_r), (top // n_r) % kcls, top % n_r)
 
 

@@ -282,6 +282,29 @@ def orient_for_symmetry(model: AtomicModel, symmetry: str) -> tuple[AtomicModel,
     return AtomicModel(xyz, model.elements, model.chains, model.source), rms
 
 
+def chains_near_point(model: AtomicModel, point_A: np.ndarray, mass_fraction: float) -> np.ndarray:
+    """Boolean mask of the atoms of the whole chains nearest ``point_A`` (by chain centroid), taken
+    until at least ``mass_fraction`` of the atoms are selected (a contiguous patch of subunits)."""
+    chains = np.unique(model.chains)
+    if len(chains) < 3:
+        raise ValueError(f"{len(chains)} chain(s): removing whole chains needs a model of at least 3 chains")
+    cent = {c: model.xyz_A[model.chains == c].mean(0) for c in chains}
+    remove = np.zeros(len(model), dtype=bool)
+    for c in sorted(chains, key=lambda c: np.linalg.norm(cent[c] - point_A)):
+        if remove.sum() >= mass_fraction * len(model):
+            break
+        remove |= model.chains == c
+    return remove
+
+
+def asymmetric_point(model: AtomicModel) -> np.ndarray:
+    """A point near the bottom end of a model oriented for its symmetry (RELION: axis along z),
+    off every C_n/D_n axis (not on z, not in the z = 0 plane of the D_n two-fold axes)."""
+    xyz = model.xyz_A
+    r_xy = float(np.linalg.norm(xyz[:, :2], axis=1).max())
+    return np.array([0.8 * r_xy * math.cos(0.3), 0.8 * r_xy * math.sin(0.3), float(xyz[:, 2].min())])
+
+
 def chains_for_variant(model: AtomicModel, mass_fraction: float) -> np.ndarray:
     """Boolean mask of atoms to remove for the conformational variant.
 

@@ -29,6 +29,7 @@ class SimulationConfig(BaseModel):
     n_particles: int = Field(100, ge=1, description="Particles per tomogram.")
     class_fractions: list[float] = Field([0.6, 0.4], description="Fraction of particles per class; class 2 is the variant lacking about --variant-mass-fraction of the mass.")
     variant_mass_fraction: float = Field(0.1, gt=0, lt=0.9, description="Mass removed (whole chains around one end) in the class-2 variant [fraction].")
+    asymmetric_cut: float = Field(0.0, ge=0, lt=0.5, description="Mass removed from every particle (whole chains nearest a point off all symmetry axes, at the bottom end) so that a symmetric atomic model becomes asymmetric (C1); the variant then loses --variant-mass-fraction of the rest at the top end; 0: off [fraction].")
     tomo_size: list[int] = Field([320, 320, 128], description="Tomogram size x,y,z [px] (x,y = tilt image size).")
     ice_thickness: float = Field(800.0, gt=0, description="Ice slab thickness [Å].")
     layers: int = Field(1, ge=1, le=2, description="1: particles anywhere in the slab; 2: two layers at the top and bottom of the ice.")
@@ -101,6 +102,8 @@ def config_for(preset: str, overrides: dict) -> SimulationConfig:
         problems.append(f"--class-fractions {cfg.class_fractions}: give non-negative fractions that sum to 1.")
     if len(cfg.class_fractions) > 2:
         problems.append("--class-fractions: at most two classes (the structure and its variant).")
+    if cfg.asymmetric_cut > 0 and cfg.structure != "default" and Path(cfg.structure).suffix.lower() not in (".pdb", ".cif", ".gz", ".ent", ".mmcif"):
+        problems.append("--asymmetric-cut removes whole chains: give an atomic model (or the default structure), not a map.")
     if cfg.tilt_min >= cfg.tilt_max or cfg.tilt_min < -80 or cfg.tilt_max > 80:
         problems.append(f"tilt range {cfg.tilt_min}..{cfg.tilt_max} deg: needs -80 <= min < max <= 80.")
     if cfg.box % 2:

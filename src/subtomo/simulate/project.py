@@ -127,6 +127,13 @@ def build_true_maps(cfg: SimulationConfig, n_classes: int, log: Callable[[str], 
     if sym_rms > 3.0:
         log(f"WARNING: {src.name} deviates from {symmetry} (in RELION's orientation) by {sym_rms:.1f} A RMS; "
             f"its map is not {symmetry}-symmetric as RELION expects. T/O/I models must come in RELION's orientation.")
+    cut_chains: list[str] = []
+    if cfg.asymmetric_cut > 0:  # an asymmetric particle: drop a patch of chains off every symmetry axis
+        cut = pot.chains_near_point(model, pot.asymmetric_point(model), cfg.asymmetric_cut)
+        cut_chains = sorted(set(model.chains[cut].tolist()))
+        model = model.subset(~cut)
+        symmetry, sym_rms = "C1", 0.0
+        log(f"asymmetric cut: chains {','.join(cut_chains)} removed ({cut.mean():.3f} of the atoms); symmetry C1")
     diameter = 2 * float(np.linalg.norm(model.xyz_A, axis=1).max())
     box = cfg.box or _even(BOX_FACTOR * diameter / p)
     log(f"structure {src.name}: {len(model)} atoms, {model.mass_Da() / 1e3:.0f} kDa, diameter {diameter:.0f} A, "
@@ -146,7 +153,7 @@ def build_true_maps(cfg: SimulationConfig, n_classes: int, log: Callable[[str], 
         masses.append(mass)
     info = {
         "source": src.name if cfg.structure == "default" else str(src), "kind": "atomic model", "n_atoms": len(model), "symmetry": symmetry,
-        "symmetry_rms_A": round(sym_rms, 4), "diameter_A": round(diameter, 1), "bfactor_A2": cfg.bfactor,
+        "symmetry_rms_A": round(sym_rms, 4), "asymmetric_cut_chains": cut_chains, "diameter_A": round(diameter, 1), "bfactor_A2": cfg.bfactor,
         "mass_kDa": [round(x / 1e3, 1) for x in masses], "variant_removed_chains": removed_chains,
         "variant_mass_fraction": round(1 - masses[1] / masses[0], 4) if n_classes > 1 else 0.0,
         "potential": "Peng 1996 five-Gaussian scattering factors, implicit hydrogens, minus the ice potential "
