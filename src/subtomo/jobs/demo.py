@@ -40,7 +40,7 @@ class DemoParams(ComputeParams):
     max_class_resolution: float | None = Field(None, ge=0, description="Also require the selected 2D classes to reach this estimated resolution, on top of select --auto (default: no such rule) [Å].")
     sym: str = Field("C1", description="Point-group symmetry imposed in 3D auto-refinement (and its oracle); with a symmetry the de novo refinement goes through C1 and a symmetry-axis alignment first (about twice the time).")
     healpix_step: float = Field(15.0, gt=0, description="Initial angular sampling of 3D auto-refinement [deg].")
-    healpix_step3d: float = Field(7.5, gt=0, description="Angular sampling of the global search of 3D classification (class3d's default) [deg].")
+    healpix_step3d: float = Field(15.0, gt=0, description="Angular sampling of the global search of 3D classification [deg] (class3d's default is 7.5; 15 keeps the demo short).")
     refine_max_iter: int | None = Field(None, ge=1, description="Iterations of 3D auto-refinement before its final iteration; bounds the demo's time (default: the preset's).")
     classes3d: int = Field(2, ge=0, description="Number of 3D classes (0: skip 3D classification).")
     iterations3d: int | None = Field(None, ge=1, description="Iterations of 3D classification (default: the preset's).")
@@ -62,9 +62,9 @@ class DemoParams(ComputeParams):
 # is a poor score at low SNR and a bead's class looks "best"). 3D classification searches globally:
 # a pseudo-symmetric particle refined in C1 sits in a random one of its equivalent poses, and
 # only a global search lets a class that breaks the symmetry line its particles up (local
-# searches: 74 % accuracy on the demo preset; global at 15 deg: 92-97 %). It searches at class3d's
-# default 7.5 deg, not at refine3d's initial 15 deg: once the posterior is sharp (Pmax ~ 1) a 15 deg
-# grid decides classes by pose error, not by the data (issue 22, bench/bench_class3d_collapse.py).
+# searches: 74 % accuracy on the demo preset; global at 15 deg: 92-97 %). At 15 deg, not class3d's
+# default 7.5 deg, to keep the demo short (7.5 deg costs about 8x per iteration; issue 22 measured
+# classes lost at 15 deg on an asymmetric particle once Pmax ~ 1: bench/bench_class3d_collapse.py).
 PRESET_DEFAULTS: dict[str, dict[str, float | int]] = {
     "tiny": dict(classes2d=4, iterations2d=8, refine_max_iter=8, iterations3d=3),
     "demo": dict(classes2d=8, iterations2d=15, refine_max_iter=12, iterations3d=10),
