@@ -40,7 +40,7 @@ class Class3DParams(ComputeParams):
     particle_diameter: float = Field(..., gt=0, description="Particle diameter for the soft spherical mask [Å].")
     solvent_mask: str | None = Field(None, description="Solvent mask (.mrc) applied to the references.")
     focus_mask: str | None = Field(None, description="Focused classification: mask white only over the region of interest, used in the E-step.")
-    healpix_step: float = Field(7.5, gt=0, le=60, description="Angular sampling (oversampled) [deg]; global searches need 7.5 or finer once Pmax ~ 1.")
+    healpix_step: float = Field(7.5, gt=0, le=60, description="Angular sampling (oversampled) [deg]; for global searches 7.5 or finer (see the summary above).")
     offset_range: float = Field(5.0, ge=0, description="Translational search range [px].")
     offset_step: float = Field(1.0, gt=0, description="Translational step (oversampled) [px].")
     local: bool = Field(False, description="Local angular searches around the input poses.")
@@ -96,7 +96,8 @@ SPEC = JobSpec(
     summary=("Steps 19-22, 25: 3D classification (K classes, T = 4), focused classification with a mask and --skip-align.\n\n"
              "Which search: global (the default) at --healpix-step 7.5 (the default) or finer, when the poses are "
              "unknown or the particle is (pseudo-)symmetric and was refined in C1, so that a class can re-align its "
-             "particles; at 15 deg the grid is too coarse for a sharp posterior (Pmax ~ 1) and classes are lost. "
+             "particles; on an asymmetric particle with a large variant, 15 deg lost its classes once Pmax ~ 1 "
+             "(bench/bench_class3d_collapse.py). "
              "--local (starts from a refine3d run_data.star) for an asymmetric particle with refined poses: a search "
              "of a few sigma-ang around each pose. --skip-align (poses of refine3d kept) for a compositional "
              "difference when the consensus poses are good: the fastest, and with --focus-mask for a local region."),
