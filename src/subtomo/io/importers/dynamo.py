@@ -78,7 +78,7 @@ def write_dynamo_table(path: str | Path, picks: Picks, tomo_numbers: dict[str, i
     t = np.zeros((n, N_COLUMNS))
     t[:, 0] = np.arange(1, n + 1)
     t[:, 1:3] = 1
-    rotations = picks.rotations if picks.rotations is not None else np.broadcast_to(np.eye(3), (n, 3, 3))
+    rotations = picks.rotations_or_identity()
     t[:, 6:9] = matrices_to_zxz(np.asarray(rotations).transpose(0, 2, 1))
     t[:, 9] = picks.scores if picks.scores is not None else 0.0
     t[:, 19] = [tomo_numbers[str(name)] for name in picks.tomo]

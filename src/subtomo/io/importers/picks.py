@@ -63,6 +63,12 @@ class Picks:
     def __len__(self) -> int:
         return len(self.coords_px)
 
+    def rotations_or_identity(self) -> np.ndarray:
+        """The orientations, or identity matrices when the picks have none: (n, 3, 3) float64."""
+        if self.rotations is not None:
+            return np.asarray(self.rotations, dtype=np.float64)
+        return np.broadcast_to(np.eye(3), (len(self), 3, 3))
+
     def scaled(self, factor: float, pixel_size_A: float | None) -> "Picks":
         """The picks with positions multiplied by ``factor`` (coordinates at another pixel size).
 

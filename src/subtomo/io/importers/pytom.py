@@ -142,8 +142,7 @@ def write_pytom_candidates(path: str | Path, picks: Picks, pixel_size_A: float) 
     -------
     Path
     """
-    n = len(picks)
-    rotations = picks.rotations if picks.rotations is not None else np.broadcast_to(np.eye(3), (n, 3, 3))
+    rotations = picks.rotations_or_identity()
     angles = matrices_to_relion(rotations)
     table = pd.DataFrame({c: picks.coords_px[:, j] for j, c in enumerate(COORD_COLUMNS)})
     for j, c in enumerate(ANGLE_COLUMNS):

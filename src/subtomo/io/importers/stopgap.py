@@ -90,7 +90,7 @@ def write_stopgap_motl(path: str | Path, picks: Picks, tomo_numbers: dict[str, i
     Path
     """
     n = len(picks)
-    rotations = picks.rotations if picks.rotations is not None else np.broadcast_to(np.eye(3), (n, 3, 3))
+    rotations = picks.rotations_or_identity()
     zxz = matrices_to_zxz(rotations)
     pos = picks.coords_px + ORIGIN
     halves = picks.halves if picks.halves is not None else (np.arange(n) % 2) + 1
