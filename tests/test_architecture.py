@@ -1,5 +1,5 @@
-"""The code's shape, enforced: short functions in the science packages (code lines, docstring
-excluded), short job modules, no package imports hidden inside science functions, numpy
+"""The code's shape, enforced: short functions in the science packages (docstring included),
+short job modules, no package imports hidden inside science functions, numpy
 docstrings on public science functions, and the import contracts of pyproject.toml."""
 
 from __future__ import annotations
@@ -25,21 +25,12 @@ def _functions(path: Path):
             yield node
 
 
-def _code_lines(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
-    """Lines of a function from its signature to its end, without its docstring."""
-    length = fn.end_lineno - fn.lineno + 1
-    first = fn.body[0]
-    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
-        length -= first.end_lineno - first.lineno + 1
-    return length
-
-
 def test_science_functions_are_short():
     long = []
     for package in SCIENCE:
         for path in sorted((SRC / package).rglob("*.py")):
             for fn in _functions(path):
-                length = _code_lines(fn)
+                length = fn.end_lineno - fn.lineno + 1
                 if length > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(SRC)}:{fn.lineno} {fn.name} ({length} lines)")
     assert not long, f"functions longer than {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)

@@ -52,10 +52,7 @@ def synthetic_tilt_images(defocus_u_A, defocus_v_A, angle_deg, tilt_deg, optics:
         + a constant 10.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    du = np.atleast_1d(np.asarray(defocus_u_A, float))
-    dv = np.atleast_1d(np.asarray(defocus_v_A, float))
-    an = np.atleast_1d(np.asarray(angle_deg, float))
-    tl = np.atleast_1d(np.asarray(tilt_deg, float))
+    du, dv, an, tl = (np.atleast_1d(np.asarray(v, float)) for v in (defocus_u_A, defocus_v_A, angle_deg, tilt_deg))
     n = len(du)
     p = optics.pixel_size_A
     ky = torch.fft.fftfreq(size, d=p)
@@ -66,32 +63,37 @@ def synthetic_tilt_images(defocus_u_A, defocus_v_A, angle_deg, tilt_deg, optics:
     x_A = (torch.arange(size, dtype=torch.float32) - size // 2) * p
     shape = 1.0 / (1.0 + s2 * 40.0 ** 2) ** 0.25  # mild fall-off of the object spectrum
     env = torch.exp(-bfactor_A2 * s2 / 4)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    background = 0.5 * torch.cos(2.0 * xx + 1.0) * torch.cos(1.5 * yy)  # slowly varying, the same in every image
     out = torch.empty(n, size, size)
     for i in range(n):
         obj = torch.fft.rfft2(torch.randn(size, size, generator=gen)) * shape
-        half = (du[i] - dv[i]) / 2
-        ddef = half * torch.cos(2 * (phi - math.radians(an[i])))
-        grad = math.tan(math.radians(tl[i]))
-        span = float(x_A.abs().max()) * abs(grad)
-        k = max(2, int(math.ceil(2 * span / 100.0)) + 1) if span > 0 else 1
-        offsets = np.linspace(-span, span, k) if k > 1 else np.zeros(1)
-        layers = []
-        for off in offsets:
-            d = (du[i] + dv[i]) / 2 + off + ddef
-            c = ctf_from_defocus(s2, d, optics.voltage_kV, optics.cs_mm, optics.amplitude_contrast)
-            layers.append(torch.fft.irfft2(obj * c * env, s=(size, size)))
-        if k == 1:
-            img = layers[0]
-        else:
-            pos = torch.from_numpy(np.interp((x_A * grad).numpy(), offsets, np.arange(k))).float()
-            lo = pos.floor().long().clamp(max=k - 2)
-            w = pos - lo
-            stack = torch.stack(layers)  # (k, y, x)
-            cols = torch.arange(size)
-            img = stack[lo, :, cols].T * (1 - w) + stack[lo + 1, :, cols].T * w
+        ddef = (du[i] - dv[i]) / 2 * torch.cos(2 * (phi - math.radians(an[i])))
+        img = _tilted_plane_image(obj * env, s2, (du[i] + dv[i]) / 2 + ddef, math.tan(math.radians(tl[i])), x_A, optics)
         sig = img / img.std() * math.sqrt(max(snr, 0.0))
-        noise = torch.randn(size, size, generator=gen)
-        yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-        background = 0.5 * torch.cos(2.0 * xx + 1.0) * torch.cos(1.5 * yy)
-        out[i] = sig + noise + background + 10.0
+        out[i] = sig + torch.randn(size, size, generator=gen) + background + 10.0
     return out.to(device) if device is not None else out
+
+
+def _tilted_plane_image(spectrum: torch.Tensor, s2: torch.Tensor, defocus_A: torch.Tensor, gradient: float,
+                        x_A: torch.Tensor, optics: Optics) -> torch.Tensor:
+    """Image of ``spectrum`` (size, size//2+1) under a CTF whose defocus grows by ``gradient`` per Å of x.
+
+    The defocus offsets across the image are sampled every ≤ 100 Å and the layers interpolated
+    linearly along x; ``defocus_A`` (size, size//2+1) holds the centre defocus with astigmatism [Å].
+    """
+    size = spectrum.shape[0]
+    span = float(x_A.abs().max()) * abs(gradient)
+    k = max(2, int(math.ceil(2 * span / 100.0)) + 1) if span > 0 else 1
+    offsets = np.linspace(-span, span, k) if k > 1 else np.zeros(1)
+    layers = [torch.fft.irfft2(spectrum * ctf_from_defocus(s2, defocus_A + off, optics.voltage_kV, optics.cs_mm,
+                                                           optics.amplitude_contrast), s=(size, size))
+              for off in offsets]
+    if k == 1:
+        return layers[0]
+    pos = torch.from_numpy(np.interp((x_A * gradient).numpy(), offsets, np.arange(k))).float()
+    lo = pos.floor().long().clamp(max=k - 2)
+    w = pos - lo
+    stack = torch.stack(layers)  # (k, y, x)
+    cols = torch.arange(size)
+    return stack[lo, :, cols].T * (1 - w) + stack[lo + 1, :, cols].T * w

@@ -33,6 +33,7 @@ from subtomo.em.rotations2d import (
     apply_plan,
     back_rotate2d,
     bilinear_plan,
+    components_to_rfft_grid,
     oversampled_psi_deg,
     padded_rfft2d,
     psi_grid_deg,
@@ -221,21 +222,26 @@ def accumulate2d(stats: Stats2D, post: BatchPosterior, angle_index: torch.Tensor
     stats.dc.view(-1).index_add_(0, row, w.double() * dc[bi].to(torch.complex128))
     stats.wsum.view(-1).index_add_(0, row, w.double())
     if projectors is not None:
-        n_sh = stats.sigma2_num.shape[0]
-        shell = comps.shell.clamp(max=n_sh - 1)
-        rot = post.rot.reshape(b * p, 2, 2)[live]
-        for kc in range(k_cls):
-            sel = torch.nonzero(cls == kc).squeeze(1)
-            if len(sel) == 0:
-                continue
-            res = x_masked[bi[sel]] * ph[sel] - projectors[kc].project(rot[sel], comps.k)
-            r2 = (res.real ** 2 + res.imag ** 2) * w[sel, None]
-            stats.sigma2_num.index_add_(0, shell, r2.sum(0).double())
-        stats.sigma2_den.index_add_(0, shell, torch.full((comps.m,), float(b), dtype=torch.float64, device=shell.device))
+        _add_noise_sums(stats, projectors, post.rot.reshape(b * p, 2, 2)[live], cls, w, x_masked[bi] * ph, comps, b)
     stats.offset2 += (w * (off ** 2).sum(-1)).sum().double()
     stats.offset_w += w.sum().double()
     stats.log_lik += post.log_lik.sum().double()
     stats.n_particles += float(b)
+
+
+def _add_noise_sums(stats: Stats2D, projectors: list, rot: torch.Tensor, cls: torch.Tensor, w: torch.Tensor,
+                    x_shifted: torch.Tensor, comps: FourierComponents, n_particles: int) -> None:
+    """Add w |X_t - A_j V_k|^2 per shell (sigma^2 numerator) and the particle count (denominator) to ``stats``."""
+    shell = comps.shell.clamp(max=stats.sigma2_num.shape[0] - 1)
+    for kc in range(len(projectors)):
+        sel = torch.nonzero(cls == kc).squeeze(1)
+        if len(sel) == 0:
+            continue
+        res = x_shifted[sel] - projectors[kc].project(rot[sel], comps.k)
+        r2 = (res.real ** 2 + res.imag ** 2) * w[sel, None]
+        stats.sigma2_num.index_add_(0, shell, r2.sum(0).double())
+    stats.sigma2_den.index_add_(0, shell, torch.full((comps.m,), float(n_particles), dtype=torch.float64,
+                                                     device=shell.device))
 
 
 def reconstruct2d(stats: Stats2D, psi_deg: torch.Tensor, comps: FourierComponents, sigma2: torch.Tensor,
@@ -290,14 +296,9 @@ def reconstruct2d(stats: Stats2D, psi_deg: torch.Tensor, comps: FourierComponent
         v = torch.where(t2[:, shell] > 0, summed / den, torch.zeros_like(summed))
         dvp = wk[:, None] * tau2_fudge * t2 / s2.clamp(min=1e-300)[None]
         dvp[:, comps.size // 2:] = 0
-    hh = comps.size // 2 + 1
-    grid = torch.zeros(k_cls, comps.size * hh, dtype=torch.complex64, device=dev)
-    grid[:, comps.idx] = v.to(torch.complex64)
-    on_axis = torch.nonzero(comps.k[:, 0] == 0).squeeze(1)
-    mates = torch.remainder(-comps.k[on_axis, 1].round().long(), comps.size) * hh
-    grid[:, mates] = v[:, on_axis].conj().to(torch.complex64)
-    grid[:, 0] = (stats.dc.sum(1) / wk.clamp(min=1e-30)).to(torch.complex64)
-    full = pad_rfft(grid.reshape(k_cls, comps.size, hh), box, 2)
+    grid = components_to_rfft_grid(v.to(torch.complex64), comps.idx, comps.k, comps.size,
+                                   (stats.dc.sum(1) / wk.clamp(min=1e-30)).to(torch.complex64))
+    full = pad_rfft(grid, box, 2)
     return ifft_centered(full, (box, box)).float(), dvp
 
 

@@ -289,6 +289,43 @@ def project2d(refs_padded_ft: torch.Tensor, psi_deg: torch.Tensor, k: torch.Tens
     return sample_rfft2d(refs_padded_ft[:, None], q[None])
 
 
+def components_to_rfft_grid(values: torch.Tensor, idx: torch.Tensor, k: torch.Tensor, size: int,
+                            dc: torch.Tensor | None = None) -> torch.Tensor:
+    """Put component values back on the rfft grid, with the Hermitian mates of the kx = 0 column.
+
+    Components hold one member of each Hermitian pair; on the kx = 0 column the other member is
+    the complex conjugate at -ky, which the inverse transform needs.
+
+    Parameters
+    ----------
+    values : torch.Tensor
+        (R, M) complex values at the components ``k``.
+    idx : torch.Tensor
+        (M,) int64 positions of the components in the flattened rfft grid of side ``size``
+        (the same in the box grid and its crop to ``size``).
+    k : torch.Tensor
+        (M, 2) float components (x, y) in index units (cycles per box).
+    size : int
+        Grid side s [px], even.
+    dc : torch.Tensor, optional
+        (R,) values at the zero frequency (not among the components).
+
+    Returns
+    -------
+    torch.Tensor
+        (R, size, size//2+1) of ``values.dtype``, zero elsewhere.
+    """
+    hh = size // 2 + 1
+    on_axis = torch.nonzero(k[:, 0] == 0).squeeze(1)
+    mate_idx = torch.remainder(-k[on_axis, 1].round().long(), size) * hh
+    grid = torch.zeros(values.shape[0], size * hh, dtype=values.dtype, device=values.device)
+    grid[:, idx] = values
+    grid[:, mate_idx] = values[:, on_axis].conj()
+    if dc is not None:
+        grid[:, 0] = dc
+    return grid.reshape(-1, size, hh)
+
+
 def back_rotate2d(sums: torch.Tensor, psi_deg: torch.Tensor, idx: torch.Tensor, k: torch.Tensor,
                   size: int, pad: int = 2, gridding: bool = True, dc: torch.Tensor | None = None,
                   chunk: int = 256) -> torch.Tensor:
@@ -333,18 +370,10 @@ def back_rotate2d(sums: torch.Tensor, psi_deg: torch.Tensor, idx: torch.Tensor, 
     if live.numel() == 0:
         return out
     a = rotation_matrices_2d(psi_deg.to(torch.float64)).to(k.dtype).to(k.device)  # (J, 2, 2)
-    hh = size // 2 + 1  # component indices are the same in the box grid and its crop to ``size``
-    # components hold one member of each Hermitian pair: on the kx = 0 column put the mates back
-    on_axis = torch.nonzero(k[:, 0] == 0).squeeze(1)
-    mate_idx = torch.remainder(-k[on_axis, 1].round().long(), size) * hh
     for start in range(0, live.numel(), chunk):
         rows = live[start:start + chunk]
-        grid = torch.zeros(rows.numel(), size * hh, dtype=sums.dtype, device=sums.device)
-        grid[:, idx] = flat[rows]
-        grid[:, mate_idx] = flat[rows][:, on_axis].conj()
-        if dc is not None:
-            grid[:, 0] = dc.reshape(kk * jj)[rows]
-        img = ifft_centered(grid.reshape(-1, size, hh), (size, size))
+        grid = components_to_rfft_grid(flat[rows], idx, k, size, None if dc is None else dc.reshape(kk * jj)[rows])
+        img = ifft_centered(grid, (size, size))
         fp = padded_rfft2d(img, pad, gridding)
         j = rows % jj
         coords = torch.einsum("rab,mb->rma", a[j], k) * pad  # A q (image frame), padded units

@@ -319,6 +319,26 @@ def _relion_half_samples(box: int) -> tuple[np.ndarray, np.ndarray]:
     return x[keep].astype(np.float64), y[keep].astype(np.float64)
 
 
+def _splat_plane(data: np.ndarray, weight: np.ndarray, values: np.ndarray, x: np.ndarray, y: np.ndarray,
+                 tilt_deg: float, shape: tuple[int, int, int]) -> None:
+    """Add one tilt's central section (values at half-grid samples x, y) trilinearly into flat ``data``/``weight``.
+
+    The plane is placed at RELION's Euler angles (0, -θ, 0); samples with x < 0 after rotation
+    go to their Friedel mates.
+    """
+    n = shape[0]
+    t = math.radians(-tilt_deg)  # RELION's tilt for our θ
+    q = np.stack([x * math.cos(t), y, -x * math.sin(t)])
+    q = np.where(q[0] < 0, -q, q)  # Friedel mate
+    i0 = np.floor(q).astype(np.int64)
+    f = q - i0
+    for d in np.ndindex(2, 2, 2):
+        w = np.prod([f[a] if d[a] else 1 - f[a] for a in range(3)], axis=0)
+        flat = np.ravel_multi_index(((i0[2] + d[2]) % n, (i0[1] + d[1]) % n, i0[0] + d[0]), shape)
+        data += np.bincount(flat, w * values, len(data))
+        weight += np.bincount(flat, w, len(weight))
+
+
 def relion_ctf_cube(defocus_u_A, defocus_v_A, astig_angle_deg, tilt_deg, bfactor_A2, scale, box: int,
                     pixel_size_A: float, voltage_kV: float, cs_mm: float, amplitude_contrast: float,
                     skip_ctf: bool = False) -> np.ndarray:
@@ -359,17 +379,7 @@ def relion_ctf_cube(defocus_u_A, defocus_v_A, astig_angle_deg, tilt_deg, bfactor
                      (defocus_u_A, defocus_v_A, astig_angle_deg, tilt_deg, bfactor_A2, scale)))
     for du, dv, ang, th, b, sc in per_tilt:
         c = ctf_2d(freq, 0.0 if skip_ctf else du, 0.0 if skip_ctf else dv, ang, voltage_kV, cs, q0, b, sc).numpy()
-        c = np.where((x == 0) & (y == 0), 0.0, c)
-        t = math.radians(-th)  # RELION's tilt for our θ
-        q = np.stack([x * math.cos(t), y, -x * math.sin(t)])
-        q = np.where(q[0] < 0, -q, q)  # Friedel mate
-        i0 = np.floor(q).astype(np.int64)
-        f = q - i0
-        for d in np.ndindex(2, 2, 2):
-            w = np.prod([f[a] if d[a] else 1 - f[a] for a in range(3)], axis=0)
-            flat = np.ravel_multi_index(((i0[2] + d[2]) % n, (i0[1] + d[1]) % n, i0[0] + d[0]), shape)
-            data += np.bincount(flat, w * c, len(data))
-            weight += np.bincount(flat, w, len(weight))
+        _splat_plane(data, weight, np.where((x == 0) & (y == 0), 0.0, c), x, y, th, shape)
     data, weight = data.reshape(shape), weight.reshape(shape)
     mate = (-np.arange(n)) % n
     data[:, :, 0] += data[mate][:, mate, 0]
