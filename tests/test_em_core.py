@@ -87,11 +87,13 @@ def test_global_grid_children_and_local_prior():
     tg = sampling.translation_grid(2.0, 1.0)
     assert tg.points.norm(dim=-1).max() <= 2.0 and len(tg.points) == 33
     assert float(tg.children.reshape(-1, 3).norm(dim=-1).min()) > 0.4  # RELION: t +- step/4, never the centre
-    # classification's layout: the same step/2 lattice, containing the search centre (issue 22)
+    # classification's layout (issue 22): three children per axis at step/3, the search centre among them,
+    # and the children of all coarse points tile a step/3 lattice without overlap
     tc = sampling.translation_grid(2.0, 1.0, children_contain_centre=True)
-    assert float(tc.children.reshape(-1, 3).norm(dim=-1).min()) < 1e-6
-    assert torch.allclose(torch.sort((tc.children.reshape(-1, 3) + 0.25).flatten()).values,
-                          torch.sort(tg.children.reshape(-1, 3).flatten()).values)
+    ch = tc.children.reshape(-1, 3)
+    assert tc.children.shape[1] == 27 and float(ch.norm(dim=-1).min()) < 1e-6
+    assert len(torch.unique(torch.round(ch * 3).long(), dim=0)) == len(ch)  # no child twice
+    assert torch.allclose(ch * 3, torch.round(ch * 3), atol=1e-5)  # on the step/3 lattice
 
 
 # ------------------------------------------------------------------ projection

@@ -635,6 +635,36 @@ def iterate(images: torch.Tensor, model: EMModel, poses: Poses2D, settings: Clas
     starts = list(range(0, n_img, settings.batch_size))
     for s in (progress(starts) if progress else starts):
         _batch2d(images, slice(s, min(n_img, s + settings.batch_size)), poses, new, stats, plan)
+    return finish_iteration(stats, model, poses, new, plan, settings, iteration, t0)
+
+
+def finish_iteration(stats: "Stats2D", model: EMModel, poses: Poses2D, new: Poses2D, plan: "_Plan2D",
+                     settings: Class2DSettings, iteration: int, t0: float) -> tuple[EMModel, Poses2D, IterationInfo]:
+    """The M-step after an E-step (in one process or on a cluster) and the iteration's summary.
+
+    Parameters
+    ----------
+    stats : Stats2D
+        The E-step sums of all images.
+    model : EMModel
+        The model of the previous iteration.
+    poses, new : Poses2D
+        The poses before and after the E-step.
+    plan : _Plan2D
+        The iteration's grids and components.
+    settings : Class2DSettings
+        The run's settings.
+    iteration : int
+        Iteration number.
+    t0 : float
+        When the iteration started [s, time.time()].
+
+    Returns
+    -------
+    tuple
+        (new model, ``new``, IterationInfo).
+    """
+    n_img, n = len(new.cls), plan.mask.shape[-1]
     model, class_shell = maximise(stats, model, plan.psi_deg, plan.comps, settings)
     model.extra = {"average_pmax": float(new.max_prob.mean()), "n_particles": n_img}
     info = _summary(iteration, time.time() - t0, n * settings.pixel_size_A, int(plan.comps.size), model.current_shell,

@@ -284,6 +284,10 @@ class EStepOptions:
     # parent is often the 2nd-4th best coarse point)
     min_significant: int = 1
     memory_bytes: int = 512 * 2 ** 20  # working-set bound for one chunk
+    # bound on what a pass holds across batches: the coarse references of a global search when they fit
+    # (:func:`coarse_refs_bytes`), else the coarse scores of a group of particles that share each
+    # rotation chunk's projections (:func:`coarse_group_size`)
+    pass_memory_bytes: int = 3 * 2 ** 30
 
 
 @dataclass
@@ -352,11 +356,14 @@ def precompute_refs(projectors: Sequence[Projector], rotations: torch.Tensor, k:
 
 
 def precompute_stacked_refs(projectors: Sequence[Projector], rotations: torch.Tensor, k: torch.Tensor,
-                            chunk_bytes: int = 256 * 2 ** 20) -> tuple[torch.Tensor, None]:
-    """Every class rotated once, stored only as stacked [Re, Im] float32.
+                            chunk_bytes: int = 256 * 2 ** 20,
+                            with_power: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every class rotated once, stored as stacked [Re, Im] float32 (and their power with ``with_power``).
 
-    Filled chunk by chunk, so the peak is this array plus one chunk; the power |A|^2 is
-    recomputed per scoring chunk (:func:`stacked_power`). Pass as ``coarse_refs``.
+    Filled chunk by chunk, so the peak is this array plus one chunk; without ``with_power``
+    the power |A|^2 is recomputed per scoring chunk (:func:`stacked_power`; a fifth of the
+    coarse time at box 64 with 16-particle batches, bench/bench_engine.py), with it the
+    references take 1.5 times the memory. Pass as ``coarse_refs``.
 
     Parameters
     ----------
@@ -368,19 +375,95 @@ def precompute_stacked_refs(projectors: Sequence[Projector], rotations: torch.Te
         (M, d) components in index units.
     chunk_bytes : int
         Memory of one chunk [bytes].
+    with_power : bool
+        Also hold |A|^2 (K, R, M).
 
     Returns
     -------
     tuple
-        ((K, R, 2M) float32, None).
+        ((K, R, 2M) float32, (K, R, M) float32 or None).
     """
     n_r, m = rotations.shape[0], k.shape[0]
     out = torch.empty(len(projectors), n_r, 2 * m, dtype=torch.float32, device=k.device)
+    power = torch.empty(len(projectors), n_r, m, dtype=torch.float32, device=k.device) if with_power else None
     step = max(1, chunk_bytes // max(1, 8 * m))
     for kc, projector in enumerate(projectors):
         for s, e in _chunks(n_r, step):
             out[kc, s:e] = project_stacked(projector, rotations[s:e], k)
-    return out, None
+            if power is not None:
+                power[kc, s:e] = stacked_power(out[kc, s:e])
+    return out, power
+
+
+def coarse_refs_bytes(n_classes: int, n_rot: int, mc: int) -> int:
+    """Bytes of the stacked coarse references of a shared grid (:func:`precompute_stacked_refs`).
+
+    Parameters
+    ----------
+    n_classes : int
+        K references.
+    n_rot : int
+        R coarse rotations.
+    mc : int
+        Mc coarse components.
+
+    Returns
+    -------
+    int
+        4 K R 2Mc [bytes] (float32 [Re | Im]).
+    """
+    return 4 * n_classes * n_rot * 2 * mc
+
+
+def coarse_group_bytes_per_particle(n_t: int, n_classes: int, n_rot: int, mc: int) -> int:
+    """Bytes one particle adds to a coarse group: scores (T, K, R), translated particle (T, 2Mc), its data.
+
+    Parameters
+    ----------
+    n_t : int
+        T coarse translations.
+    n_classes : int
+        K references.
+    n_rot : int
+        R coarse rotations.
+    mc : int
+        Mc coarse components.
+
+    Returns
+    -------
+    int
+        4 T K R + 16 T Mc (translated particle and its complex temporary) + 24 Mc [bytes].
+    """
+    return 4 * n_t * n_classes * n_rot + 16 * n_t * mc + 24 * mc
+
+
+def coarse_group_size(budget_bytes: int, batch_size: int, n_particles: int, n_t: int, n_classes: int,
+                      n_rot: int, mc: int) -> int:
+    """Particles whose coarse pass shares each rotation chunk's projections, within ``budget_bytes``.
+
+    A multiple of ``batch_size`` (at least one batch, at most all particles): each projected
+    rotation chunk is scored against the whole group, so the projection cost per particle
+    falls as 1 / group size while the held scores grow with it.
+
+    Parameters
+    ----------
+    budget_bytes : int
+        Memory for the group [bytes].
+    batch_size : int
+        Particles per batch B.
+    n_particles : int
+        Particles of the pass.
+    n_t, n_classes, n_rot, mc : int
+        T, K, R, Mc as for :func:`coarse_group_bytes_per_particle`.
+
+    Returns
+    -------
+    int
+        Group size [particles].
+    """
+    per = coarse_group_bytes_per_particle(n_t, n_classes, n_rot, mc)
+    g = max(1, budget_bytes // max(per, 1)) // max(batch_size, 1) * batch_size
+    return int(min(max(g, batch_size), max(n_particles, 1)))
 
 
 def _chunks(n: int, size: int):
@@ -404,7 +487,9 @@ def _coarse_scores(batch: BatchData, comps: FourierComponents, coarse_mask: torc
     ph_c = comps.phase_ramps(trans_points)[:, coarse_mask]  # (T, Mc)
     n_r = orient.coarse.shape[-3]
     scores = torch.empty(b, n_t, kcls, n_r, device=x.device)
-    per_elem = 4 * (2 * mc * max(n_t * (b if not orient.shared else 1), 1) + b * n_t) + 16 * mc
+    # per rotation: its stacked reference and power (12 Mc), projection temporaries (about 32 Mc), per
+    # particle when not shared; cross and its difference with the norm (8 B T)
+    per_elem = 44 * mc * (b if not orient.shared else 1) + 8 * b * n_t
     r_chunk = max(1, opts.memory_bytes // max(per_elem, 1))
     if not opts.cc:
         # the translated, CTF- and noise-weighted particles once per batch: (B*T, 2Mc) for every chunk's GEMM
@@ -432,6 +517,42 @@ def _coarse_scores(batch: BatchData, comps: FourierComponents, coarse_mask: torc
     return scores
 
 
+def coarse_scores(batch: BatchData, comps: FourierComponents, inv_sigma2: torch.Tensor,
+                  projectors: Sequence[Projector], orient: Orientations, trans_points: torch.Tensor,
+                  opts: EStepOptions, coarse_refs=None) -> torch.Tensor:
+    """Coarse-pass scores of every (translation, class, rotation) of a batch or a group of batches.
+
+    Rotations are scored in chunks of ``opts.memory_bytes``; without ``coarse_refs`` each chunk
+    is projected once for all B particles, so a larger B shares each projection more widely.
+
+    Parameters
+    ----------
+    batch : BatchData
+        B particles at the coarse components of ``comps`` (M = Mc).
+    comps : FourierComponents
+        The Mc coarse components.
+    inv_sigma2 : torch.Tensor
+        (Mc,) 1 / noise power.
+    projectors : sequence of Projector
+        The K references.
+    orient : Orientations
+        Shared (R, d, d) or per-particle (B, R, d, d) coarse rotations.
+    trans_points : torch.Tensor
+        (T, d) coarse translations [px] relative to ``batch.prev_offset_px``.
+    opts : EStepOptions
+        CC mode and chunk memory.
+    coarse_refs : optional
+        Precomputed references as for :func:`expectation_batch`.
+
+    Returns
+    -------
+    torch.Tensor
+        (B, T, K, R) log-likelihoods (or normalised CC with ``opts.cc``).
+    """
+    every = torch.ones(comps.m, dtype=torch.bool, device=comps.k.device)
+    return _coarse_scores(batch, comps, every, inv_sigma2, projectors, orient, trans_points, opts, coarse_refs)
+
+
 def _coarse_refs(projector: Projector, orient: Orientations, coarse_refs, kc: int, s: int, e: int, k_c: torch.Tensor):
     """Class ``kc`` at coarse rotations s:e: precomputed (shared grid) or projected now."""
     if not orient.shared:
@@ -441,7 +562,7 @@ def _coarse_refs(projector: Projector, orient: Orientations, coarse_refs, kc: in
         return (coarse_refs[0][kc, s:e], power)
     if coarse_refs is not None:
         return coarse_refs[kc, s:e]
-    return projector.project(orient.coarse[s:e], k_c)
+    return (project_stacked(projector, orient.coarse[s:e], k_c), None)
 
 
 @dataclass
@@ -533,23 +654,25 @@ def _shared_child_refs(projectors: Sequence[Projector], orient: Orientations, si
                        k_all: torch.Tensor, memory_bytes: int):
     """For a shared grid: the children of each distinct (class, coarse rotation) of the batch, projected once.
 
-    Returns (prepared refs, pair -> row index) or None when they would not fit in memory.
+    Returns (prepared refs, pair -> row index) or None when they would not fit in memory: they are
+    held as stacked [Re | Im] and power only (12 bytes per component and child), at most
+    6 ``memory_bytes`` (the complex copy of earlier versions made that 20 bytes).
     """
     b, p = sig.valid.shape
     n_r, n_cr, m = orient.coarse.shape[-3], orient.children.shape[-3], k_all.shape[0]
     key = (sig.k_idx.reshape(-1) * n_r + sig.r_idx.reshape(-1))[pairs]
     ukey, inv = torch.unique(key, return_inverse=True)
-    if len(ukey) * n_cr * m * 8 > 4 * memory_bytes:
+    if len(ukey) * n_cr * m * 12 > 6 * memory_bytes:
         return None
-    uniq_refs = torch.empty(len(ukey), n_cr, m, dtype=torch.complex64, device=k_all.device)
+    stacked = torch.empty(len(ukey), n_cr, 2 * m, dtype=torch.float32, device=k_all.device)
     uk, ur = ukey // n_r, ukey % n_r
     for kc in range(len(projectors)):
         sel = torch.nonzero(uk == kc).squeeze(1)
         if len(sel):
-            uniq_refs[sel] = projectors[kc].project(orient.children[ur[sel]], k_all)
+            stacked[sel] = project_stacked(projectors[kc], orient.children[ur[sel]], k_all)
     pair_ref = torch.full((b * p,), -1, dtype=torch.long, device=k_all.device)
     pair_ref[pairs] = inv
-    return prepare_refs(uniq_refs), pair_ref
+    return (stacked, stacked_power(stacked)), pair_ref
 
 
 def _chunk_child_refs(projectors: Sequence[Projector], sig: _Significant, pr: torch.Tensor, rot_flat: torch.Tensor,
@@ -605,7 +728,9 @@ def _fine_scores(batch: BatchData, comps: FourierComponents, inv_sigma2: torch.T
     n_ct, n_cr, n_r = trans_children.shape[1], orient.children.shape[-3], orient.coarse.shape[-3]
     fine = torch.full((b, p, n_ct, n_cr), -math.inf, device=dev)
     pairs = torch.nonzero(sig.valid.reshape(-1)).squeeze(1)
-    per_pair = 4 * (n_ct * 2 * m + 3 * n_cr * m + n_ct * m * 2)
+    # per pair: ramps, shifted particle and its stacked CTF-weighted copy (32 B per translation and
+    # component), children as complex, stacked and power with temporaries (28 B per child and component)
+    per_pair = m * (32 * n_ct + 28 * n_cr)
     pair_chunk = max(1, opts.memory_bytes // max(per_pair, 1))
     flat_b = torch.arange(b, device=dev)[:, None].expand(b, p).reshape(-1)
     rot_flat = grid.rot.reshape(b * p, n_cr, *grid.rot.shape[-2:])
@@ -668,7 +793,8 @@ def _kept_poses(fine: torch.Tensor, sig: _Significant, grid: _FineGrid, log_clas
 def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: torch.Tensor,
                       inv_sigma2: torch.Tensor, projectors: Sequence[Projector], orient: Orientations,
                       trans_points: torch.Tensor, trans_children: torch.Tensor, log_class_prior: torch.Tensor,
-                      opts: EStepOptions, coarse_refs=None, fine_mask: torch.Tensor | None = None) -> BatchPosterior:
+                      opts: EStepOptions, coarse_refs=None, fine_mask: torch.Tensor | None = None,
+                      coarse_scores: torch.Tensor | None = None) -> BatchPosterior:
     """Two-pass E-step of one batch; see the module docstring.
 
     Parameters
@@ -697,6 +823,9 @@ def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: t
     fine_mask : torch.Tensor, optional
         (M,) bool: the components scored in the fine pass (default all; components where
         every reference is zero add nothing).
+    coarse_scores : torch.Tensor, optional
+        (B, T, K, R) coarse-pass scores computed beforehand (:func:`coarse_scores`, e.g. for a
+        group of particles sharing the projections); skips the coarse scoring here.
 
     Returns
     -------
@@ -706,7 +835,8 @@ def expectation_batch(batch: BatchData, comps: FourierComponents, coarse_mask: t
     kcls = len(projectors)
     if log_class_prior.numel() != kcls:  # would broadcast the scores to more classes than references
         raise ValueError(f"log_class_prior has {log_class_prior.numel()} classes for {kcls} references")
-    scores = _coarse_scores(batch, comps, coarse_mask, inv_sigma2, projectors, orient, trans_points, opts, coarse_refs)
+    scores = coarse_scores if coarse_scores is not None else _coarse_scores(
+        batch, comps, coarse_mask, inv_sigma2, projectors, orient, trans_points, opts, coarse_refs)
     sig = _significant_points(scores, batch, trans_points, orient, log_class_prior, opts)
     x_all, inv_s2_all = batch.x, inv_sigma2
     fine_batch = batch

@@ -8,6 +8,9 @@ M-step sums for a set of particles against K references, in batches.
 from __future__ import annotations
 
 import math
+import operator
+import threading
+import uuid
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -22,10 +25,14 @@ from subtomo.em.expectation import (
     BatchPosterior,
     EStepOptions,
     Orientations,
+    coarse_group_size,
+    coarse_refs_bytes,
+    coarse_scores,
     expectation_batch,
     precompute_stacked_refs,
 )
 from subtomo.em.maximisation import SufficientStats, accumulate
+from subtomo.em.parallel import TaskRunner, contiguous_groups, to_device
 from subtomo.em.projector3d import Projector3D, insert3d
 from subtomo.fourier import fft_centered
 from subtomo.geometry.symmetry import axis_rotation
@@ -111,8 +118,12 @@ class PassConfig:
 
 
 def batch_transforms(src: ParticleSource, idx: np.ndarray, comps: FourierComponents, mask: torch.Tensor,
-                     device, use_ctf: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     device, use_ctf: bool = True,
+                     memory_bytes: int = 512 * 2 ** 20) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masked and unmasked particle transforms and CTFs of a batch at the components of ``comps``.
+
+    Read and transformed in sub-batches whose full boxes (about 32 N^3 bytes per particle:
+    volume, masked copy, shifted copies, two transforms, CTF) fit ``memory_bytes``.
 
     Parameters
     ----------
@@ -128,6 +139,8 @@ def batch_transforms(src: ParticleSource, idx: np.ndarray, comps: FourierCompone
         Where the batch goes.
     use_ctf : bool
         Read the CTFs (else ones).
+    memory_bytes : int
+        Bound on the full-box temporaries of one sub-batch [bytes].
 
     Returns
     -------
@@ -136,12 +149,20 @@ def batch_transforms(src: ParticleSource, idx: np.ndarray, comps: FourierCompone
     ctf : torch.Tensor
         (B, M) float32.
     """
-    vols = src.volumes(idx, device)
-    xu = comps.extract(fft_centered(vols, 3))
-    xm = comps.extract(fft_centered(vols * mask, 3))
-    c = src.ctf(idx, device) if use_ctf else None
-    ctf = comps.extract(c) if c is not None else torch.ones(xu.shape, device=device)
-    return xm, xu, ctf
+    step = max(1, memory_bytes // (32 * src.box ** 3))
+    parts = []
+    for s in range(0, len(idx), step):
+        sub = idx[s:s + step]
+        vols = src.volumes(sub, device)
+        xu = comps.extract(fft_centered(vols, 3))
+        xm = comps.extract(fft_centered(vols * mask, 3))
+        del vols
+        c = src.ctf(sub, device) if use_ctf else None
+        parts.append((xm, xu, comps.extract(c) if c is not None else torch.ones(xu.shape, device=device)))
+    if len(parts) == 1:
+        return parts[0]
+    xm_all, xu_all, ctf_all = (torch.cat([q[j] for q in parts]) for j in range(3))
+    return xm_all, xu_all, ctf_all
 
 
 def _batch_orientations(cfg: PassConfig, prev_rot: torch.Tensor,
@@ -193,6 +214,27 @@ class _PassInputs:
     fine_mask: torch.Tensor
     log_cls: torch.Tensor
     coarse_refs: tuple | None
+    groups: "_CoarseGroups | None" = None
+
+
+@dataclass
+class _CoarseGroups:
+    """Global search whose coarse references do not fit the pass budget: coarse scores per group of particles.
+
+    Each rotation chunk is projected once for a group of ``size`` particles (the pass's
+    particles ``idx`` in order, from the first batch not yet scored); the group's coarse
+    scores (G, T, K, R) are held until its batches have been processed.
+    """
+
+    idx: np.ndarray
+    size: int
+    pos: dict
+    rows: dict
+    scores: torch.Tensor | None = None
+
+    def held_bytes(self) -> int:
+        """Bytes of the coarse scores held now."""
+        return 0 if self.scores is None else self.scores.numel() * self.scores.element_size()
 
 
 def _prepare_pass(src: ParticleSource, idx: np.ndarray, maps: torch.Tensor, sigma2: torch.Tensor,
@@ -206,37 +248,77 @@ def _prepare_pass(src: ParticleSource, idx: np.ndarray, maps: torch.Tensor, sigm
     coarse_mask, fine_mask = _pass_masks(maps, comps, cfg.coarse_size)
     prior = cfg.class_prior if cfg.class_prior is not None else torch.full((k_cls,), 1.0 / k_cls)
     log_cls = torch.log(prior.to(device).float().clamp(min=1e-30))
-    coarse_refs = None
+    coarse_refs, groups = None, None
     if not cfg.skip_align and not cfg.local and cfg.rotations is not None:
-        coarse_refs = precompute_stacked_refs(projectors, cfg.rotations.matrices.to(device), comps.k[coarse_mask])
-    return _PassInputs(projectors, comps, inv_s2, coarse_mask, fine_mask, log_cls, coarse_refs)
+        # the references of every coarse rotation when they fit the pass budget, else groups of particles
+        n_r, mc = cfg.rotations.matrices.shape[0], int(coarse_mask.sum())
+        held = coarse_refs_bytes(k_cls, n_r, mc)
+        if held <= cfg.estep.pass_memory_bytes:  # their power too (3/2 the bytes) within half the budget
+            coarse_refs = precompute_stacked_refs(projectors, cfg.rotations.matrices.to(device), comps.k[coarse_mask],
+                                                  with_power=3 * held <= cfg.estep.pass_memory_bytes)
+        else:
+            size = coarse_group_size(cfg.estep.pass_memory_bytes, cfg.batch_size, len(idx),
+                                     cfg.translations.points.shape[0], k_cls, n_r, mc)
+            groups = _CoarseGroups(np.asarray(idx), size, {int(i): j for j, i in enumerate(idx)}, {})
+    return _PassInputs(projectors, comps, inv_s2, coarse_mask, fine_mask, log_cls, coarse_refs, groups)
+
+
+def _group_scores(src: ParticleSource, bidx: np.ndarray, poses: PoseTable, prep: _PassInputs, cfg: PassConfig,
+                  device, use_ctf: bool) -> torch.Tensor:
+    """Coarse scores (B, T, K, R) of batch ``bidx``: from its group's, scoring the group (at Mc only) when new."""
+    g = prep.groups
+    assert g is not None
+    if not all(int(i) in g.rows for i in bidx):
+        g.scores, g.rows = None, {}  # the previous group's batches are done
+        start = g.pos.get(int(bidx[0]), 0)
+        gidx = g.idx[start:start + g.size]
+        if not set(int(i) for i in bidx) <= set(int(i) for i in gidx):  # batches not cut from idx in order
+            gidx = np.asarray(bidx)
+        comps_c = prep.comps.select(prep.coarse_mask)
+        parts = [batch_transforms(src, gidx[s:s + cfg.batch_size], comps_c, cfg.mask, device, use_ctf,
+                                  cfg.estep.memory_bytes) for s in range(0, len(gidx), cfg.batch_size)]
+        xm, ctf = torch.cat([q[0] for q in parts]), torch.cat([q[2] for q in parts])
+        del parts
+        t = lambda a: torch.as_tensor(a[gidx], dtype=torch.float32, device=device)  # noqa: E731
+        batch = BatchData(xm, ctf, t(poses.offset_px), t(poses.prior_offset_px), t(poses.rot))
+        orient, tpts, _ = _batch_orientations(cfg, t(poses.rot), device)
+        g.scores = coarse_scores(batch, comps_c, prep.inv_s2[prep.coarse_mask], prep.projectors, orient, tpts,
+                                 cfg.estep)
+        g.rows = {int(i): j for j, i in enumerate(gidx)}
+    assert g.scores is not None
+    rows = torch.as_tensor([g.rows[int(i)] for i in bidx], dtype=torch.long, device=g.scores.device)
+    return g.scores[rows]
 
 
 def _batch_pass(src: ParticleSource, bidx: np.ndarray, poses: PoseTable, prep: _PassInputs, cfg: PassConfig,
                 stats: SufficientStats, device, use_ctf: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """E-step of one batch, its sums added to ``stats``, its poses stored; (angle, offset changes, Pmax)."""
     comps = prep.comps
-    xm, xu, ctf = batch_transforms(src, bidx, comps, cfg.mask, device, use_ctf)
+    xm, xu, ctf = batch_transforms(src, bidx, comps, cfg.mask, device, use_ctf, cfg.estep.memory_bytes)
     prev_rot = torch.as_tensor(poses.rot[bidx], dtype=torch.float32, device=device)
     prev_off = torch.as_tensor(poses.offset_px[bidx], dtype=torch.float32, device=device)
     prior_off = torch.as_tensor(poses.prior_offset_px[bidx], dtype=torch.float32, device=device)
     batch = BatchData(xm, ctf, prev_off, prior_off, prev_rot)
     orient, tpts, tch = _batch_orientations(cfg, prev_rot, device)
+    scores = _group_scores(src, bidx, poses, prep, cfg, device, use_ctf) if prep.groups is not None else None
     post = expectation_batch(batch, comps, prep.coarse_mask, prep.inv_s2, prep.projectors, orient, tpts, tch,
-                             prep.log_cls, cfg.estep, coarse_refs=prep.coarse_refs, fine_mask=prep.fine_mask)
+                             prep.log_cls, cfg.estep, coarse_refs=prep.coarse_refs, fine_mask=prep.fine_mask,
+                             coarse_scores=scores)
     accumulate(stats, post, xu, xm, ctf, prep.inv_s2, comps, prep.projectors, insert3d, prior_off,
-               noise_stats=cfg.noise_stats)
+               noise_stats=cfg.noise_stats, memory_bytes=cfg.estep.memory_bytes)
     ang, off = _store_best(poses, bidx, post, cfg.sym_mats)
     return ang, off, post.max_prob.cpu().numpy()
 
 
 def estep_pass(src: ParticleSource, idx: np.ndarray, poses: PoseTable, maps: torch.Tensor, sigma2: torch.Tensor,
                comps: FourierComponents, cfg: PassConfig, device, pad: int = 2, use_ctf: bool = True,
-               progress: Callable | None = None) -> tuple[SufficientStats, dict]:
+               progress: Callable | None = None, runner: TaskRunner | None = None) -> tuple[SufficientStats, dict]:
     """E-step and M-step sums of particles ``idx`` against references ``maps``, in batches.
 
     Updates ``poses`` in place for those particles (best pose, class, Pmax, log-likelihood,
-    number of significant samples).
+    number of significant samples). With a ``runner`` the batches go out in groups as tasks
+    (a map-reduce, :func:`estep_map_reduce`): same batches, same poses; the sums are added in
+    another order (float32 rounding, relative 1e-6).
 
     Parameters
     ----------
@@ -261,7 +343,9 @@ def estep_pass(src: ParticleSource, idx: np.ndarray, poses: PoseTable, maps: tor
     use_ctf : bool
         Weight by the particles' 3D CTFs.
     progress : callable, optional
-        Wraps the list of batches (a progress bar).
+        Wraps the list of batches (a progress bar); with a runner, the tasks as they finish.
+    runner : TaskRunner, optional
+        Runs the batches as tasks (:mod:`subtomo.em.parallel`); None: here, one batch after another.
 
     Returns
     -------
@@ -270,6 +354,8 @@ def estep_pass(src: ParticleSource, idx: np.ndarray, poses: PoseTable, maps: tor
     summary : dict
         ``ang_change_deg`` (mean, deg), ``off_change_px`` (RMS, px), ``pmax`` (mean).
     """
+    if runner is not None and len(idx):
+        return estep_map_reduce(src, idx, poses, maps, sigma2, comps, cfg, device, runner, pad, use_ctf, progress)
     prep = _prepare_pass(src, idx, maps, sigma2, comps, cfg, device, pad, use_ctf)
     stats = SufficientStats.zeros(maps.shape[0], maps.shape[-1], 3, device=device)
     changes_ang, changes_off, pmax = [], [], []
@@ -280,6 +366,224 @@ def estep_pass(src: ParticleSource, idx: np.ndarray, poses: PoseTable, maps: tor
         changes_off.append(off)
         pmax.append(pm)
     return stats, _pass_summary(changes_ang, changes_off, pmax)
+
+
+@dataclass
+class PassPayload:
+    """What every task of one distributed pass reads (sent to each worker once per pass; tensors on cpu)."""
+
+    maps: torch.Tensor  # (K, N, N, N) references
+    sigma2: torch.Tensor  # (N//2 + 1,) noise power per shell
+    comps: FourierComponents  # the pass's components, already cut to the measured ones (with CTF)
+    cfg: PassConfig
+    pad: int
+    use_ctf: bool
+    device_type: str  # "cpu" or "cuda" (a worker's own, pinned GPU)
+    token: str  # names this pass in the workers' cache of prepared projectors
+
+
+class _SubsetSource:
+    """The particles ``idx`` of a source, as particles 0..len(idx)-1 (what one task sees)."""
+
+    def __init__(self, src: ParticleSource, idx: np.ndarray) -> None:
+        self.src, self.idx = src, np.asarray(idx)
+        self.n, self.box, self.pixel_size_A = len(self.idx), src.box, src.pixel_size_A
+
+    def volumes(self, idx, device) -> torch.Tensor:
+        """(B, N, N, N) subtomograms of local particles ``idx``."""
+        return self.src.volumes(self.idx[np.asarray(idx)], device)
+
+    def ctf(self, idx, device):
+        """(B, N, N, N//2+1) 3D CTFs of local particles ``idx``, or None."""
+        return self.src.ctf(self.idx[np.asarray(idx)], device)
+
+
+_PREPARED: dict[str, tuple[_PassInputs, PassConfig]] = {}  # per worker process: the current pass only
+_PREPARED_LOCK = threading.Lock()
+
+
+def _prepared(src: ParticleSource, pay: PassPayload, device: torch.device) -> tuple[_PassInputs, PassConfig]:
+    """Projectors, masks and 1/sigma^2 of a pass, made once per worker process and pass (a pure cache)."""
+    with _PREPARED_LOCK:
+        if pay.token not in _PREPARED:
+            _PREPARED.clear()  # the previous pass's projectors go before this pass's are made
+            cfg = to_device(pay.cfg, device)
+            # the components are already the measured ones: use_ctf=False only skips selecting them again
+            prep = _prepare_pass(src, np.zeros(0, dtype=np.int64), pay.maps.to(device), pay.sigma2.to(device),
+                                 to_device(pay.comps, device), cfg, device, pay.pad, False)
+            _PREPARED[pay.token] = (prep, cfg)
+        return _PREPARED[pay.token]
+
+
+def estep_task(item: tuple[np.ndarray, PoseTable], src: ParticleSource,
+               pay: PassPayload) -> tuple[SufficientStats, tuple]:
+    """One task of a distributed E-step: whole batches of particles, read from ``src`` by index.
+
+    Pure: ``src``, ``pay`` and the item's pose rows are only read (the rows are copied), so a
+    task lost with its worker is rerun elsewhere with the same result.
+
+    Parameters
+    ----------
+    item : tuple
+        (B,) particle indices (whole batches of the pass, in order) and their :class:`PoseTable` rows.
+    src : ParticleSource
+        All particles (read by path on a shared file system, or held in memory).
+    pay : PassPayload
+        References, noise, components and settings of the pass.
+
+    Returns
+    -------
+    stats : SufficientStats
+        The task's sums (cpu).
+    extra : tuple
+        (new pose rows, angle changes [deg], offset changes [px], Pmax), each (B,).
+    """
+    idx, rows = item
+    device = torch.device(pay.device_type)
+    prep, cfg = _prepared(src, pay, device)
+    local, poses = _SubsetSource(src, idx), rows.copy()
+    if prep.groups is not None:
+        # a global search scored in groups of particles fills its group bookkeeping batch by batch: each
+        # task keeps its own, with its batches as the pass's particles (the shared prep is never changed)
+        prep = _prepare_pass(local, np.arange(len(idx)), pay.maps.to(device), pay.sigma2.to(device),
+                             to_device(pay.comps, device), cfg, device, pay.pad, False)
+    stats = SufficientStats.zeros(pay.maps.shape[0], pay.maps.shape[-1], 3, device=device)
+    out: list[list[np.ndarray]] = [[], [], []]
+    for s in range(0, len(idx), cfg.batch_size):
+        res = _batch_pass(local, np.arange(s, min(s + cfg.batch_size, len(idx))), poses, prep, cfg, stats, device,
+                          pay.use_ctf)
+        for lst, r in zip(out, res):
+            lst.append(r)
+    return stats.to("cpu"), (poses, *(np.concatenate(lst) for lst in out))
+
+
+def measured_task(idx: np.ndarray, src: ParticleSource, args: tuple[FourierComponents, str, int]) -> tuple[torch.Tensor, None]:
+    """Components where some particle of ``idx`` has a non-zero CTF: the map step of :func:`measured_components`.
+
+    Parameters
+    ----------
+    idx : numpy.ndarray
+        (B,) particle indices.
+    src : ParticleSource
+        All particles.
+    args : tuple
+        The M candidate components (cpu), the device type ("cpu" or "cuda") and the CTFs read at a time.
+
+    Returns
+    -------
+    keep : torch.Tensor
+        (M,) bool (cpu); reduced with ``|``.
+    extra : None
+    """
+    comps, device_type, batch_size = args
+    device = torch.device(device_type)
+    keep = measured_components(_SubsetSource(src, idx), np.arange(len(idx)), to_device(comps, device), device,
+                               batch_size)
+    return keep.cpu(), None
+
+
+def _task_items(idx: np.ndarray, poses: PoseTable, batch_size: int, n_tasks: int) -> list[tuple[np.ndarray, PoseTable]]:
+    """Whole batches (the same split as in one process) in ``n_tasks`` contiguous groups, with their pose rows."""
+    n_batches = -(-len(idx) // batch_size)
+    items = []
+    for a, b in contiguous_groups(n_batches, n_tasks):
+        sel = idx[a * batch_size:b * batch_size]
+        items.append((sel, PoseTable(*(getattr(poses, f)[sel].copy() for f in _POSE_FIELDS))))
+    return items
+
+
+_POSE_FIELDS = ("rot", "offset_px", "prior_offset_px", "cls", "max_prob", "log_lik", "n_sig")
+
+
+def estep_map_reduce(src: ParticleSource, idx: np.ndarray, poses: PoseTable, maps: torch.Tensor,
+                     sigma2: torch.Tensor, comps: FourierComponents, cfg: PassConfig, device, runner: TaskRunner,
+                     pad: int = 2, use_ctf: bool = True, progress: Callable | None = None) -> tuple[SufficientStats, dict]:
+    """:func:`estep_pass` as a map-reduce on ``runner``: groups of batches as tasks, their sums added in a tree.
+
+    The measured components (CTF != 0 somewhere) are found by a first map-reduce (an OR), the
+    references and settings go to the workers once per pass, each task returns its sums and the
+    new poses of its particles, which are written back into ``poses``.
+
+    Parameters
+    ----------
+    src, idx, poses, maps, sigma2, comps, cfg, device, pad, use_ctf, progress
+        As :func:`estep_pass`.
+    runner : TaskRunner
+        Where the tasks run.
+
+    Returns
+    -------
+    stats : SufficientStats
+        The sums of particles ``idx`` (on ``device``).
+    summary : dict
+        As :func:`estep_pass`.
+    """
+    n_tasks = max(1, 4 * int(runner.workers))
+    dev_type = torch.device(device).type
+    comps_cpu = to_device(comps, "cpu")
+    if use_ctf:
+        chunks = [idx[a:b] for a, b in contiguous_groups(len(idx), n_tasks)]
+        keep, _ = runner.map_reduce(measured_task, chunks, (src, (comps_cpu, dev_type, cfg.batch_size)), operator.or_)
+        comps_cpu = comps_cpu.select(keep)
+    pay = PassPayload(maps.detach().cpu(), sigma2.detach().cpu(), comps_cpu, to_device(cfg, "cpu"), pad, use_ctf,
+                      dev_type, uuid.uuid4().hex)
+    items = _task_items(np.asarray(idx), poses, cfg.batch_size, n_tasks)
+    stats, extras = runner.map_reduce(estep_task, items, (src, pay), operator.add, progress)
+    for (sel, _), (rows, *_rest) in zip(items, extras):
+        for f in _POSE_FIELDS:
+            getattr(poses, f)[sel] = getattr(rows, f)
+    return stats.to(device), _pass_summary(*([e[j] for e in extras] for j in (1, 2, 3)))
+
+
+def delta_task(item: tuple[np.ndarray, PoseTable], src: ParticleSource, args: tuple) -> tuple[SufficientStats, None]:
+    """:func:`delta_stats` of one group of particles (a task of :func:`delta_stats_on`).
+
+    Parameters
+    ----------
+    item : tuple
+        (B,) particle indices and their :class:`PoseTable` rows.
+    src : ParticleSource
+        All particles.
+    args : tuple
+        Number of classes K, (N//2 + 1,) sigma^2, components (cpu), device type, batch size, use_ctf.
+
+    Returns
+    -------
+    stats : SufficientStats
+        The sums of these particles (cpu).
+    extra : None
+    """
+    idx, rows = item
+    n_classes, sigma2, comps, device_type, batch_size, use_ctf = args
+    device = torch.device(device_type)
+    st = delta_stats(_SubsetSource(src, idx), np.arange(len(idx)), rows, n_classes, sigma2.to(device),
+                     to_device(comps, device), device, batch_size, use_ctf)
+    return st.to("cpu"), None
+
+
+def delta_stats_on(runner: TaskRunner | None, src: ParticleSource, idx: np.ndarray, poses: PoseTable, n_classes: int,
+                   sigma2: torch.Tensor, comps: FourierComponents, device, batch_size: int = 16,
+                   use_ctf: bool = True) -> SufficientStats:
+    """:func:`delta_stats` with its batches as tasks on ``runner`` (None: here); the sums added in a tree.
+
+    Parameters
+    ----------
+    runner : TaskRunner or None
+        Where the tasks run.
+    src, idx, poses, n_classes, sigma2, comps, device, batch_size, use_ctf
+        As :func:`delta_stats`.
+
+    Returns
+    -------
+    SufficientStats
+        On ``device``.
+    """
+    if runner is None or not len(idx):
+        return delta_stats(src, idx, poses, n_classes, sigma2, comps, device, batch_size, use_ctf)
+    items = _task_items(np.asarray(idx), poses, batch_size, 4 * int(runner.workers))
+    args = (n_classes, sigma2.detach().cpu(), to_device(comps, "cpu"), torch.device(device).type, batch_size, use_ctf)
+    stats, _ = runner.map_reduce(delta_task, items, (src, args), operator.add)
+    return stats.to(device)
 
 
 def _pass_masks(maps: torch.Tensor, comps: FourierComponents, coarse_size: int) -> tuple[torch.Tensor, torch.Tensor]:

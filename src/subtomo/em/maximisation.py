@@ -73,8 +73,13 @@ class SufficientStats:
 def accumulate(stats: SufficientStats, post: BatchPosterior, x_unmasked: torch.Tensor, x_masked: torch.Tensor,
                ctf: torch.Tensor, inv_sigma2: torch.Tensor, comps: FourierComponents,
                projectors: Sequence[Projector], insert: InsertFn, prior_offset_px: torch.Tensor,
-               noise_stats: bool = True) -> None:
+               noise_stats: bool = True, memory_bytes: int = 512 * 2 ** 20) -> None:
     """Add one batch's weighted sums into ``stats`` (in place).
+
+    The kept poses are inserted in chunks whose temporaries (about 160 bytes per pose and
+    component: values, weights, ramps, the insertion's coordinates and corner weights, the
+    noise residuals) stay within ``memory_bytes``; the sums do not depend on the chunking
+    (up to float rounding).
 
     Parameters
     ----------
@@ -96,9 +101,28 @@ def accumulate(stats: SufficientStats, post: BatchPosterior, x_unmasked: torch.T
         (B, d) centres of the offset prior [px].
     noise_stats : bool
         Also add the noise (sigma^2) sums.
+    memory_bytes : int
+        Bound on the temporaries of one chunk of poses [bytes].
     """
     b, p = post.weight.shape
     live = torch.nonzero(post.weight.reshape(-1) > 0).squeeze(1)
+    step = max(1, memory_bytes // max(160 * comps.m, 1))
+    for s in range(0, len(live), step):
+        _accumulate_poses(stats, post, live[s:s + step], x_unmasked, x_masked, ctf, inv_sigma2, comps, projectors,
+                          insert, prior_offset_px, noise_stats)
+    if noise_stats:
+        nonzero = (ctf.abs() > 1e-4).double().sum(0)  # (M,) particles with data at each component
+        stats.sigma2_den.index_add_(0, comps.shell.clamp(max=stats.sigma2_num.shape[0] - 1), nonzero)
+    stats.log_lik += post.log_lik.sum().double()
+    stats.n_particles += float(b)
+
+
+def _accumulate_poses(stats: SufficientStats, post: BatchPosterior, live: torch.Tensor, x_unmasked: torch.Tensor,
+                      x_masked: torch.Tensor, ctf: torch.Tensor, inv_sigma2: torch.Tensor, comps: FourierComponents,
+                      projectors: Sequence[Projector], insert: InsertFn, prior_offset_px: torch.Tensor,
+                      noise_stats: bool) -> None:
+    """The sums of the kept poses ``live`` (flat indices over (B, P)) added into ``stats``."""
+    b, p = post.weight.shape
     bi = live // p
     w = post.weight.reshape(-1)[live].float()
     rot = post.rot.reshape(b * p, *post.rot.shape[-2:])[live]
@@ -108,8 +132,7 @@ def accumulate(stats: SufficientStats, post: BatchPosterior, x_unmasked: torch.T
     c = ctf[bi]
     vals = (w[:, None] * c * inv_sigma2)[:, :] * x_unmasked[bi] * ph
     wts = w[:, None] * c * c * inv_sigma2
-    n_shells = stats.sigma2_num.shape[0]
-    shell = comps.shell.clamp(max=n_shells - 1)
+    shell = comps.shell.clamp(max=stats.sigma2_num.shape[0] - 1)
     for kc in range(stats.data.shape[0]):
         sel = torch.nonzero(cls == kc).squeeze(1)
         if len(sel) == 0:
@@ -122,14 +145,9 @@ def accumulate(stats: SufficientStats, post: BatchPosterior, x_unmasked: torch.T
             r2 = (res.real ** 2 + res.imag ** 2) * w[sel, None]
             r2 = r2 * (c[sel].abs() > 1e-4)  # only components with data (sigma2_den counts the same set)
             stats.sigma2_num.index_add_(0, shell, r2.sum(0).double())
-    if noise_stats:
-        nonzero = (ctf.abs() > 1e-4).double().sum(0)  # (M,) particles with data at each component
-        stats.sigma2_den.index_add_(0, shell, nonzero)
     d = off - prior_offset_px[bi]
     stats.offset2 += (w * (d ** 2).sum(-1)).sum().double()
     stats.offset_w += w.sum().double()
-    stats.log_lik += post.log_lik.sum().double()
-    stats.n_particles += float(b)
 
 
 def sigma2_from_stats(stats: SufficientStats, previous: torch.Tensor, max_shell: int) -> torch.Tensor:

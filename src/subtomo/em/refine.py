@@ -37,7 +37,7 @@ from subtomo.em.iteration import (
     PassConfig,
     PoseTable,
     coarse_size_for,
-    delta_stats,
+    delta_stats_on,
     estep_pass,
     expected_angular_accuracy_deg,
     initial_sigma2,
@@ -45,6 +45,7 @@ from subtomo.em.iteration import (
 from subtomo.em.maps import even_size, lowpass_map, particle_mask
 from subtomo.em.maximisation import SufficientStats, sigma2_from_stats, sigma_offset_from_stats
 from subtomo.em.model import EMModel
+from subtomo.em.parallel import TaskRunner
 from subtomo.em.sampling import AutoSamplingRules, SamplingState, update_sampling
 from subtomo.fourier import threshold_shell
 from subtomo.geometry.euler import random_rotations
@@ -88,6 +89,8 @@ class RefineOptions:
     # §3.6, from 10 particles, computed in local searches); False: the resolution-limited step rule
     accuracy_criterion: bool = True
     solvent_mask: torch.Tensor | None = field(default=None, repr=False)
+    # where the E-step's tasks run (--cluster); None: in this process
+    runner: TaskRunner | None = field(default=None, repr=False, compare=False)
 
     @property
     def sampling_rules(self) -> AutoSamplingRules:
@@ -284,7 +287,7 @@ def initialise_refinement(src: ParticleSource, opts: RefineOptions, halves: np.n
         # one reference from all particles in random orientations, shared by both halves (as a
         # given --ref is): halves started from their own random maps converge in different frames
         comps = fourier_components(box, box, 3, device=device)
-        st0 = delta_stats(src, np.arange(n), poses, 1, sig0, comps, device, opts.batch_size, opts.use_ctf)
+        st0 = delta_stats_on(opts.runner, src, np.arange(n), poses, 1, sig0, comps, device, opts.batch_size, opts.use_ctf)
         d, w = symmetrised_grids(st0, setup.sym_mats)
         ref0 = rc.reconstruct(d, w, 3)
     n_shells = box // 2 + 1
@@ -322,7 +325,7 @@ def _expectation(src: ParticleSource, opts: RefineOptions, setup: _Setup, state:
     stats, summaries = [], []
     for h, idx in enumerate(half_indices(state.halves)):
         s, summ = estep_pass(src, idx, state.poses, models[h].maps, models[h].sigma2, comps, cfg, device,
-                             pad=opts.pad, use_ctf=opts.use_ctf)
+                             pad=opts.pad, use_ctf=opts.use_ctf, runner=opts.runner)
         stats.append(s)
         summaries.append(summ)
     state.first_cc = False

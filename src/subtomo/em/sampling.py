@@ -267,42 +267,60 @@ def translation_grid(range_px: float, step_px: float, ndim: int = 3, device=None
     """Coarse translations inside the ball |t| <= ``range_px`` (always containing 0) and their children.
 
     Default (RELION): the oversampled children of a coarse point t are t +- step/4 on each
-    axis, so the search centre (the previous offset) is never a candidate and every particle
-    moves by sqrt(ndim) step/4 every iteration (0.87 px at a 2 px coarse step).
-    ``children_contain_centre``: the children are t + {-step/2, 0} per axis, the same lattice
-    of step step/2 placed to contain 0, and each coarse point is one of its own children. Once
-    the posterior is sharp (Pmax ~ 1) the forced move costs more log-likelihood than the
-    difference between two classes (issue 22: about 2400 against 800 at box 32), so the class
-    would be decided by which reference tolerates the displacement best; 3D classification
-    uses this layout.
+    axis (2^ndim children, a lattice of step/2), so the search centre (the previous offset) is
+    never a candidate and every particle moves by sqrt(ndim) step/4 every iteration (0.87 px at
+    a 2 px coarse step). ``children_contain_centre``: t + {-step/3, 0, +step/3} on each axis
+    (3^ndim children, a lattice of step/3): the children of the coarse points tile space without
+    overlap, symmetrically around each coarse point, and the search centre is a candidate. Once
+    the posterior is sharp (Pmax ~ 1) RELION's forced move costs more log-likelihood than the
+    difference between two similar classes (issue 22: about 2400 against 800 at box 32), so the
+    class is decided by which reference tolerates the displacement best; 3D classification
+    uses the centred layout.
 
     Parameters
     ----------
     range_px : float
         Search range [px].
     step_px : float
-        Coarse step [px]; the children are on a lattice of step ``step_px``/2.
+        Coarse step [px]; the children are on a lattice of step ``step_px``/2 (default) or
+        ``step_px``/3 (``children_contain_centre``).
     ndim : int
         2 or 3.
     device : torch.device or str, optional
         Where the points live.
     children_contain_centre : bool
-        Put the children's lattice through the search centre (see above).
+        Three children per axis, one on the coarse point (see above).
 
     Returns
     -------
     TranslationSet
-        Points (T, ndim) and children (T, 2^ndim, ndim) [px].
+        Points (T, ndim) and children (T, 2^ndim or 3^ndim, ndim) [px].
     """
     step_px = float(max(step_px, 1e-3))
     n = int(math.floor(range_px / step_px + 1e-9))
     axis = torch.arange(-n, n + 1, dtype=torch.float32) * step_px
     grid = torch.stack(torch.meshgrid(*([axis] * ndim), indexing="ij"), -1).reshape(-1, ndim)
     grid = grid[grid.norm(dim=-1) <= range_px + 1e-6]
-    signs = [-1.0, 0.0] if children_contain_centre else [-0.5, 0.5]
+    signs = [-1 / 3, 0.0, 1 / 3] if children_contain_centre else [-0.25, 0.25]
     corners = torch.stack(torch.meshgrid(*([torch.tensor(signs)] * ndim), indexing="ij"), -1).reshape(-1, ndim)
-    ch = grid[:, None, :] + corners[None] * (step_px / 2)
+    ch = grid[:, None, :] + corners[None] * step_px
     return TranslationSet(grid.to(device), ch.to(device), step_px, float(range_px))
+
+
+def children_per_axis(children_contain_centre: bool) -> int:
+    """Oversampled translations per axis and coarse point: the coarse step is this times the fine step.
+
+    Parameters
+    ----------
+    children_contain_centre : bool
+        The layout of :func:`translation_grid`.
+
+    Returns
+    -------
+    int
+        3 for the centred layout, 2 for RELION's.
+    """
+    return 3 if children_contain_centre else 2
 
 
 def order_for_step(step_deg: float) -> int:

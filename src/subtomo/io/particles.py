@@ -19,6 +19,7 @@ Writing is atomic and always RELION 3.1 style (``data_optics`` + ``data_particle
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -72,8 +73,15 @@ def parse_image_name(name: str) -> tuple[int | None, str]:
     return None, name
 
 
-def resolve_project_path(project: str | Path, path: str | Path) -> Path:
+def resolve_project_path(project: str | Path, path: str | Path, *, source: str | Path | None = None,
+                         row: int | None = None, column: str | None = None) -> Path:
     """An absolute path, or a path relative to the project directory made absolute.
+
+    Paths read from a STAR file (``source`` given) are confined to the project: a relative
+    path that leads out of it (``../../etc/passwd``) is refused; an absolute path written in
+    the file, and any path the user gives on the command line (no ``source``), is taken as
+    it is. The test is on the written path (``..`` components), so a project-relative
+    symbolic link to data elsewhere stays valid.
 
     Parameters
     ----------
@@ -81,14 +89,37 @@ def resolve_project_path(project: str | Path, path: str | Path) -> Path:
         The project directory (where ``default_pipeline.star`` lives).
     path : str or Path
         A path as written in a STAR file or given on the command line.
+    source : str or Path, optional
+        The STAR file the path was read from (turns the confinement on; named in the message).
+    row : int, optional
+        The 1-based row of the table it was read from, for the message.
+    column : str, optional
+        Its column (``rlnImageName``), for the message.
 
     Returns
     -------
     Path
         ``path`` if absolute, else ``project / path``.
+
+    Raises
+    ------
+    SubtomoError
+        ``source`` is given and the relative ``path`` leads out of the project.
     """
     p = Path(path)
-    return p if p.is_absolute() else Path(project) / p
+    if p.is_absolute():
+        return p
+    if source is not None and _leaves_directory(str(path)):
+        where = ", ".join(x for x in (f"row {row}" if row is not None else "", column or "") if x)
+        raise SubtomoError(f"{source}: {where + ' ' if where else ''}{str(path)!r} is a relative path that leads out of "
+                           f"the project ({project}); relative paths in STAR files are read inside the project. Give "
+                           "an absolute path if the file really lives outside the project.")
+    return Path(project) / p
+
+
+def _leaves_directory(relative: str) -> bool:
+    """Whether a relative path, normalised, starts with ``..`` (leaves the directory it is relative to)."""
+    return os.path.normpath(relative.replace("\\", "/")).split(os.sep, 1)[0] == ".."
 
 
 def path_component(name: object, label: str, source: str | Path) -> str:
@@ -366,14 +397,64 @@ class ParticleSet:
     # ------------------------------------------------------------------ images
 
     def image_refs(self, column: str = "rlnImageName") -> list[ImageRef]:
-        """Parsed ``index@path`` references of a column, paths resolved against the project."""
+        """Parsed ``index@path`` references of a column, paths resolved against the project.
+
+        Raises
+        ------
+        SubtomoError
+            The column is missing, or a relative path leads out of the project (absolute paths
+            are taken as written).
+        """
         if column not in self.table.columns:
             raise SubtomoError(f"{self.name}: no {column} column. {_hint(column)}")
-        refs = []
-        for value in self.table[column].astype(str):
+        refs: list[ImageRef] = []
+        resolved: dict[str, Path] = {}
+        for row, value in enumerate(self.table[column].astype(str), start=1):
             index, path = parse_image_name(value)
-            refs.append(ImageRef(index, resolve_project_path(self.project, path)))
+            if path not in resolved:  # relative paths that leave the project are refused (file, row, column named)
+                resolved[path] = resolve_project_path(self.project, path, source=self.name, row=row, column=column)
+            refs.append(ImageRef(index, resolved[path]))
         return refs
+
+    def check_image_files(self, column: str = "rlnImageName") -> None:
+        """Refuse missing, truncated or mismatched image files before anything is computed.
+
+        Each file's header is read once: it must exist and hold its data (not truncated);
+        single-image files must all have the box of the first one, and a stack index
+        (``k@stack.mrcs``) must lie inside its stack.
+
+        Parameters
+        ----------
+        column : str
+            The column of image references (``rlnImageName``).
+
+        Raises
+        ------
+        SubtomoError
+            Naming the particle file, the row, the column and the image file.
+        """
+        first_row: dict[Path, int] = {}
+        top_index: dict[Path, tuple[int, int]] = {}  # file -> (largest stack index, its row)
+        for row, ref in enumerate(self.image_refs(column), start=1):
+            first_row.setdefault(ref.path, row)
+            if ref.index is not None and ref.index > top_index.get(ref.path, (0, 0))[0]:
+                top_index[ref.path] = (ref.index, row)
+        box: tuple[tuple[int, ...], Path] | None = None
+        for path, row in first_row.items():
+            where = f"{self.name}: row {row}, {column}"
+            if not path.is_file():
+                raise SubtomoError(f"{where}: {path} not found. Run the job that writes it again, or fix the path.")
+            shape, _ = read_mrc_header(path)  # names the file if it is damaged or truncated
+            if path in top_index and top_index[path][0] > shape[0]:
+                index, at = top_index[path]
+                raise SubtomoError(f"{self.name}: row {at}, {column}: image {index} of {path}, which holds {shape[0]}. "
+                                   "The stack is incomplete or the STAR file belongs to another stack.")
+            if path not in top_index:
+                if box is not None and tuple(shape) != box[0]:
+                    raise SubtomoError(f"{where}: {path} is {' x '.join(map(str, shape[::-1]))} px, {box[1]} is "
+                                       f"{' x '.join(map(str, box[0][::-1]))} px; a particle set has one box size. "
+                                       "Extract all particles with the same --box.")
+                box = box or (tuple(shape), path)
 
     def image_paths(self, column: str = "rlnImageName") -> list[Path]:
         """Resolved file of each particle's image (the stack index dropped)."""

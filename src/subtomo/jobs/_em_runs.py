@@ -9,6 +9,7 @@ and class3d share about their runs lives here.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -18,7 +19,9 @@ from subtomo.em.classify import ClassifyIteration, ClassifyState
 from subtomo.em.iteration import PoseTable
 from subtomo.em.model import EMModel
 from subtomo.em.refine import RefineIteration, RefineState
+from subtomo.errors import SubtomoError
 from subtomo.fourier import resolution_at_threshold
+from subtomo.geometry.symmetry import symmetry_generators
 from subtomo.io.particles import ParticleSet
 from subtomo.io.run_files import (
     latest_optimiser_state,
@@ -34,6 +37,9 @@ from subtomo.plot.post import plot_fsc
 S = TypeVar("S", RefineState, ClassifyState)
 # the engine's own classes an optimiser state may hold (nothing else is unpickled on --continue-job)
 CHECKPOINT_TYPES: tuple[type, ...] = (PoseTable,)
+# files of a finished stage that a run reads back besides its optimiser state (refine3d's C1 stage of
+# --denovo-symmetry c1-then-align), copied with the state when a finished job is continued as a new one
+STAGE_FILES = ("c1_stage/run_class001.mrc", "c1_stage/run_data.star", "c1_stage/run_model.star")
 
 
 def resume_state(directory: Path, from_dict: Callable[[dict, object], S], device, log: Callable[[str], None]) -> S | None:
@@ -44,6 +50,44 @@ def resume_state(directory: Path, from_dict: Callable[[dict, object], S], device
     iteration, state, path = found
     log(f"continuing from {path.name} (iteration {iteration})")
     return from_dict(state, device)
+
+
+def check_symmetry(sym: str, option: str = "--sym") -> None:
+    """Refuse an unknown point group before a job directory is made (the message names the option)."""
+    try:
+        symmetry_generators(sym)
+    except SubtomoError as exc:
+        raise SubtomoError(f"{option} {sym}: {exc}") from exc
+
+
+def last_finished_state(directory: Path) -> tuple[int, Path, bool] | None:
+    """(iteration, file, converged) of the last readable optimiser state in ``directory``, or None.
+
+    ``converged``: a refinement that stopped on convergence, not on ``--max-iter`` (its last
+    state is the one before the final iteration; more iterations would only repeat that one).
+    """
+    found = latest_optimiser_state(directory, CHECKPOINT_TYPES)
+    if found is None:
+        return None
+    iteration, state, path = found
+    sampling = state.get("sampling")
+    return iteration, path, bool(isinstance(sampling, dict) and sampling.get("converged"))
+
+
+def copy_resume_files(old_dir: Path, state_file: Path, new_dir: Path) -> list[str]:
+    """Copy an optimiser state and the finished stages' files into a new job directory; their names.
+
+    The new job resumes from the copies (``--continue-job`` of a finished job): the old job's
+    files are only read.
+    """
+    copied = [state_file.name]
+    shutil.copyfile(state_file, new_dir / state_file.name)
+    for name in STAGE_FILES:
+        if (old_dir / name).is_file():
+            (new_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(old_dir / name, new_dir / name)
+            copied.append(name)
+    return copied
 
 
 class _RunFiles:

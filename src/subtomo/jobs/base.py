@@ -74,8 +74,12 @@ class JobSpec:
                 "parameters": self.params.model_json_schema()}
 
 
-def _continued_job_dir(spec: JobSpec, params: JobParams, project: Path, cont: str) -> tuple[Path, str]:
-    """The directory of ``--continue-job``, refused unless it is an unfinished job of this type on the same input."""
+ITERATION_PARAMS = ("max_iter", "iter")  # the iteration count of refine3d; of class3d and class2d
+
+
+def _continued_job_dir(spec: JobSpec, params: JobParams, project: Path, cont: str) -> tuple[Path, str, dict | None]:
+    """The directory of ``--continue-job``: an unfinished job of this type on the same input, continued in place,
+    or a finished one continued with more iterations as a new job (then also where it continued from)."""
     d = resolve_project_path(project, cont)
     if not (d / "job.json").exists():
         raise SubtomoError(f"--continue-job {cont}: not a job directory (no job.json). Give the directory of the job to continue.")
@@ -87,18 +91,48 @@ def _continued_job_dir(spec: JobSpec, params: JobParams, project: Path, cont: st
     if record.get("job_type") != spec.job_type:
         raise SubtomoError(f"--continue-job {cont}: a {record.get('job_type')} job; subtomo {spec.command} continues only "
                            f"{spec.job_type} jobs. Give a {spec.job_type}/jobNNN/ directory.")
-    if (d / SUCCESS_SENTINEL).exists():
-        raise SubtomoError(f"--continue-job {cont}: this job finished; its results are kept as they are. To refine "
-                           f"further, start a new {spec.command} job from its outputs (e.g. --i {cont.rstrip('/')}/run_data.star).")
     saved_input = (record.get("parameters") or {}).get("i")
     given_input = getattr(params, "i", None)
     if given_input and saved_input and Path(given_input) != Path(saved_input):
         raise SubtomoError(f"--continue-job {cont}: it ran on --i {saved_input}, not {given_input}. Continue with the same "
                            "input (omit --i), or start a new job.")
-    return d, os.path.relpath(d, project).rstrip("/") + "/"
+    name = os.path.relpath(d, project).rstrip("/") + "/"
+    if (d / SUCCESS_SENTINEL).exists():
+        return _continue_finished(spec, params, project, d, name)
+    return d, name, None
 
 
-def _job_dir_for(spec: JobSpec, params: JobParams, project: Path) -> tuple[Path, str]:
+def _continue_finished(spec: JobSpec, params: JobParams, project: Path, old: Path, old_name: str) -> tuple[Path, str, dict]:
+    """A new job that starts from a finished job's last optimiser state; the old job is only read."""
+    it_param = next((n for n in ITERATION_PARAMS if n in type(params).model_fields), None)
+    flag = "--" + (it_param or "").replace("_", "-")
+    if it_param is None:
+        raise SubtomoError(f"--continue-job {old_name}: this job finished; its results are kept as they are. To refine "
+                           f"further, start a new {spec.command} job from its outputs (e.g. --i {old_name}run_data.star).")
+    from subtomo.jobs._em_runs import copy_resume_files, last_finished_state
+
+    found = last_finished_state(old)
+    if found is None:
+        raise SubtomoError(f"--continue-job {old_name}: this job finished and kept no optimiser state to continue from. "
+                           f"Start a new {spec.command} job from its outputs.")
+    iteration, state_file, converged = found
+    if converged:
+        raise SubtomoError(f"--continue-job {old_name}: this job finished; it converged after iteration {iteration}, so "
+                           f"more iterations would not change it. To refine further, start a new {spec.command} job "
+                           f"from its outputs (--i {old_name}run_data.star --ref {old_name}run_class001.mrc).")
+    wanted = int(getattr(params, it_param))
+    if wanted <= iteration:
+        raise SubtomoError(f"--continue-job {old_name}: this job finished after {iteration} iterations; its results are "
+                           f"kept as they are. To run more iterations, give a larger {flag} (e.g. {flag} {iteration + 5}): "
+                           "a new job then continues from its last iteration and this one stays as it is.")
+    with pipeline_file.locked(project) as pipeline:
+        d, name = pipeline.reserve_job_dir(spec.job_type)
+        pipeline.add(Process(name, spec.job_type, STATUS_RUNNING))
+    copied = copy_resume_files(old, state_file, d)
+    return d, name, {"job": old_name, "iteration": iteration, it_param: wanted, "copied": copied}
+
+
+def _job_dir_for(spec: JobSpec, params: JobParams, project: Path) -> tuple[Path, str, dict | None]:
     cont = getattr(params, "continue_job", None)
     if cont:
         return _continued_job_dir(spec, params, project, cont)
@@ -107,11 +141,11 @@ def _job_dir_for(spec: JobSpec, params: JobParams, project: Path) -> tuple[Path,
         if d.exists() and any(d.iterdir()):
             raise SubtomoError(f"--output {params.output}: directory exists and is not empty; nothing of it is overwritten. Choose a new directory.")
         d.mkdir(parents=True, exist_ok=True)
-        return d, os.path.relpath(d, project).rstrip("/") + "/"
+        return d, os.path.relpath(d, project).rstrip("/") + "/", None
     with pipeline_file.locked(project) as pipeline:
         d, name = pipeline.reserve_job_dir(spec.job_type)
         pipeline.add(Process(name, spec.job_type, STATUS_RUNNING))
-    return d, name
+    return d, name, None
 
 
 class JobTerminated(BaseException):
@@ -159,10 +193,12 @@ def execute(spec: JobSpec, params: JobParams, project: str | Path = ".", argv: l
     if spec.project_param:
         project = Path(project) / str(getattr(params, spec.project_param))
     project = Path(project).resolve()
+    if isinstance(params, ComputeParams) and params.seed < 0:  # numpy's generators take seeds >= 0 only
+        raise SubtomoError(f"--seed {params.seed}: must be 0 or larger.")
     state = spec.check(params, project) if spec.check else None
     if spec.project_param:
         project.mkdir(parents=True, exist_ok=True)
-    job_dir, name = _job_dir_for(spec, params, project)
+    job_dir, name, continued_from = _job_dir_for(spec, params, project)
     for sentinel in (SUCCESS_SENTINEL, FAILURE_SENTINEL):
         (job_dir / sentinel).unlink(missing_ok=True)
     record = {
@@ -172,6 +208,8 @@ def execute(spec: JobSpec, params: JobParams, project: str | Path = ".", argv: l
         "torch_version": torch.__version__, "started": _dt.datetime.now().isoformat(timespec="seconds"),
         "pid": os.getpid(), "host": socket.gethostname(),
     }
+    if continued_from is not None:  # a finished job continued with more iterations: where this one starts
+        record["continued_from"] = continued_from
     proc = Process(name, spec.job_type, STATUS_RUNNING)
     ctx = JobContext(spec, params, project, job_dir, name, state, quiet=quiet)
     record["device"] = str(ctx.device)

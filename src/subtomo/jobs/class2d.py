@@ -18,10 +18,12 @@ import torch
 from pydantic import Field
 
 from subtomo.em.class2d import Class2DSettings, IterationInfo, Poses2D, initialise, iterate
+from subtomo.em.class2d_parallel import iterate_on
 from subtomo.em.model import EMModel
 from subtomo.errors import SubtomoError
 from subtomo.io.particles import ParticleSet
 from subtomo.io.run_files import latest_optimiser_state, run_root, save_optimiser_state, write_map, write_model_star
+from subtomo.jobs._cluster import DaskRunner, open_runner
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
 from subtomo.jobs.contracts import NodeType, OutputSpec, Source, particles_spec
 from subtomo.plot.gallery import class_gallery
@@ -39,7 +41,7 @@ class Class2DParams(ComputeParams):
     offset_range: float = Field(5.0, ge=0, description="Offset search range around the previous offset [px].")
     offset_step: float = Field(1.0, gt=0, description="Offset sampling step [px] (the coarse pass uses twice this).")
     batch_size: int = Field(256, ge=1, description="Particles per E-step batch (memory vs speed).")
-    continue_job: str | None = Field(None, description="Class2D job directory to continue from its last finished iteration.")
+    continue_job: str | None = Field(None, description="Class2D job directory to continue from its last finished iteration (a finished job: a new job, given a larger --iter).")
 
 
 # ----------------------------------------------------------------------------- output
@@ -90,6 +92,11 @@ def _check(p: Class2DParams, project: Path) -> dict:
 
 
 def _run(ctx: JobContext) -> None:
+    with open_runner(ctx) as runner:  # --cluster: where the E-step's tasks run (None: here)
+        _run_on(ctx, runner)
+
+
+def _run_on(ctx: JobContext, runner: DaskRunner | None) -> None:
     p: Class2DParams = ctx.params
     src, particles, images_np, px, k, diameter = (ctx.state[key] for key in ("star", "particles", "images", "px", "k",
                                                                              "diameter"))
@@ -127,8 +134,11 @@ def _run(ctx: JobContext) -> None:
         outputs = {"data": ctx.path(f"run_it{start - 1:03d}_data.star"), "model": ctx.path(f"run_it{start - 1:03d}_model.star"),
                    "classes": ctx.path(f"run_it{start - 1:03d}_classes.mrcs")}
     for it in range(start, p.iter + 1):
-        model, poses, info = iterate(images, model, poses, settings, it,
-                                     progress=lambda b, it=it: ctx.progress(b, description=f"iteration {it}"))
+        if runner is None:
+            model, poses, info = iterate(images, model, poses, settings, it,
+                                         progress=lambda b, it=it: ctx.progress(b, description=f"iteration {it}"))
+        else:  # --cluster: the batches as tasks ("E-step tasks: done/total" in the log)
+            model, poses, info = iterate_on(runner, images, model, poses, settings, it)
         outputs = _write_iteration(ctx, it, model, poses, info, particles, settings, final=it == p.iter)
         sizes = np.sort(model.class_priors.cpu().numpy())[::-1]
         ctx.log(f"iteration {it:3d}: {info.seconds:6.1f} s, resolution {info.resolution_A:6.1f} Å (size {info.current_size}), "

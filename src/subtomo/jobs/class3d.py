@@ -15,10 +15,11 @@ from pathlib import Path
 from pydantic import Field
 
 from subtomo.em.classify import ClassifyOptions, ClassifyState, classify3d
-from subtomo.em.sampling import order_for_step
+from subtomo.em.sampling import children_per_axis, order_for_step
 from subtomo.errors import SubtomoError
 from subtomo.io.particles import ParticleSet
-from subtomo.jobs._em_runs import ClassifyFiles, resume_state
+from subtomo.jobs._cluster import DaskRunner, open_runner
+from subtomo.jobs._em_runs import ClassifyFiles, check_symmetry, resume_state
 from subtomo.jobs._inputs import load_map, load_mask
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
 from subtomo.jobs.contracts import SELECTED_OR_EXTRACTED, InputSpec, NodeType, OutputSpec, Source, particles_spec
@@ -49,13 +50,15 @@ class Class3DParams(ComputeParams):
     sym: str = Field("C1", description="Point-group symmetry.")
     pad: int = Field(2, ge=1, le=3, description="Padding factor of the reference transforms.")
     batch_size: int = Field(16, ge=1, description="Particles per batch.")
-    continue_job: str | None = Field(None, description="Job directory to continue from its last finished iteration.")
+    continue_job: str | None = Field(None, description="Job directory to continue from its last finished iteration (a finished job: a new job, given a larger --iter).")
 
 
 def _check(p: Class3DParams, project: Path) -> dict:
     """Inputs read and checked before the job directory is made (a bad input leaves nothing behind)."""
+    check_symmetry(p.sym)
     star = (INPUT_REFINED if p.local or p.skip_align else SPEC.input("i")).resolve(project, p.i)
     particles = ParticleSet.read(star, project)
+    particles.check_image_files()  # missing, truncated or mixed boxes: refused here
     src = SubtomogramSource(particles, p.ctf)
     rot = particles.rotations()
     if (p.skip_align or p.local) and rot is None:
@@ -73,15 +76,21 @@ def _check(p: Class3DParams, project: Path) -> dict:
 
 
 def _run(ctx: JobContext) -> None:
+    with open_runner(ctx) as runner:  # --cluster: where the E-step's tasks run (None: here)
+        _run_on(ctx, runner)
+
+
+def _run_on(ctx: JobContext, runner: DaskRunner | None) -> None:
     p: Class3DParams = ctx.params
     star, particles, src, rot, ref = (ctx.state[k] for k in ("star", "particles", "src", "rot", "ref"))
     ctx.add_input(star)
     opts = ClassifyOptions(
         n_classes=p.K, particle_diameter_A=p.particle_diameter, n_iter=p.iter, tau2_fudge=p.tau2_fudge,
-        healpix_order=order_for_step(p.healpix_step), offset_range_px=p.offset_range, offset_step_px=2 * p.offset_step,
+        healpix_order=order_for_step(p.healpix_step), offset_range_px=p.offset_range,
+        offset_step_px=children_per_axis(True) * p.offset_step,
         sym=p.sym, local=p.local, sigma_ang_deg=p.sigma_ang, skip_align=p.skip_align, ini_high_A=p.ini_high,
         pad=p.pad, batch_size=p.batch_size, use_ctf=p.ctf, seed=p.seed,
-        focus_mask=ctx.state["focus"], solvent_mask=ctx.state["solvent"])
+        focus_mask=ctx.state["focus"], solvent_mask=ctx.state["solvent"], runner=runner)
     files = ClassifyFiles(ctx.dir, particles, src.pixel_size_A)
     resume = resume_state(ctx.dir, ClassifyState.from_dict, ctx.device, ctx.log) if p.continue_job else None
     res = classify3d(src, opts, initial_ref=ref, initial_rot=rot, initial_offset_px=particles.offsets_px(),

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from subtomo.errors import SubtomoError
 from subtomo.jobs.contracts import NodeType
@@ -40,6 +40,39 @@ class ComputeParams(JobParams):
     device: str = Field("auto", description="Compute device: auto, cpu, cuda or cuda:N. A GPU asked for and absent is an error.")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: all cores).")
     seed: int = Field(0, description="Random seed; the same inputs, parameters and seed give the same result.")
+    cluster: str = Field("none", description="Where the E-step's tasks run (refine3d, class3d, class2d; other jobs run in "
+                         "this process): none (this process), "
+                         "local:N (N worker processes on this machine, --threads threads each), slurm (Dask workers as "
+                         "SLURM jobs, from cluster.yaml in the project or --cluster-config), or tcp://HOST:PORT (a "
+                         "running Dask scheduler). Needs pip install 'subtomo[cluster]'.")
+    cluster_config: str | None = Field(None, description="SLURM description for --cluster slurm (YAML: queue, cores, "
+                                       "memory, walltime, gpus, jobs or adaptive; default: cluster.yaml in the project).")
+
+    @field_validator("cluster")
+    @classmethod
+    def _cluster_syntax(cls, value: str) -> str:
+        parse_cluster(value)
+        return value.strip()
+
+
+def parse_cluster(value: str) -> tuple[str, int | str | None]:
+    """``--cluster`` as (kind, argument): ("none", None), ("local", N), ("slurm", None) or ("tcp", address)."""
+    v = value.strip()
+    if v.lower() in ("none", ""):
+        return "none", None
+    if v.lower() == "slurm":
+        return "slurm", None
+    if v.lower().startswith("local:"):
+        n = v.split(":", 1)[1]
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"{value!r}: local:N needs a number of worker processes N >= 1, e.g. local:4.")
+        return "local", int(n)
+    if v.startswith("tcp://"):
+        host, _, port = v[len("tcp://"):].rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{value!r}: give a scheduler address as tcp://HOST:PORT, e.g. tcp://10.0.0.5:8786.")
+        return "tcp", v
+    raise ValueError(f"{value!r}: not a cluster. Use none, local:N, slurm or tcp://HOST:PORT.")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -56,7 +56,7 @@ class CtfParams(ComputeParams):
     tilt_gradient: bool = Field(True, description="Model the defocus gradient across tilted images (x tan(tilt)); defocus is reported at the image centre.")
     defocus_handedness: int = Field(-1, description="Hand of that gradient, -1 or +1 (docs/conventions.md): -1 (default) the right side (x > 0) is more underfocused at positive tilt; the log reports which hand fits the highest tilts better (both scores).")
     use_trials: bool = Field(False, description="Estimate on Tomograms/<t>/<t>.trial (2 images per tilt) and use their mean (Step 11).")
-    lower_tilt_defoci: float | None = Field(None, gt=0, description="Tilts with |tilt| above this get the mean defocus of those below it (Step 11) [deg].")
+    lower_tilt_defoci: float | None = Field(None, gt=0, lt=90, description="Tilts with |tilt| above this get the mean defocus of those below it (Step 11) [deg].")
     skip_ctf: bool = Field(False, description="No CTF correction (phase plate, low target resolution; Table 1): defocus 0, wedge/dose weighting only.")
     import_ctffind: str | None = Field(None, description="Use CTFFIND4 results instead of fitting: a directory, a pattern with {name}, or a file.")
     import_imod: str | None = Field(None, description="Use IMOD ctfplotter .defocus files: a directory, a pattern with {name}, or a file.")

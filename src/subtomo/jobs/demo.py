@@ -39,12 +39,12 @@ class DemoParams(ComputeParams):
     min_class_fraction: float | None = Field(None, ge=0, lt=1, description="Also require the selected 2D classes to hold at least this fraction of the particles, on top of select --auto (default: no such rule) [fraction].")
     max_class_resolution: float | None = Field(None, ge=0, description="Also require the selected 2D classes to reach this estimated resolution, on top of select --auto (default: no such rule) [Å].")
     sym: str = Field("C1", description="Point-group symmetry imposed in 3D auto-refinement (and its oracle); with a symmetry the de novo refinement goes through C1 and a symmetry-axis alignment first (about twice the time).")
-    healpix_step: float = Field(15.0, gt=0, description="Initial angular sampling of 3D auto-refinement [deg].")
-    healpix_step3d: float = Field(15.0, gt=0, description="Angular sampling of the global search of 3D classification [deg] (class3d's default is 7.5; 15 keeps the demo short).")
+    healpix_step: float = Field(15.0, gt=0, le=60, description="Initial angular sampling of 3D auto-refinement [deg].")
+    healpix_step3d: float = Field(15.0, gt=0, le=60, description="Angular sampling of the global search of 3D classification [deg] (class3d's default is 7.5; 15 keeps the demo short).")
     refine_max_iter: int | None = Field(None, ge=1, description="Iterations of 3D auto-refinement before its final iteration; bounds the demo's time (default: the preset's).")
     classes3d: int = Field(2, ge=0, description="Number of 3D classes (0: skip 3D classification).")
     iterations3d: int | None = Field(None, ge=1, description="Iterations of 3D classification (default: the preset's).")
-    lower_tilt_defoci: float | None = Field(30.0, gt=0, description="Step 11: tilts above this get the mean lower-tilt defocus (0 or none: off) [deg].")
+    lower_tilt_defoci: float | None = Field(30.0, ge=0, lt=90, description="Step 11: tilts above this get the mean lower-tilt defocus (0 or none: off) [deg].")
 
     @model_validator(mode="before")
     @classmethod

@@ -26,6 +26,7 @@ import pandas as pd
 from pydantic import Field
 
 from subtomo.errors import SubtomoError
+from subtomo.geometry.symmetry import symmetry_generators
 from subtomo.io.mrc import read_mrc_header, write_mrc
 from subtomo.io.particles import ParticleSet, path_component, resolve_project_path
 from subtomo.io.relion import relion31_tables, relion_commands
@@ -47,6 +48,10 @@ class ExportRelionParams(ComputeParams):
 
 
 def _check(params: ExportRelionParams, project: Path):
+    try:  # an unknown point group would go into RELION's commands
+        symmetry_generators(params.sym)
+    except SubtomoError as exc:
+        raise SubtomoError(f"--sym {params.sym}: {exc}") from exc
     star = SPEC.input("i").resolve(project, params.i)
     assert star is not None
     particles = ParticleSet.read(star, project)

@@ -21,7 +21,7 @@ import pandas as pd
 from pydantic import Field
 
 from subtomo.errors import SubtomoError
-from subtomo.io.mrc import write_mrc
+from subtomo.io.mrc import read_mrc_header, write_mrc
 from subtomo.io.particles import ParticleSet, path_component, resolve_project_path
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
 from subtomo.jobs.contracts import NodeType, OutputSpec, Source, particles_spec
@@ -34,7 +34,7 @@ EDGE_COLUMN = "subtomoBoxCrossesEdge"
 
 class ExtractParams(ComputeParams):
     i: str | None = Field(None, description="Input particle STAR (default: particles_subtomo.star of the latest Prepare job).")
-    box: int = Field(..., gt=0, description="Particle box size in the tomogram, even (150-200% of the longest particle dimension) [px].")
+    box: int = Field(..., ge=8, description="Particle box size in the tomogram, even (150-200% of the longest particle dimension) [px].")
     bg_diameter: float | None = Field(None, gt=0, description="Diameter of the sphere outside which the background mean and "
                                                               "stdev are computed, slightly larger than the particle "
                                                               "(default: 75% of the box) [Å].")
@@ -42,7 +42,7 @@ class ExtractParams(ComputeParams):
                                                     "tomograms; the subtomograms get white particles). Use "
                                                     "--no-invert-contrast if the particles are already white.")
     normalise: bool = Field(True, description="Normalise each box: background mean 0, stdev 1.")
-    rescale: int | None = Field(None, gt=0, description="Rescale the boxes to this size by Fourier cropping/padding (even); "
+    rescale: int | None = Field(None, ge=8, description="Rescale the boxes to this size by Fourier cropping/padding (even); "
                                                         "the pixel size changes by box/rescale [px].")
     project: bool = Field(False, description="Step 14: also write 2D projections of the boxes along z (one .mrcs per "
                                              "tomogram) and subtomo_proj2d.star.")
@@ -69,12 +69,15 @@ def _check(params: ExtractParams, project: Path):
         for tomo_name in particles["rlnTomoName"].unique():
             path_component(tomo_name, "rlnTomoName", star)
     for name, rows in particles.groupby("rlnMicrographName", sort=False):
-        tomo = resolve_project_path(project, str(name))
+        tomo = resolve_project_path(project, str(name), source=star, row=int(rows.index[0]) + 1, column="rlnMicrographName")
         if not tomo.exists():
             problems.append(f"{tomo}: tomogram not found (rlnMicrographName of {len(rows)} particle(s) in {star}).")
             continue
         # the tomogram's pixel size (one rule, shared with prepare): subtomoTomogramPixelSize, else its header
         pixel[name] = tomogram_pixel_size_A(rows.iloc[0], tomo)
+        if params.box > min(shape := read_mrc_header(tomo)[0]):  # every box would cross the tomogram's edge
+            problems.append(f"--box {params.box}: larger than the tomogram {name} ({' x '.join(map(str, shape[::-1]))} px, "
+                            "x y z). Use a smaller --box (1.5-2 x the particle's size in tomogram pixels).")
     if problems:
         raise SubtomoError(f"{star}: cannot extract", problems)
     out_box = params.rescale or params.box

@@ -77,6 +77,9 @@ class _State:
 
 
 def _check(params: PostProcessParams, project: Path) -> _State:
+    if params.autob_highres and params.autob_highres >= params.autob_lowres:
+        raise SubtomoError(f"--autob-highres {params.autob_highres:g} Å must be finer (smaller) than --autob-lowres "
+                           f"{params.autob_lowres:g} Å: the B-factor is fitted between the two.")
     half1 = SPEC.input("i").resolve(project, params.i)
     assert half1 is not None  # a required input
     pair = half_map_pair(half1, params.angpix)  # its partner, box and pixel size

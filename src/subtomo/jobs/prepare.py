@@ -66,7 +66,7 @@ class PrepareParams(ComputeParams):
                                                     "hand (subtomo ctf reports which hand the high tilts fit better).")
     use_lower_tilt_defoci: bool = Field(False, description="Step 11: give every tilt with |θ| above --lower-tilt-limit the "
                                                            "mean defocus of the tilts below it.")
-    lower_tilt_limit: float = Field(30.0, gt=0, description="Tilt limit for --use-lower-tilt-defoci [deg].")
+    lower_tilt_limit: float = Field(30.0, gt=0, lt=90, description="Tilt limit for --use-lower-tilt-defoci [deg].")
     export_relion: int | None = Field(None, gt=0, description="Also write RELION rlnCtfImage volumes (centred N³ cubes) of "
                                                               "this box size [px] and particles_subtomo_relion.star.")
     plot_box: int = Field(96, gt=0, description="Box size of the PNG of one particle's 3D CTF model [px].")

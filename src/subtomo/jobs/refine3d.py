@@ -40,7 +40,8 @@ from subtomo.io.mrc import read_mrc
 from subtomo.io.particles import ParticleSet
 from subtomo.io.run_files import write_map
 from subtomo.io.star import read_star_table, write_star
-from subtomo.jobs._em_runs import RefineFiles, resume_state
+from subtomo.jobs._cluster import DaskRunner, open_runner
+from subtomo.jobs._em_runs import RefineFiles, check_symmetry, resume_state
 from subtomo.jobs._inputs import load_map, load_mask
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
 from subtomo.jobs.contracts import SELECTED_OR_EXTRACTED, InputSpec, NodeType, OutputSpec, particles_spec
@@ -74,13 +75,15 @@ class Refine3DParams(ComputeParams):
     pad: int = Field(2, ge=1, le=3, description="Padding factor of the reference transforms.")
     batch_size: int = Field(32, ge=1, description="Particles per batch.")
     oracle: str | None = Field(None, description="Ground-truth picks.star: also reconstruct with the true poses (the ceiling) and report it.")
-    continue_job: str | None = Field(None, description="Job directory to continue from its last finished iteration.")
+    continue_job: str | None = Field(None, description="Job directory to continue from its last finished iteration (a finished job: a new job, given a larger --max-iter).")
 
 
 def _check(p: Refine3DParams, project: Path) -> dict:
     """Inputs read and checked before the job directory is made (a bad input leaves nothing behind)."""
+    check_symmetry(p.sym)
     star = SPEC.input("i").resolve(project, p.i)
     particles = ParticleSet.read(star, project)
+    particles.check_image_files()  # missing, truncated or mixed boxes: refused here
     src = SubtomogramSource(particles, p.ctf)
     box_A = src.box * src.pixel_size_A
     if p.particle_diameter > box_A:
@@ -92,6 +95,11 @@ def _check(p: Refine3DParams, project: Path) -> dict:
 
 
 def _run(ctx: JobContext) -> None:
+    with open_runner(ctx) as runner:  # --cluster: where the E-step's tasks run (None: here)
+        _run_on(ctx, runner)
+
+
+def _run_on(ctx: JobContext, runner: DaskRunner | None) -> None:
     p: Refine3DParams = ctx.params
     star, particles, src, ref, solvent = (ctx.state[k] for k in ("star", "particles", "src", "ref", "solvent"))
     ctx.add_input(star)
@@ -103,7 +111,7 @@ def _run(ctx: JobContext) -> None:
         auto_local_order=order_for_step(p.auto_local_healpix_step), max_iter=p.max_iter,
         auto_ignore_angles=p.auto_ignore_angles, ini_high_A=p.ini_high,
         firstiter_cc=bool(ref is not None and not p.ref_on_absolute_greyscale), ref_ctf_corrected=p.ref_ctf_corrected,
-        pad=p.pad, batch_size=p.batch_size, use_ctf=p.ctf, seed=p.seed, solvent_mask=solvent)
+        pad=p.pad, batch_size=p.batch_size, use_ctf=p.ctf, seed=p.seed, solvent_mask=solvent, runner=runner)
     halves = split_halves(particles.halves(), len(particles), p.seed)
     offsets = particles.offsets_px()
     initial_rot = None

@@ -31,7 +31,8 @@ def _override_fields() -> dict:
     fields = {}
     for name, info in SimulationConfig.model_fields.items():
         desc = (info.description or "") + " (default: from the preset)"
-        fields[name] = (info.annotation | None, Field(None, description=desc))
+        bounds = {k: getattr(m, k) for m in info.metadata for k in ("gt", "ge", "lt", "le") if hasattr(m, k)}
+        fields[name] = (info.annotation | None, Field(None, description=desc, **bounds))  # the config's ranges
     return fields
 
 

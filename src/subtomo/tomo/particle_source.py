@@ -61,6 +61,12 @@ class SubtomogramSource:
         self.cache = self.n * self.box ** 3 * 4 * 2 <= cache_limit_bytes
         self.ctf_models = ParticleCtfModels.from_particles(particles.merged(), particles.project) if use_ctf else None
 
+    def __getstate__(self) -> dict:
+        """Pickled without the in-memory cache: a copy sent to a cluster worker reads its particles by path."""
+        state = dict(self.__dict__)
+        state["_vols"], state["_ctfs"] = {}, {}
+        return state
+
     def volumes(self, idx: np.ndarray, device) -> torch.Tensor:
         """Subtomograms of particles ``idx``.
 

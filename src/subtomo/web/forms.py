@@ -23,7 +23,7 @@ from subtomo.jobs.base import JobParams, JobSpec
 from subtomo.jobs.contracts import InputSpec
 from subtomo.jobs.pipeline import STATUS_SUCCEEDED, Pipeline
 
-RUNNING_FIELDS = ("output", "continue_job", "device", "threads", "seed")
+RUNNING_FIELDS = ("output", "continue_job", "device", "threads", "seed", "cluster", "cluster_config")
 TABS = ("I/O", "Parameters", "Running")
 
 
