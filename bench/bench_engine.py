@@ -1,7 +1,7 @@
 """The E-step at real sizes: time per particle, peak memory, floating-point work and where the time goes.
 
-For each box (default 64 and 96; ``--boxes 64 96 128 192`` for the full set, about 15 min on
-one thread) and each search (``global``: 7.5 deg, HEALPix order 3, R = 36 864 coarse
+For each box (default 64 and 96, about 4 min; ``--boxes 64 96 128 192`` for the full set,
+about 20 min on one thread of a loaded 2-core machine) and each search (``global``: 7.5 deg, HEALPix order 3, R = 36 864 coarse
 rotations; ``local``: 1.9 deg, order 5, sigma 3.75 deg, R = 928 rotations per particle), one
 E-step pass (``subtomo.em.iteration.estep_pass``, as refine3d calls it) runs on simulated
 particles (``subtomo.testing.synthetic.make_set``: one reference, missing wedge, CTF, SNR 1) at
@@ -19,15 +19,18 @@ Cr = 8 rotation children at the M fine components:
 
 The achieved fraction is (those flops) / (E-step wall time) / (the machine's matmul peak),
 the peak measured in the same process and thread count as the best of float32
-2048^3 ``torch.matmul`` (best of five). Peak memory is the process's resident high-water mark during the
-pass minus its resident size before it (Linux ``/proc/self/clear_refs``), so the simulated
+2048^3 ``torch.matmul`` (best of five, before and after the pass). Peak memory is the
+process's resident high-water mark during the pass minus its resident size before it (Linux ``/proc/self/clear_refs``), so the simulated
 data do not count. The time is split by ``torch.profiler`` into: reading + FFT of the
 particles, projection of references (coarse, children, noise sums), phase ramps, the coarse
 and fine GEMMs and their CTF/noise products, significant-point selection, the fine
 posterior, and back-projection (insertion) with the noise sums.
 
     python bench/bench_engine.py                       # box 64 and 96, about 4 min
-    python bench/bench_engine.py --boxes 64 96 128 192  # the full set
+    python bench/bench_engine.py --boxes 64 96 128 192  # the full set, about 20 min
+    python bench/bench_engine.py --compiled             # the same with the compiled projector
+    python bench/bench_engine.py --projector --boxes 64 128 192   # projection speed only, both kernels
+    python bench/bench_engine.py --boxes 192 --modes global --n 192   # a full group at box 192 (peak memory)
 """
 
 from __future__ import annotations
@@ -128,10 +131,17 @@ def worker(box: int, mode: str, n: int, size_frac: float, threads: int, profile:
     torch.set_num_threads(threads)
     from subtomo.em import sampling
     from subtomo.em.components import fourier_components
-    from subtomo.em.healpix import angular_step_deg
-    from subtomo.em.iteration import (InMemorySource, PassConfig, PoseTable, coarse_size_for, estep_pass, initial_sigma2,
-                                      reference_support_shell)
     from subtomo.em.expectation import EStepOptions, coarse_group_size, coarse_refs_bytes
+    from subtomo.em.healpix import angular_step_deg
+    from subtomo.em.iteration import (
+        InMemorySource,
+        PassConfig,
+        PoseTable,
+        coarse_size_for,
+        estep_pass,
+        initial_sigma2,
+        reference_support_shell,
+    )
     from subtomo.geometry.euler import random_rotations
     from subtomo.geometry.symmetry import axis_rotation
     from subtomo.testing.synthetic import blob_reference, make_set
@@ -195,6 +205,7 @@ def worker(box: int, mode: str, n: int, size_frac: float, threads: int, profile:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t
     peak_mb = (_status_kb("VmHWM") - rss0) / 1024
+    peak = max(peak, matmul_peak_gflops(device=device))  # the load of a shared machine changes: the better one
     if device == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     # the components actually scored: outside every particle's missing wedge, inside the reference's support

@@ -14,6 +14,7 @@ figures only.
 
     python bench/gpu_check.py                     # box 32, 40 particles, 4 iterations
     python bench/gpu_check.py --engine-box 128    # plus a global pass at box 128 on each device
+    python bench/gpu_check.py --devices cpu cpu   # the comparison itself, on a machine without a GPU
 """
 
 from __future__ import annotations
@@ -68,14 +69,15 @@ def worker(device: str, out: str, args) -> None:
 
 def compare(a: dict, b: dict) -> dict:
     """Largest differences of poses [deg, px] and maps between two runs."""
-    from subtomo.geometry.euler import angular_distance_deg
-
-    ang = angular_distance_deg(a["rot"], b["rot"])
+    # rotation angle of R1 R2^T from the chordal distance |R1 - R2|_F = 2 sqrt(2) sin(angle / 2): no arccos
+    # rounding near 0 deg (arccos of a trace of 3 - 1e-7 is already 0.02 deg)
+    chord = np.linalg.norm(a["rot"] - b["rot"], axis=(1, 2))
+    ang = np.degrees(2 * np.arcsin(np.clip(chord / np.sqrt(8), 0, 1)))
     off = np.linalg.norm(a["offset"] - b["offset"], axis=1)
     ma, mb = a["map"].double().flatten(), b["map"].double().flatten()
     rng = float(ma.max() - ma.min())
     return {"max_ang_deg": float(ang.max()), "median_ang_deg": float(np.median(ang)), "max_off_px": float(off.max()),
-            "same_pose": float(np.mean(ang < 1e-3)), "map_max_rel": float((ma - mb).abs().max()) / max(rng, 1e-30),
+            "same_pose": float(np.mean(chord < 1e-6)), "map_max_rel": float((ma - mb).abs().max()) / max(rng, 1e-30),
             "map_corr": float(torch.corrcoef(torch.stack([ma, mb]))[0, 1])}
 
 
@@ -87,22 +89,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--engine-box", type=int, default=0, help="also one global E-step pass at this box")
     ap.add_argument("--engine-n", type=int, default=16)
+    ap.add_argument("--devices", nargs="+", default=None, choices=["cpu", "cuda"],
+                    help="devices to run, the first two compared (default: cpu cuda)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args.worker, args.out, args)
         return
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices.append("cuda")
-        print(f"cuda: {torch.cuda.get_device_name(0)}")
-    else:
+    devices = args.devices or ["cpu", "cuda"]
+    if "cuda" in devices and not torch.cuda.is_available():
         print("cuda is not available on this machine (torch.cuda.is_available() is False): cpu figures only")
-    runs = {}
+        devices = [d for d in devices if d != "cuda"]
+    elif "cuda" in devices:
+        print(f"cuda: {torch.cuda.get_device_name(0)}")
+    runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for dev in devices:
-            out = str(Path(tmp) / f"{dev}.pt")
+        for j, dev in enumerate(devices):
+            out = str(Path(tmp) / f"{j}_{dev}.pt")
             cmd = [sys.executable, __file__, "--worker", dev, "--out", out, "--box", str(args.box), "--n", str(args.n),
                    "--iters", str(args.iters), "--threads", str(args.threads), "--engine-box", str(args.engine_box),
                    "--engine-n", str(args.engine_n)]
@@ -110,9 +114,9 @@ def main() -> None:
             if r.returncode != 0:
                 print(f"{dev}: failed\n{(r.stdout + r.stderr)[-3000:]}")
                 continue
-            runs[dev] = torch.load(out, weights_only=False)
+            runs.append((dev, torch.load(out, weights_only=False)))
     print(f"refinement: box {args.box}, {args.n} particles, up to {args.iters} iterations, {args.threads} thread(s)")
-    for dev, run in runs.items():
+    for dev, run in runs:
         f = run["figs"]
         line = (f"  {dev:<5} {f['wall_s']:8.1f} s   peak {f['peak_MB']:8.0f} MB   {f['iterations']} iterations   "
                 f"resolution {f['resolution_A']:.1f} A")
@@ -120,9 +124,9 @@ def main() -> None:
             line += (f"   | global pass box {args.engine_box}: {f['engine_s_per_particle']:.2f} s/particle, "
                      f"peak {f['engine_peak_MB']:.0f} MB")
         print(line)
-    if "cpu" in runs and "cuda" in runs:
-        c = compare(runs["cpu"], runs["cuda"])
-        print(f"cpu vs cuda: poses max {c['max_ang_deg']:.3f} deg (median {c['median_ang_deg']:.3f}), "
+    if len(runs) >= 2:
+        c = compare(runs[0][1], runs[1][1])
+        print(f"{runs[0][0]} vs {runs[1][0]}: poses max {c['max_ang_deg']:.3f} deg (median {c['median_ang_deg']:.3f}), "
               f"offsets max {c['max_off_px']:.3f} px, same best pose {100 * c['same_pose']:.1f} %; "
               f"maps max |diff| {c['map_max_rel']:.2e} of the range, correlation {c['map_corr']:.6f}")
         print(json.dumps(c))

@@ -73,7 +73,7 @@ class TiltSeries:
         return len(self.image_names)
 
 
-def read_tilt_series(project: Path, row: pd.Series) -> TiltSeries:
+def read_tilt_series(project: Path, row: pd.Series, source: Path | None = None) -> TiltSeries:
     """The tilt series of one ``all_tomograms.star`` row (paths resolved against ``project``).
 
     Parameters
@@ -82,17 +82,21 @@ def read_tilt_series(project: Path, row: pd.Series) -> TiltSeries:
         Project directory.
     row : pandas.Series
         A row with the :data:`TOMOGRAM_COLUMNS`.
+    source : Path, optional
+        The table the row was read from: its paths are then confined to the project.
 
     Returns
     -------
     TiltSeries
         Its stack, per-image names, tilts [deg], doses [e/Å²] and optics.
     """
-    tilt_star = resolve_project_path(project, str(row["rlnTomoTiltSeriesStarFile"]))
+    tilt_star = resolve_project_path(project, str(row["rlnTomoTiltSeriesStarFile"]), source=source,
+                                     column="rlnTomoTiltSeriesStarFile")
     tilts = read_star_table(tilt_star)
     optics = Optics(float(row["rlnVoltage"]), float(row["rlnSphericalAberration"]),
                     float(row["rlnAmplitudeContrast"]), float(row["rlnTomoTiltSeriesPixelSize"]))
-    return TiltSeries(str(row["rlnTomoName"]), resolve_project_path(project, str(row["rlnTomoTiltSeriesName"])), tilt_star,
+    return TiltSeries(str(row["rlnTomoName"]), resolve_project_path(project, str(row["rlnTomoTiltSeriesName"]), source=source,
+                                                                      column="rlnTomoTiltSeriesName"), tilt_star,
                       [str(v) for v in tilts["rlnMicrographName"]], tilts["rlnTomoNominalStageTiltAngle"].to_numpy(float),
                       tilts["rlnMicrographPreExposure"].to_numpy(float), optics)
 
@@ -731,4 +735,6 @@ def previous_results(project: Path, job_dir: str, node: str = "ctf_tomograms.sta
         raise SubtomoError(f"--update {job_dir}: {path} not found. Give a finished CtfFind job directory.")
     table = read_star_table(path)
     table = upgrade_legacy_labels(table)
-    return {str(r["rlnTomoName"]): resolve_project_path(project, str(r["subtomoCtfResultsStar"])) for _, r in table.iterrows()}
+    return {str(r["rlnTomoName"]): resolve_project_path(project, str(r["subtomoCtfResultsStar"]), source=path, row=i + 1,
+                                                        column="subtomoCtfResultsStar")
+            for i, (_, r) in enumerate(table.iterrows())}

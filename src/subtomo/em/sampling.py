@@ -271,7 +271,8 @@ def translation_grid(range_px: float, step_px: float, ndim: int = 3, device=None
     never a candidate and every particle moves by sqrt(ndim) step/4 every iteration (0.87 px at
     a 2 px coarse step). ``children_contain_centre``: t + {-step/3, 0, +step/3} on each axis
     (3^ndim children, a lattice of step/3): the children of the coarse points tile space without
-    overlap, symmetrically around each coarse point, and the search centre is a candidate. Once
+    overlap, symmetrically around each coarse point, and the search centre is a candidate; the
+    coarse points are those with a child in the ball, so that the fine lattice covers it. Once
     the posterior is sharp (Pmax ~ 1) RELION's forced move costs more log-likelihood than the
     difference between two similar classes (issue 22: about 2400 against 800 at box 32), so the
     class is decided by which reference tolerates the displacement best; 3D classification
@@ -297,14 +298,17 @@ def translation_grid(range_px: float, step_px: float, ndim: int = 3, device=None
         Points (T, ndim) and children (T, 2^ndim or 3^ndim, ndim) [px].
     """
     step_px = float(max(step_px, 1e-3))
-    n = int(math.floor(range_px / step_px + 1e-9))
+    n = int(math.floor(range_px / step_px + 1e-9)) + int(children_contain_centre)
     axis = torch.arange(-n, n + 1, dtype=torch.float32) * step_px
     grid = torch.stack(torch.meshgrid(*([axis] * ndim), indexing="ij"), -1).reshape(-1, ndim)
-    grid = grid[grid.norm(dim=-1) <= range_px + 1e-6]
     signs = [-1 / 3, 0.0, 1 / 3] if children_contain_centre else [-0.25, 0.25]
     corners = torch.stack(torch.meshgrid(*([torch.tensor(signs)] * ndim), indexing="ij"), -1).reshape(-1, ndim)
     ch = grid[:, None, :] + corners[None] * step_px
-    return TranslationSet(grid.to(device), ch.to(device), step_px, float(range_px))
+    if children_contain_centre:  # every coarse point with a child in the ball: the fine lattice covers the ball
+        keep = ch.norm(dim=-1).min(dim=1).values <= range_px + 1e-6
+    else:  # RELION: the coarse points in the ball
+        keep = grid.norm(dim=-1) <= range_px + 1e-6
+    return TranslationSet(grid[keep].to(device), ch[keep].to(device), step_px, float(range_px))
 
 
 def children_per_axis(children_contain_centre: bool) -> int:

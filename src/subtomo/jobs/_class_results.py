@@ -14,7 +14,7 @@ import pandas as pd
 
 from subtomo.errors import SubtomoError
 from subtomo.io.mrc import read_mrc
-from subtomo.io.particles import parse_image_name
+from subtomo.io.particles import parse_image_name, resolve_project_path
 from subtomo.io.star import read_star, table_of
 from subtomo.jobs.pipeline import STATUS_SUCCEEDED, Pipeline
 
@@ -52,7 +52,8 @@ def class_images(model_classes: pd.DataFrame | None, model_path: Path, project: 
     images = []
     for ref in model_classes["rlnReferenceImage"].astype(str):
         index, name = parse_image_name(ref)
-        path = next((c for c in (project / name, model_path.parent / name) if c.exists()), None)
+        path = next((c for c in (resolve_project_path(project, name, source=model_path, column="rlnReferenceImage"),
+                                 model_path.parent / name) if c.exists()), None)
         if path is None:
             return None
         if path not in stacks:

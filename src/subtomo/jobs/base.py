@@ -193,8 +193,6 @@ def execute(spec: JobSpec, params: JobParams, project: str | Path = ".", argv: l
     if spec.project_param:
         project = Path(project) / str(getattr(params, spec.project_param))
     project = Path(project).resolve()
-    if isinstance(params, ComputeParams) and params.seed < 0:  # numpy's generators take seeds >= 0 only
-        raise SubtomoError(f"--seed {params.seed}: must be 0 or larger.")
     state = spec.check(params, project) if spec.check else None
     if spec.project_param:
         project.mkdir(parents=True, exist_ok=True)

@@ -106,7 +106,8 @@ SPEC = JobSpec(
              "Which search: global (the default) at --healpix-step 7.5 (the default) or finer, when the poses are "
              "unknown or the particle is (pseudo-)symmetric and was refined in C1, so that a class can re-align its "
              "particles; on an asymmetric particle with a large variant, 15 deg lost its classes once Pmax ~ 1 "
-             "(bench/bench_class3d_collapse.py). "
+             "(bench/bench_class3d_collapse.py). The fine translations (3 per axis, --offset-step apart) include "
+             "each particle's current offset, so converged particles are not pushed off their optimum. "
              "--local (starts from a refine3d run_data.star) for an asymmetric particle with refined poses: a search "
              "of a few sigma-ang around each pose. --skip-align (poses of refine3d kept) for a compositional "
              "difference when the consensus poses are good: the fastest, and with --focus-mask for a local region."),

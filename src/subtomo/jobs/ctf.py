@@ -137,7 +137,7 @@ def _rerun_command(ctx: JobContext, p: CtfParams, inp: Path, name: str, image: i
 def _tomogram_table(ctx: JobContext, row: pd.Series, prev_path: Path | None) -> tuple[pd.DataFrame, str]:
     """Result table of one selected tomogram (fitted, imported or skipped)."""
     p: CtfParams = ctx.params
-    series = read_tilt_series(ctx.project, row)
+    series = read_tilt_series(ctx.project, row, source=ctx.state["input"])
     name, n = series.name, len(series)
     if p.skip_ctf:
         ctx.log(f"{name}: --skip-ctf, defocus 0 for all {n} images")

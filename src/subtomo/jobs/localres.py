@@ -49,7 +49,7 @@ def _default_mask(project: Path) -> Path | None:
     if isinstance(general, pd.DataFrame):
         general = general.iloc[0].to_dict()
     name = (general or {}).get("rlnMaskName")
-    if name and (project / str(name)).exists():
+    if name and resolve_project_path(project, str(name), source=project / node, column="rlnMaskName").exists():
         return project / str(name)
     return None
 

@@ -123,14 +123,15 @@ def _tomogram_size_xyz(row: pd.Series, tomogram: Path) -> tuple[int, int, int]:
 def _tilt_inputs(project: Path, row: pd.Series, tomo: Path, star: Path, skip: bool) -> tuple[pd.DataFrame, str]:
     """Per-image table (tilt, dose[, defocus]) of one tomogram and where it came from."""
     if "subtomoCtfResultsStar" in row and isinstance(row["subtomoCtfResultsStar"], str):
-        path = resolve_project_path(project, row["subtomoCtfResultsStar"])
+        path = resolve_project_path(project, row["subtomoCtfResultsStar"], source=star, column="subtomoCtfResultsStar")
         return read_star_table(path), str(path)
     if not skip:
         raise SubtomoError(f"{star}: has no subtomoCtfResultsStar column, so there are no CTF estimates for "
                            f"{row.get('rlnTomoName', tomo)}. Fix: run subtomo ctf and give its ctf_tomograms.star, or "
                            "add --skip-ctf for data without CTF correction.")
     if "rlnTomoTiltSeriesStarFile" in row and isinstance(row["rlnTomoTiltSeriesStarFile"], str):
-        path = resolve_project_path(project, row["rlnTomoTiltSeriesStarFile"])
+        path = resolve_project_path(project, row["rlnTomoTiltSeriesStarFile"], source=star,
+                                    column="rlnTomoTiltSeriesStarFile")
         return read_star_table(path), str(path)
     tlt, order = tomo.with_suffix(".tlt"), tomo.with_suffix(".order")
     tilts = read_tlt(tlt)
@@ -206,7 +207,7 @@ def _image_defoci(name: str, tilt_table: pd.DataFrame, source: str, notes: list[
 
 def _read_one(project: Path, star: Path, row: pd.Series, skip_ctf: bool, lower_tilt_limit: float | None) -> TomoCtf:
     """The CTF inputs of one row of a tomogram table (problems raise SubtomoError)."""
-    tomo = resolve_project_path(project, str(row["rlnMicrographName"]))
+    tomo = resolve_project_path(project, str(row["rlnMicrographName"]), source=star, column="rlnMicrographName")
     name = path_component(row["rlnTomoName"] if "rlnTomoName" in row else tomo.stem, "rlnTomoName", star)
     size, px = _tomogram_size_xyz(row, tomo), tomogram_pixel_size_A(row, tomo)
     coords = read_coords(tomo.with_suffix(".coords"))
