@@ -44,6 +44,7 @@ class Class3DParams(ComputeParams):
     healpix_step: float = Field(7.5, gt=0, le=60, description="Angular sampling (oversampled) [deg]; for global searches 7.5 or finer (see the summary above).")
     offset_range: float = Field(5.0, ge=0, description="Translational search range [px].")
     offset_step: float = Field(1.0, gt=0, description="Translational step (oversampled) [px].")
+    offset_through_centre: bool = Field(False, description="Fine translations 3 per axis through each particle's current offset (RELION: 2, never the current offset): keeps converged particles in place; helps K = 2 with alignment, but a spare class then splits big classes more often.")
     local: bool = Field(False, description="Local angular searches around the input poses.")
     sigma_ang: float = Field(5.0, gt=0, description="Width of the Gaussian prior of local searches [deg].")
     skip_align: bool = Field(False, description="Keep the input poses fixed; classify only.")
@@ -87,7 +88,8 @@ def _run_on(ctx: JobContext, runner: DaskRunner | None) -> None:
     opts = ClassifyOptions(
         n_classes=p.K, particle_diameter_A=p.particle_diameter, n_iter=p.iter, tau2_fudge=p.tau2_fudge,
         healpix_order=order_for_step(p.healpix_step), offset_range_px=p.offset_range,
-        offset_step_px=children_per_axis(True) * p.offset_step,
+        offset_step_px=children_per_axis(p.offset_through_centre) * p.offset_step,
+        translations_through_centre=p.offset_through_centre,
         sym=p.sym, local=p.local, sigma_ang_deg=p.sigma_ang, skip_align=p.skip_align, ini_high_A=p.ini_high,
         pad=p.pad, batch_size=p.batch_size, use_ctf=p.ctf, seed=p.seed,
         focus_mask=ctx.state["focus"], solvent_mask=ctx.state["solvent"], runner=runner)
@@ -106,8 +108,7 @@ SPEC = JobSpec(
              "Which search: global (the default) at --healpix-step 7.5 (the default) or finer, when the poses are "
              "unknown or the particle is (pseudo-)symmetric and was refined in C1, so that a class can re-align its "
              "particles; on an asymmetric particle with a large variant, 15 deg lost its classes once Pmax ~ 1 "
-             "(bench/bench_class3d_collapse.py). The fine translations (3 per axis, --offset-step apart) include "
-             "each particle's current offset, so converged particles are not pushed off their optimum. "
+             "(bench/bench_class3d_collapse.py). "
              "--local (starts from a refine3d run_data.star) for an asymmetric particle with refined poses: a search "
              "of a few sigma-ang around each pose. --skip-align (poses of refine3d kept) for a compositional "
              "difference when the consensus poses are good: the fastest, and with --focus-mask for a local region."),
