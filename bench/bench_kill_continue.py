@@ -69,7 +69,7 @@ def main() -> None:
     scale_s = ref_s = time.time() - t0
     reference = half_maps(project / "Reference")
     rng = random.Random(args.seed)
-    killed_runs = identical = attempts = 0
+    killed_runs = identical = attempts = n_continued = 0
     while killed_runs < args.kills and attempts < 3 * args.kills:
         attempts += 1
         out = project / f"Killed{killed_runs:02d}"
@@ -87,14 +87,22 @@ def main() -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         killed_runs += 1
-        sh(["refine3d", "--continue-job", out.name, "--threads", "1"], project)
+        continued = (out / "job.json").exists()
+        if continued:
+            sh(["refine3d", "--continue-job", out.name, "--threads", "1"], project)
+        else:  # killed before the job made its directory: nothing to continue, run it again
+            shutil.rmtree(out, ignore_errors=True)
+            sh([*base, "--output", out.name], project)
+        n_continued += continued
         same = all(np.array_equal(a, b) for a, b in zip(reference, half_maps(out)))
         identical += same
-        print(f"run {killed_runs}: killed after {delay:.1f} s of about {scale_s:.0f} s"
-              f" -> half maps {'identical' if same else 'DIFFERENT'}", flush=True)
-    print(f"{identical} of {killed_runs} killed and continued runs ended with half maps identical to the "
-          f"uninterrupted run (reference run {ref_s:.0f} s)")
-    write_figures(args.json, {"kill.identical_runs": identical, "kill.killed_runs": killed_runs, "kill.reference_s": ref_s})
+        print(f"run {killed_runs}: killed after {delay:.1f} s of about {scale_s:.0f} s, "
+              + ("continued" if continued else "started again (no job directory yet)")
+              + f" -> half maps {'identical' if same else 'DIFFERENT'}", flush=True)
+    print(f"{identical} of {killed_runs} killed runs ({n_continued} continued with --continue-job) ended with half "
+          f"maps identical to the uninterrupted run (reference run {ref_s:.0f} s)")
+    write_figures(args.json, {"kill.identical_runs": identical, "kill.killed_runs": killed_runs,
+                              "kill.continued_runs": n_continued, "kill.reference_s": ref_s})
 
 
 if __name__ == "__main__":

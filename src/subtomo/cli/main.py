@@ -71,6 +71,9 @@ def _options_for(spec: JobSpec) -> list[click.Parameter]:
 def _with_saved_parameters(spec: JobSpec, given: dict[str, Any]) -> dict[str, Any]:
     """For ``--continue-job``: the job's saved parameters, overridden by the options typed now."""
     record_path = Path(given["continue_job"]) / "job.json"
+    if not record_path.parent.is_dir():
+        raise click.UsageError(f"--continue-job {given['continue_job']}: no such job directory (a job killed before it "
+                               "made its directory has nothing to continue: run it again without --continue-job).")
     try:
         saved = json.loads(record_path.read_text()).get("parameters", {})
     except (OSError, ValueError):
