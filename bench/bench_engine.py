@@ -20,8 +20,9 @@ Cr = 8 rotation children at the M fine components:
 The achieved fraction is (those flops) / (E-step wall time) / (the machine's matmul peak),
 the peak measured in the same process and thread count as the best of float32
 2048^3 ``torch.matmul`` (best of five, before and after the pass). Peak memory is the
-process's resident high-water mark during the pass minus its resident size before it (Linux ``/proc/self/clear_refs``), so the simulated
-data do not count. The time is split by ``torch.profiler`` into: reading + FFT of the
+process's resident high-water mark during the pass minus its resident size before it
+(Linux ``/proc/self/clear_refs``), so the simulated data do not count; torch.profiler's own
+memory counts unless ``--no-profile`` (use that for memory figures). The time is split by ``torch.profiler`` into: reading + FFT of the
 particles, projection of references (coarse, children, noise sums), phase ramps, the coarse
 and fine GEMMs and their CTF/noise products, significant-point selection, the fine
 posterior, and back-projection (insertion) with the noise sums.

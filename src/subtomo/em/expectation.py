@@ -495,7 +495,9 @@ def _coarse_scores(batch: BatchData, comps: FourierComponents, coarse_mask: torc
         # the translated, CTF- and noise-weighted particles once per batch: (B*T, 2Mc) for every chunk's GEMM
         cs = cc_ * wc
         xs = xc_pre[:, None, :] * ph_c  # (B, T, Mc)
-        y = torch.cat([xs.real * cs[:, None], xs.imag * cs[:, None]], dim=-1)
+        y = torch.empty(b, n_t, 2 * mc, device=x.device)  # filled in place: no third (B, T, 2Mc) copy
+        torch.mul(xs.real, cs[:, None], out=y[..., :mc])
+        torch.mul(xs.imag, cs[:, None], out=y[..., mc:])
         del xs
         c2 = cc_ * cc_ * wc
     for kc in range(kcls):
@@ -656,20 +658,23 @@ def _shared_child_refs(projectors: Sequence[Projector], orient: Orientations, si
 
     Returns (prepared refs, pair -> row index) or None when they would not fit in memory: they are
     held as stacked [Re | Im] and power only (12 bytes per component and child), at most
-    6 ``memory_bytes`` (the complex copy of earlier versions made that 20 bytes).
+    2 ``memory_bytes``, and projected in chunks of ``memory_bytes`` / 4 (the complex copy and
+    the whole-set projection of earlier versions took 20 bytes and up to 6 ``memory_bytes``;
+    a 10 GB peak at box 128, bench/bench_engine.py).
     """
     b, p = sig.valid.shape
     n_r, n_cr, m = orient.coarse.shape[-3], orient.children.shape[-3], k_all.shape[0]
     key = (sig.k_idx.reshape(-1) * n_r + sig.r_idx.reshape(-1))[pairs]
     ukey, inv = torch.unique(key, return_inverse=True)
-    if len(ukey) * n_cr * m * 12 > 6 * memory_bytes:
+    if len(ukey) * n_cr * m * 12 > 2 * memory_bytes:
         return None
     stacked = torch.empty(len(ukey), n_cr, 2 * m, dtype=torch.float32, device=k_all.device)
     uk, ur = ukey // n_r, ukey % n_r
+    step = max(1, memory_bytes // (4 * n_cr * m * 40))  # 8 B output + about 32 B of projection temporaries
     for kc in range(len(projectors)):
         sel = torch.nonzero(uk == kc).squeeze(1)
-        if len(sel):
-            stacked[sel] = project_stacked(projectors[kc], orient.children[ur[sel]], k_all)
+        for s, e in _chunks(len(sel), step):
+            stacked[sel[s:e]] = project_stacked(projectors[kc], orient.children[ur[sel[s:e]]], k_all)
     pair_ref = torch.full((b * p,), -1, dtype=torch.long, device=k_all.device)
     pair_ref[pairs] = inv
     return (stacked, stacked_power(stacked)), pair_ref
