@@ -84,6 +84,7 @@ class ClassifyOptions:
     max_keep: int = 12
     sigma_offset_px: float = 3.0
     memory_bytes: int = 512 * 2 ** 20
+    pass_memory_bytes: int = 3 * 2 ** 30  # what a pass may hold across batches (held coarse references)
     focus_mask: torch.Tensor | None = field(default=None, repr=False)  # E-step mask (focused classification)
     solvent_mask: torch.Tensor | None = field(default=None, repr=False)
     # where the E-step's tasks run (--cluster); None: in this process
@@ -285,7 +286,8 @@ def _pass_config(src: ParticleSource, opts: ClassifyOptions, setup: _Setup, mode
                                       children_contain_centre=opts.translations_through_centre)
     csize = coarse_size_for(angular_step_deg(order), opts.particle_diameter_A, src.box, src.pixel_size_A, size)
     eo = EStepOptions(opts.fraction, opts.max_significant, opts.max_keep, model.sigma_offset_px,
-                      memory_bytes=opts.memory_bytes, significant_per_class=opts.significant_per_class,
+                      memory_bytes=opts.memory_bytes, pass_memory_bytes=opts.pass_memory_bytes,
+                      significant_per_class=opts.significant_per_class,
                       min_significant=opts.min_significant)
     return PassConfig(size, csize, setup.emask, rot_set, opts.local, trans, eo, opts.batch_size,
                       skip_align=opts.skip_align, class_prior=model.class_priors)

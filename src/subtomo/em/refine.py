@@ -81,6 +81,7 @@ class RefineOptions:
     # RELION's --auto_ignore_angles: pseudo-symmetric particles refined in C1 jump between equivalent poses)
     auto_ignore_angles: bool = False
     memory_bytes: int = 512 * 2 ** 20
+    pass_memory_bytes: int = 3 * 2 ** 30  # what a pass may hold across batches (held coarse references)
     # local searches: the coarse pass (which only picks the significant points whose children the
     # fine pass rescores at the current size) runs at most at the current resolution, 2 (shell + 2)
     # px, instead of RELION's step-based coarse size; like a RELION --coarse_size cap.
@@ -319,7 +320,8 @@ def _expectation(src: ParticleSource, opts: RefineOptions, setup: _Setup, state:
     if samp.local and opts.local_coarse_cap:
         csize = min(csize, max(16, even_size(2 * (models[0].current_shell + 2))))
     estep_opts = EStepOptions(opts.fraction, opts.max_significant, opts.max_keep, models[0].sigma_offset_px,
-                              cc=state.first_cc, memory_bytes=opts.memory_bytes)
+                              cc=state.first_cc, memory_bytes=opts.memory_bytes,
+                              pass_memory_bytes=opts.pass_memory_bytes)
     cfg = PassConfig(size, csize, setup.mask, rot_set, samp.local, trans, estep_opts, opts.batch_size,
                      sym_mats=setup.sym_np)
     stats, summaries = [], []

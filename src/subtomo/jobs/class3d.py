@@ -51,6 +51,7 @@ class Class3DParams(ComputeParams):
     sym: str = Field("C1", description="Point-group symmetry.")
     pad: int = Field(2, ge=1, le=3, description="Padding factor of the reference transforms.")
     batch_size: int = Field(16, ge=1, description="Particles per batch.")
+    max_memory_gb: float = Field(3.0, gt=0, description="Memory a global-search pass may hold for the projected references [GB]; above it, groups of particles share each chunk of projections (same results, particles read twice).")
     continue_job: str | None = Field(None, description="Job directory to continue from its last finished iteration (a finished job: a new job, given a larger --iter).")
 
 
@@ -91,7 +92,7 @@ def _run_on(ctx: JobContext, runner: DaskRunner | None) -> None:
         offset_step_px=children_per_axis(p.offset_through_centre) * p.offset_step,
         translations_through_centre=p.offset_through_centre,
         sym=p.sym, local=p.local, sigma_ang_deg=p.sigma_ang, skip_align=p.skip_align, ini_high_A=p.ini_high,
-        pad=p.pad, batch_size=p.batch_size, use_ctf=p.ctf, seed=p.seed,
+        pad=p.pad, batch_size=p.batch_size, pass_memory_bytes=int(p.max_memory_gb * 2 ** 30), use_ctf=p.ctf, seed=p.seed,
         focus_mask=ctx.state["focus"], solvent_mask=ctx.state["solvent"], runner=runner)
     files = ClassifyFiles(ctx.dir, particles, src.pixel_size_A)
     resume = resume_state(ctx.dir, ClassifyState.from_dict, ctx.device, ctx.log) if p.continue_job else None

@@ -74,6 +74,7 @@ class Refine3DParams(ComputeParams):
     auto_ignore_angles: bool = Field(False, description="Count the poses as settled once the average Pmax is >= 0.8, whatever the orientation changes (like RELION's --auto_ignore_angles: pseudo-symmetric particles refined in C1 keep jumping between near-equivalent poses).")
     pad: int = Field(2, ge=1, le=3, description="Padding factor of the reference transforms.")
     batch_size: int = Field(32, ge=1, description="Particles per batch.")
+    max_memory_gb: float = Field(3.0, gt=0, description="Memory a global-search pass may hold for the projected references [GB]; above it, groups of particles share each chunk of projections (same results, particles read twice).")
     oracle: str | None = Field(None, description="Ground-truth picks.star: also reconstruct with the true poses (the ceiling) and report it.")
     continue_job: str | None = Field(None, description="Job directory to continue from its last finished iteration (a finished job: a new job, given a larger --max-iter).")
 
@@ -111,7 +112,8 @@ def _run_on(ctx: JobContext, runner: DaskRunner | None) -> None:
         auto_local_order=order_for_step(p.auto_local_healpix_step), max_iter=p.max_iter,
         auto_ignore_angles=p.auto_ignore_angles, ini_high_A=p.ini_high,
         firstiter_cc=bool(ref is not None and not p.ref_on_absolute_greyscale), ref_ctf_corrected=p.ref_ctf_corrected,
-        pad=p.pad, batch_size=p.batch_size, use_ctf=p.ctf, seed=p.seed, solvent_mask=solvent, runner=runner)
+        pad=p.pad, batch_size=p.batch_size, use_ctf=p.ctf, seed=p.seed, solvent_mask=solvent, runner=runner,
+        pass_memory_bytes=int(p.max_memory_gb * 2 ** 30))
     halves = split_halves(particles.halves(), len(particles), p.seed)
     offsets = particles.offsets_px()
     initial_rot = None
