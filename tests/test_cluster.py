@@ -23,11 +23,11 @@ from pydantic import ValidationError
 from subtomo.em import sampling
 from subtomo.em.components import fourier_components
 from subtomo.em.expectation import EStepOptions
-from subtomo.em.iteration import InMemorySource, PassConfig, PoseTable, estep_pass, initial_sigma2
+from subtomo.em.iteration import InMemorySource, PassConfig, PoseTable, estep_pass
 from subtomo.em.parallel import SerialRunner, contiguous_groups, tree_pairs, tree_reduce
 from subtomo.errors import SubtomoError
 from subtomo.geometry.euler import random_rotations
-from subtomo.testing.synthetic import make_set
+from subtomo.testing.synthetic import make_set, two_reference_estep_case
 
 torch.set_num_threads(1)
 HAVE_DASK = all(importlib.util.find_spec(m) is not None for m in ("dask", "distributed", "dask_jobqueue"))
@@ -41,16 +41,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def case():
-    ds = make_set(n=N, box=BOX, pixel_size_A=10.0, snr=3.0, seed=5)
-    src = InMemorySource(ds.volumes, ds.pixel_size_A, ds.ctfs)
-    ax = torch.arange(BOX, dtype=torch.float32) - BOX // 2
-    z, y, x = torch.meshgrid(ax, ax, ax, indexing="ij")
-    mask = ((x ** 2 + y ** 2 + z ** 2).sqrt() < 0.45 * BOX).float()
-    sigma2 = initial_sigma2(src, np.arange(N), mask, "cpu")
-    maps = torch.stack([ds.reference, ds.reference.flip(0)])  # K = 2
-    cfg = PassConfig(BOX, 12, mask, sampling.global_rotations(1, rng=np.random.default_rng(3)), False,
+    c = two_reference_estep_case(N, BOX)  # K = 2
+    cfg = PassConfig(BOX, 12, c.mask, sampling.global_rotations(1, rng=np.random.default_rng(3)), False,
                      sampling.translation_grid(1.0, 1.0, 3), EStepOptions(), batch_size=BATCH)
-    return ds, src, sigma2, maps, cfg
+    return c.data, c.source, c.sigma2, c.maps, cfg
 
 
 def _pass(case, runner=None, src=None, **estep):

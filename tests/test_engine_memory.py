@@ -17,26 +17,19 @@ import torch
 from subtomo.em import sampling
 from subtomo.em.components import fourier_components
 from subtomo.em.expectation import EStepOptions, coarse_group_bytes_per_particle, coarse_refs_bytes
-from subtomo.em.iteration import InMemorySource, PassConfig, PoseTable, _prepare_pass, estep_pass, initial_sigma2
+from subtomo.em.iteration import PassConfig, PoseTable, _prepare_pass, estep_pass
 from subtomo.geometry.euler import random_rotations
-from subtomo.testing.synthetic import make_set
+from subtomo.testing.synthetic import two_reference_estep_case
 
 BOX, N, BATCH = 24, 12, 4
 
 
 @pytest.fixture(scope="module")
 def case():
-    ds = make_set(n=N, box=BOX, pixel_size_A=10.0, snr=3.0, seed=5)
-    src = InMemorySource(ds.volumes, ds.pixel_size_A, ds.ctfs)
-    ax = torch.arange(BOX, dtype=torch.float32) - BOX // 2
-    z, y, x = torch.meshgrid(ax, ax, ax, indexing="ij")
-    mask = ((x ** 2 + y ** 2 + z ** 2).sqrt() < 0.45 * BOX).float()
-    idx = np.arange(N)
-    sigma2 = initial_sigma2(src, idx, mask, "cpu")
-    maps = torch.stack([ds.reference, ds.reference.flip(0)])  # K = 2: the data are class 1
+    c = two_reference_estep_case(N, BOX)  # K = 2: the data are class 1
     rot_set = sampling.global_rotations(1, rng=np.random.default_rng(3))
     trans = sampling.translation_grid(2.0, 1.0, 3)
-    return src, idx, mask, sigma2, maps, rot_set, trans
+    return c.source, np.arange(N), c.mask, c.sigma2, c.maps, rot_set, trans
 
 
 def _cfg(case, **estep) -> PassConfig:

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from subtomo.em.components import fourier_components
+from subtomo.em.iteration import InMemorySource, initial_sigma2
 from subtomo.em.projector3d import Projector3D
 from subtomo.fourier import fft_centered, ifft_centered, phase_shift, rfft_frequencies
 from subtomo.geometry.euler import angular_distance_deg, random_rotations
@@ -162,3 +163,25 @@ def two_class_set(n_per: int = 24, box: int = 24, pixel_size_A: float = 10.0, sn
     rot = np.concatenate([sa.rot, sb.rot])
     truth = np.array([0] * n_per + [1] * n_per)
     return vols, ctfs, rot, truth, sa.diameter_A
+
+
+@dataclass
+class EStepCase:
+    """A small E-step case: the particles of ``make_set`` (class 1), a spherical mask, the noise model, K = 2 maps."""
+
+    data: SyntheticSet
+    source: InMemorySource
+    mask: torch.Tensor
+    sigma2: torch.Tensor
+    maps: torch.Tensor
+
+
+def two_reference_estep_case(n: int, box: int, seed: int = 5) -> EStepCase:
+    """``n`` particles of one reference and the maps (reference, its mirror): the E-step equivalence tests' case."""
+    ds = make_set(n=n, box=box, pixel_size_A=10.0, snr=3.0, seed=seed)
+    src = InMemorySource(ds.volumes, ds.pixel_size_A, ds.ctfs)
+    ax = torch.arange(box, dtype=torch.float32) - box // 2
+    z, y, x = torch.meshgrid(ax, ax, ax, indexing="ij")
+    mask = ((x ** 2 + y ** 2 + z ** 2).sqrt() < 0.45 * box).float()
+    sigma2 = initial_sigma2(src, np.arange(n), mask, "cpu")
+    return EStepCase(ds, src, mask, sigma2, torch.stack([ds.reference, ds.reference.flip(0)]))
