@@ -44,7 +44,7 @@ class Class3DParams(ComputeParams):
     healpix_step: float = Field(7.5, gt=0, le=60, description="Angular sampling (oversampled) [deg]; for global searches 7.5 or finer (see the summary above).")
     offset_range: float = Field(5.0, ge=0, description="Translational search range [px].")
     offset_step: float = Field(1.0, gt=0, description="Translational step (oversampled) [px].")
-    offset_through_centre: bool = Field(False, description="Fine translations 3 per axis through each particle's current offset (RELION: 2, never the current offset): keeps converged particles in place; helps K = 2 with alignment, but a spare class then splits big classes more often.")
+    offset_through_centre: bool = Field(True, description="Fine translations 3 per axis through each particle's current offset, so converged particles stay in place (--no-offset-through-centre: RELION's 2 per axis at +-step/4, never the current offset).")
     local: bool = Field(False, description="Local angular searches around the input poses.")
     sigma_ang: float = Field(5.0, gt=0, description="Width of the Gaussian prior of local searches [deg].")
     skip_align: bool = Field(False, description="Keep the input poses fixed; classify only.")
