@@ -259,13 +259,21 @@ def test_cluster_option_syntax():
 
 @needs_dask
 def test_slurm_without_cluster_yaml_stops_with_the_fix(tmp_path):
+    """Checked with the job's inputs: refused before a job directory exists."""
     from subtomo.jobs.base import execute
+    from subtomo.jobs.class3d import SPEC as CLASS3D
+    from subtomo.jobs.class3d import Class3DParams
     from subtomo.jobs.refine3d import SPEC, Refine3DParams
 
     ds = _project(tmp_path, n=4)
     with pytest.raises(SubtomoError, match="cluster.yaml does not exist.*--cluster-config"):
         execute(SPEC, Refine3DParams(i="particles.star", particle_diameter=ds.diameter_A, ctf=False, max_iter=1,
                                      cluster="slurm"), tmp_path, quiet=True)
+    (tmp_path / "bad.yaml").write_text("queue: [unclosed\n")
+    with pytest.raises(SubtomoError, match="bad.yaml"):
+        execute(CLASS3D, Class3DParams(i="particles.star", particle_diameter=ds.diameter_A, ctf=False, K=2, iter=1,
+                                       cluster="slurm", cluster_config="bad.yaml"), tmp_path, quiet=True)
+    assert not (tmp_path / "Refine3D").exists() and not (tmp_path / "Class3D").exists()
 
 
 def test_a_file_backed_source_travels_without_its_particles(tmp_path):

@@ -130,6 +130,18 @@ def _nbytes(obj: Any) -> int:
     return len(serialize_bytes(obj))
 
 
+def slurm_config_path(params: Any, project: Path) -> Path:
+    """The cluster.yaml of ``--cluster slurm``: ``--cluster-config`` (absolute or project-relative), else the project's."""
+    path = Path(params.cluster_config).expanduser() if params.cluster_config else Path("cluster.yaml")
+    return path if path.is_absolute() else project / path
+
+
+def check_cluster(params: Any, project: Path) -> None:
+    """Refuse a bad ``--cluster slurm`` configuration in the job's check, before its directory exists."""
+    if parse_cluster(params.cluster)[0] == "slurm":
+        read_slurm_config(slurm_config_path(params, project))
+
+
 @contextlib.contextmanager
 def open_runner(ctx: "JobContext") -> Iterator[DaskRunner | None]:
     """The job's TaskRunner for ``--cluster`` (None for ``none``); the cluster is closed when the job ends."""
@@ -152,8 +164,7 @@ def open_runner(ctx: "JobContext") -> Iterator[DaskRunner | None]:
                                                        processes=True, dashboard_address=":0", silence_logs=40))
             planned = int(arg or 1) * threads
         elif kind == "slurm":
-            cfg_path = Path(ctx.params.cluster_config).expanduser() if ctx.params.cluster_config else Path("cluster.yaml")
-            cfg = read_slurm_config(cfg_path if cfg_path.is_absolute() else ctx.project / cfg_path)
+            cfg = read_slurm_config(slurm_config_path(ctx.params, ctx.project))
             cluster = stack.enter_context(slurm_cluster(cfg))
             if cfg.adaptive is not None:
                 cluster.adapt(minimum_jobs=cfg.adaptive.minimum, maximum_jobs=cfg.adaptive.maximum)

@@ -23,7 +23,7 @@ from subtomo.em.model import EMModel
 from subtomo.errors import SubtomoError
 from subtomo.io.particles import ParticleSet
 from subtomo.io.run_files import latest_optimiser_state, run_root, save_optimiser_state, write_map, write_model_star
-from subtomo.jobs._cluster import DaskRunner, open_runner
+from subtomo.jobs._cluster import DaskRunner, check_cluster, open_runner
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
 from subtomo.jobs.contracts import NodeType, OutputSpec, Source, particles_spec
 from subtomo.plot.gallery import class_gallery
@@ -77,6 +77,7 @@ def _write_iteration(ctx: JobContext, it: int, model: EMModel, poses: Poses2D, i
 
 def _check(p: Class2DParams, project: Path) -> dict:
     """Inputs read and checked before the job directory is made (a bad input leaves nothing behind)."""
+    check_cluster(p, project)
     star = SPEC.input("i").resolve(project, p.i)
     particles = ParticleSet.read(star, project)
     images_np = read_particle_images(particles)

@@ -18,7 +18,7 @@ from subtomo.em.classify import ClassifyOptions, ClassifyState, classify3d
 from subtomo.em.sampling import children_per_axis, order_for_step
 from subtomo.errors import SubtomoError
 from subtomo.io.particles import ParticleSet
-from subtomo.jobs._cluster import DaskRunner, open_runner
+from subtomo.jobs._cluster import DaskRunner, check_cluster, open_runner
 from subtomo.jobs._em_runs import ClassifyFiles, check_symmetry, resume_state
 from subtomo.jobs._inputs import load_map, load_mask
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
@@ -57,6 +57,7 @@ class Class3DParams(ComputeParams):
 
 def _check(p: Class3DParams, project: Path) -> dict:
     """Inputs read and checked before the job directory is made (a bad input leaves nothing behind)."""
+    check_cluster(p, project)
     check_symmetry(p.sym)
     star = (INPUT_REFINED if p.local or p.skip_align else SPEC.input("i")).resolve(project, p.i)
     particles = ParticleSet.read(star, project)

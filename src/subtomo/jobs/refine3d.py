@@ -40,7 +40,7 @@ from subtomo.io.mrc import read_mrc
 from subtomo.io.particles import ParticleSet
 from subtomo.io.run_files import write_map
 from subtomo.io.star import read_star_table, write_star
-from subtomo.jobs._cluster import DaskRunner, open_runner
+from subtomo.jobs._cluster import DaskRunner, check_cluster, open_runner
 from subtomo.jobs._em_runs import RefineFiles, check_symmetry, resume_state
 from subtomo.jobs._inputs import load_map, load_mask
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
@@ -81,6 +81,7 @@ class Refine3DParams(ComputeParams):
 
 def _check(p: Refine3DParams, project: Path) -> dict:
     """Inputs read and checked before the job directory is made (a bad input leaves nothing behind)."""
+    check_cluster(p, project)
     check_symmetry(p.sym)
     star = SPEC.input("i").resolve(project, p.i)
     particles = ParticleSet.read(star, project)
