@@ -7,6 +7,7 @@ M-step sums for a set of particles against K references, in batches.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 import threading
@@ -257,10 +258,16 @@ def _prepare_pass(src: ParticleSource, idx: np.ndarray, maps: torch.Tensor, sigm
             coarse_refs = precompute_stacked_refs(projectors, cfg.rotations.matrices.to(device), comps.k[coarse_mask],
                                                   with_power=3 * held <= cfg.estep.pass_memory_bytes)
         else:
-            size = coarse_group_size(cfg.estep.pass_memory_bytes, cfg.batch_size, len(idx),
-                                     cfg.translations.points.shape[0], k_cls, n_r, mc)
-            groups = _CoarseGroups(np.asarray(idx), size, {int(i): j for j, i in enumerate(idx)}, {})
+            groups = _new_groups(idx, cfg, k_cls, mc)
     return _PassInputs(projectors, comps, inv_s2, coarse_mask, fine_mask, log_cls, coarse_refs, groups)
+
+
+def _new_groups(idx: np.ndarray, cfg: PassConfig, k_cls: int, mc: int) -> _CoarseGroups:
+    """Empty group bookkeeping for the particles ``idx`` of a pass (groups sized to the pass budget)."""
+    assert cfg.rotations is not None
+    size = coarse_group_size(cfg.estep.pass_memory_bytes, cfg.batch_size, len(idx), cfg.translations.points.shape[0],
+                             k_cls, cfg.rotations.matrices.shape[0], mc)
+    return _CoarseGroups(np.asarray(idx), size, {int(i): j for j, i in enumerate(idx)}, {})
 
 
 def _group_scores(src: ParticleSource, bidx: np.ndarray, poses: PoseTable, prep: _PassInputs, cfg: PassConfig,
@@ -275,10 +282,7 @@ def _group_scores(src: ParticleSource, bidx: np.ndarray, poses: PoseTable, prep:
         if not set(int(i) for i in bidx) <= set(int(i) for i in gidx):  # batches not cut from idx in order
             gidx = np.asarray(bidx)
         comps_c = prep.comps.select(prep.coarse_mask)
-        parts = [batch_transforms(src, gidx[s:s + cfg.batch_size], comps_c, cfg.mask, device, use_ctf,
-                                  cfg.estep.memory_bytes) for s in range(0, len(gidx), cfg.batch_size)]
-        xm, ctf = torch.cat([q[0] for q in parts]), torch.cat([q[2] for q in parts])
-        del parts
+        xm, _, ctf = batch_transforms(src, gidx, comps_c, cfg.mask, device, use_ctf, cfg.estep.memory_bytes)
         t = lambda a: torch.as_tensor(a[gidx], dtype=torch.float32, device=device)  # noqa: E731
         batch = BatchData(xm, ctf, t(poses.offset_px), t(poses.prior_offset_px), t(poses.rot))
         orient, tpts, _ = _batch_orientations(cfg, t(poses.rot), device)
@@ -444,9 +448,10 @@ def estep_task(item: tuple[np.ndarray, PoseTable], src: ParticleSource,
     local, poses = _SubsetSource(src, idx), rows.copy()
     if prep.groups is not None:
         # a global search scored in groups of particles fills its group bookkeeping batch by batch: each
-        # task keeps its own, with its batches as the pass's particles (the shared prep is never changed)
-        prep = _prepare_pass(local, np.arange(len(idx)), pay.maps.to(device), pay.sigma2.to(device),
-                             to_device(pay.comps, device), cfg, device, pay.pad, False)
+        # task keeps its own, with its batches as the pass's particles (the shared prep, its projectors
+        # included, is never changed)
+        prep = dataclasses.replace(prep, groups=_new_groups(np.arange(len(idx)), cfg, len(prep.projectors),
+                                                            int(prep.coarse_mask.sum())))
     stats = SufficientStats.zeros(pay.maps.shape[0], pay.maps.shape[-1], 3, device=device)
     out: list[list[np.ndarray]] = [[], [], []]
     for s in range(0, len(idx), cfg.batch_size):
