@@ -9,9 +9,16 @@ Prints
 * accuracy: the correlation of the binning-1 tomogram of analytic Gaussian blobs with the
   same blobs drawn directly in 3D (low-pass limited by the missing wedge, so < 1);
 * with ``--preset P``: a project simulated at preset P (seed 1), its aligned stacks
-  reconstructed by ``subtomo reconstruct`` and correlated with the simulator's tomograms.
+  reconstructed by ``subtomo reconstruct`` and correlated with the simulator's tomograms;
+* with ``--protocol P``: the protocol (import → CTF from the true defoci → prepare → extract →
+  refine3d de novo, as ``bench_refine3d.prepare_project`` runs it, with the demo's refine3d
+  settings) twice on the same simulated project (preset P, ``--seed``): on the simulator's
+  tomograms and on tomograms made by ``subtomo reconstruct`` from the simulator's aligned
+  stacks; prints both gold-standard resolutions (and FSC with the truth). Heavy: use
+  ``--threads 1`` on shared machines.
 
 Usage: python bench/bench_reconstruct.py [--size 512] [--tilts 41] [--thickness 128] [--preset demo] [--json PATH]
+       python bench/bench_reconstruct.py --protocol demo --threads 1 [--dir /tmp/bench_reconstruct_protocol]
 """
 
 from __future__ import annotations
@@ -78,6 +85,58 @@ def bench_simulated(preset: str, figs: dict) -> None:
             figs[f"max_abs_diff_{preset}_{d.name}_sigma"] = float(np.abs(vol - truth).max())
 
 
+def reconstruct_into_layout(project: Path, threads: int) -> dict:
+    """Replace each Tomograms/<t>/<t>.mrc of a simulated project by subtomo reconstruct of its aligned stack."""
+    import shutil
+
+    from subtomo.io.mrc import read_mrc
+    from subtomo.jobs.base import execute
+    from subtomo.jobs.reconstruct import SPEC, ReconstructParams
+
+    corr = {}
+    for d in sorted((project / "Tomograms").iterdir()):
+        truth, _ = read_mrc(d / f"{d.name}.mrc")
+        ctx = execute(SPEC, ReconstructParams(i=f"Tomograms/{d.name}/{d.name}.mrcs", thickness=truth.shape[0],
+                                              device="cpu", threads=threads), project, quiet=True)
+        vol, _ = read_mrc(ctx.path(f"{d.name}.mrc"))
+        corr[d.name] = float(np.corrcoef(vol.ravel(), truth.ravel())[0, 1])
+        (d / f"{d.name}.mrc").unlink()
+        shutil.copyfile(ctx.path(f"{d.name}.mrc"), d / f"{d.name}.mrc")
+    return corr
+
+
+def bench_protocol(preset: str, seed: int, threads: int, base: Path, figs: dict) -> None:
+    """Refined resolution of the protocol on the simulator's tomograms vs on subtomo reconstruct's."""
+    import argparse as _argparse
+
+    from bench_refine3d import prepare_project, report, run_refine, sh
+
+    base.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for tag in ("simulator", "reconstructed"):
+        project = (base / tag).resolve()
+        if not (project / "GroundTruth").exists():
+            sh(["simulate", str(project), "--preset", preset, "--seed", str(seed), "--threads", str(threads)], base)
+            if tag == "reconstructed":
+                for name, c in reconstruct_into_layout(project, threads).items():
+                    figs[f"protocol.corr_with_simulator_{name}"] = c
+                    print(f"{name}: subtomo reconstruct vs the simulator's tomogram: correlation {c:.4f}", flush=True)
+        info = prepare_project(project, preset, seed, threads, False, [])
+        diameter = round(float(info["sim"]["structure"]["diameter_A"]) * 1.1)  # as the demo
+        args = _argparse.Namespace(diameter=diameter, threads=threads, seed=seed, max_iter=12, offset_range=3.0,
+                                   healpix_step=15.0, sym="C1",
+                                   sym_eval=info["sim"]["structure"].get("symmetry") or "C1")
+        r = run_refine(project, project / "particles_true.star", args, True, tag)
+        report(tag, r)
+        results[tag] = r
+        figs[f"protocol.{tag}.gold_A"] = r["gold_A"]
+        figs[f"protocol.{tag}.fsc_truth_05_A"] = r["fsc_truth_05_A"]
+    a, b = results["simulator"], results["reconstructed"]
+    print(f"protocol ({preset}, seed {seed}): refined gold-standard resolution {a['gold_A']:.2f} A on the simulator's "
+          f"tomograms, {b['gold_A']:.2f} A on subtomo reconstruct's; FSC(map, truth)=0.5 at {a['fsc_truth_05_A']:.1f} vs "
+          f"{b['fsc_truth_05_A']:.1f} A", flush=True)
+
+
 def main() -> None:
     import torch
 
@@ -88,9 +147,19 @@ def main() -> None:
     ap.add_argument("--tilts", type=int, default=41)
     ap.add_argument("--thickness", type=int, default=128)
     ap.add_argument("--preset", default=None, help="also reconstruct a project simulated at this preset")
+    ap.add_argument("--protocol", default=None, choices=["tiny", "demo", "benchmark"],
+                    help="only: the protocol's refined resolution on simulator vs reconstructed tomograms at this preset")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dir", default="/tmp/bench_reconstruct_protocol", help="--protocol: projects folder (reused)")
     add_json_option(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.protocol:
+        figs_p: dict = {}
+        bench_protocol(args.protocol, args.seed, args.threads, Path(args.dir), figs_p)
+        write_figures(args.json, figs_p)
+        return
     tilts = np.linspace(-60, 60, args.tilts)
     figs: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,13 +9,21 @@ The same true particles of a simulated project (``bench_refine3d.prepare_project
   of the same 3D CTF models),
 
 from the same reference (the true map low-passed to ``--ini-high``, CTF-corrected) and the same
-initial sampling (HEALPix order 3 = 7.5 deg, local from 3.75 deg, offsets 3 px in 1 px steps).
+initial sampling (``--healpix-order`` 3 = 7.5 deg by default, 2 = 15 deg; local from 3.75 deg;
+offsets 3 px in 1 px steps), optionally both stopped after ``--max-iter`` iterations (RELION's
+``--auto_iter_max``; a run stopped there reports the resolution it had reached).
 For each: wall time, CPU time (of the process tree), iterations, final gold-standard
 resolution (FSC 0.143 of RELION's or our run_model.star), FSC(final map, true map) = 0.5 after
 aligning the truth to the map, and the median angular error against the true poses after
 removing the global rotation (``bench_refine3d.evaluate``, the same scorer for both).
 
     python bench/bench_relion.py --preset benchmark --dir /tmp/bench_relion --threads 2
+
+On 2 shared CPU cores the benchmark preset takes RELION over an hour; the table in
+docs/performance.md ("RELION 3.1 on the same particles") is the demo preset with coarser
+sampling and at most 8 iterations, about 15 minutes in all:
+
+    python bench/bench_relion.py --preset demo --healpix-order 2 --max-iter 8 --threads 2
 
 Needs RELION 3.1 (``apt-get install -y relion``) and mpirun; as root set
 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 (done here).
@@ -62,11 +70,13 @@ def run_subtomo(project: Path, star: Path, ref: Path, args) -> dict:
     cpu0, t = _children_cpu_s(), time.time()
     sh(["refine3d", "--i", str(star.relative_to(project)), "--ref", str(ref.relative_to(project)), "--ini-high",
         str(args.ini_high), "--particle-diameter", str(args.diameter), "--threads", str(args.threads), "--healpix-step",
-        "7.5", "--auto-local-healpix-step", "3.7", "--offset-range", "3", "--offset-step", "1", "--sym", args.sym],
+        f"{7.5 * 2 ** (3 - args.healpix_order):g}", "--auto-local-healpix-step", "3.7", "--offset-range", "3",
+        "--offset-step", "1", "--sym", args.sym, *(["--max-iter", str(args.max_iter)] if args.max_iter else [])],
        project, project / "refine_subtomo.log")
     wall, cpu = time.time() - t, _children_cpu_s() - cpu0
     job = Path(sorted(set(glob.glob(str(project / "Refine3D/job*"))) - before)[-1])
-    return {"wall_s": wall, "cpu_s": cpu, "iterations": len(glob.glob(str(job / "run_it*_data.star"))), "job": job}
+    iters = len([f for f in glob.glob(str(job / "run_it*_data.star")) if "run_it000" not in f])
+    return {"wall_s": wall, "cpu_s": cpu, "iterations": iters, "job": job}
 
 
 def run_relion(project: Path, star: Path, ref: Path, args) -> dict:
@@ -81,18 +91,24 @@ def run_relion(project: Path, star: Path, ref: Path, args) -> dict:
            "--auto_refine", "--split_random_halves", "--i", str((exp / "particles_relion.star").relative_to(project)),
            "--ref", str(ref.relative_to(project)), "--ctf_corrected_ref", "--ini_high", str(args.ini_high), "--ctf",
            "--particle_diameter", str(args.diameter), "--flatten_solvent", "--zero_mask", "--oversampling", "1",
-           "--healpix_order", "3", "--auto_local_healpix_order", "4", "--offset_range", "3", "--offset_step", "1",
-           "--sym", args.sym, "--low_resol_join_halves", "40", "--norm", "--scale", "--pad", "2", "--j", "1",
-           "--dont_combine_weights_via_disc", "--pool", "3"]
+           "--healpix_order", str(args.healpix_order), "--auto_local_healpix_order", "4", "--offset_range", "3",
+           "--offset_step", "1", "--sym", args.sym, "--low_resol_join_halves", "40", "--norm", "--scale", "--pad", "2",
+           "--j", "1", "--dont_combine_weights_via_disc", "--pool", "3",
+           *(["--auto_iter_max", str(args.max_iter)] if args.max_iter else [])]
     cpu0, t = _children_cpu_s(), time.time()
     r = subprocess.run(cmd, cwd=project, capture_output=True, text=True, env=env)
     wall, cpu = time.time() - t, _children_cpu_s() - cpu0
     (project / "refine_relion.log").write_text(r.stdout + r.stderr)
     if r.returncode != 0:
         raise RuntimeError(f"relion_refine_mpi failed:\n{(r.stdout + r.stderr)[-3000:]}")
+    # stopped by --auto_iter_max before converging, RELION writes only the iteration's files: the last one, its
+    # half maps averaged, and its half-1 model (which holds the gold-standard FSC)
+    last = sorted(glob.glob(str(out / "run_it*_data.star")))[-1].removesuffix("_data.star")
+    converged = (out / "run_class001.mrc").exists()
+    data = out / "run_data.star" if converged else Path(f"{last}_data.star")
     # RELION keeps only RELION 3.1 labels: put back rlnTomoName/rlnTomoParticleId (same order as the export)
     ours, optics = read_particles(star)
-    theirs, roptics = read_particles(out / "run_data.star")
+    theirs, roptics = read_particles(data)
     exported, _ = read_particles(exp / "particles_relion.star")
     index = {name: i for i, name in enumerate(exported["rlnImageName"])}
     rows = [index[name] for name in theirs["rlnImageName"]]
@@ -102,10 +118,15 @@ def run_relion(project: Path, star: Path, ref: Path, args) -> dict:
     tagged = project / "RelionEval"
     tagged.mkdir(exist_ok=True)
     write_particles(tagged / "run_data.star", theirs, roptics)
-    for name in ("run_class001.mrc", "run_model.star"):
-        shutil.copyfile(out / name, tagged / name)
-    iters = len(glob.glob(str(out / "run_it*_half1_model.star")))
-    return {"wall_s": wall, "cpu_s": cpu, "iterations": iters, "job": tagged}
+    if converged:
+        for name in ("run_class001.mrc", "run_model.star"):
+            shutil.copyfile(out / name, tagged / name)
+    else:
+        halves = [read_mrc(Path(f"{last}_half{h}_class001.mrc")) for h in (1, 2)]
+        write_mrc(tagged / "run_class001.mrc", (halves[0][0] + halves[1][0]) / 2, halves[0][1])
+        shutil.copyfile(f"{last}_half1_model.star", tagged / "run_model.star")
+    iters = len([f for f in glob.glob(str(out / "run_it*_half1_model.star")) if "run_it000" not in f])
+    return {"wall_s": wall, "cpu_s": cpu, "iterations": iters, "job": tagged, "converged": converged}
 
 
 def main() -> None:
@@ -117,6 +138,8 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=3, help="MPI ranks of relion_refine_mpi (1 master + 2 workers)")
     ap.add_argument("--diameter", type=float, default=190.0)
     ap.add_argument("--ini-high", type=float, default=40.0, help="low-pass of the common reference [A]")
+    ap.add_argument("--healpix-order", type=int, default=3, choices=[2, 3], help="initial HEALPix order (2: 15 deg, 3: 7.5)")
+    ap.add_argument("--max-iter", type=int, default=None, help="stop both refinements after this many iterations")
     ap.add_argument("--sym", default="C1")
     ap.add_argument("--sym-eval", default="D7")
     add_json_option(ap)
@@ -145,6 +168,7 @@ def main() -> None:
         rows.append((tag, r, e))
     print(f"{'program':26s} {'wall s':>8s} {'CPU s':>8s} {'iter':>5s} {'gold A':>7s} {'FSC truth 0.5 A':>16s} {'median err deg':>15s}")
     for tag, r, e in rows:
+        tag += "" if r.get("converged", True) else " (stopped)"
         print(f"{tag:26s} {r['wall_s']:8.0f} {r['cpu_s']:8.0f} {r['iterations']:5d} {e['gold_A']:7.1f} "
               f"{e['fsc_truth_05_A']:16.1f} {e['median_err_deg']:15.2f}")
     write_figures(args.json, figs)

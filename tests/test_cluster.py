@@ -177,7 +177,7 @@ def test_refine3d_job_on_local_2_equals_none(tmp_path):
     local = execute(SPEC, Refine3DParams(**kw, cluster="local:2"), tmp_path, quiet=True)
     _same_job(_job_results(local), _job_results(none))
     log = (local.dir / "run.out").read_text()
-    assert "dashboard http" in log and "E-step tasks: 4/4" in log  # 8 particles a half, 4 batches: 4 tasks
+    assert "dashboard http" in log and "E-step tasks: 8/8" in log  # both halves at once: 8 particles (4 batches) a half, 4 tasks each
 
 
 @needs_dask
@@ -385,3 +385,20 @@ def test_iteration_zero_sums_as_tasks_equal_the_batch_loop(case):
     want = delta_stats(src, np.arange(1, N), poses, 2, sigma2, comps, "cpu", BATCH)
     assert _rel(got.data, want.data) < 1e-5 and _rel(got.weight, want.weight) < 1e-5
     assert torch.equal(got.n_particles, want.n_particles) and float(got.n_particles) == N - 1
+
+
+@needs_dask
+def test_ctf_job_fits_each_series_as_a_task_and_equals_none(tmp_path, client):
+    """One task per tilt series on two workers: the same tables as the fits one after another here."""
+    from test_ctf import make_project, run_ctf
+
+    from subtomo.io.star import read_star_table
+
+    for name in ("TS01", "TS02"):
+        make_project(tmp_path, name)
+    here = run_ctf(tmp_path)
+    remote = run_ctf(tmp_path, cluster=client.scheduler.address)
+    for name in ("TS01", "TS02"):
+        a, b = (read_star_table(j.path(f"{name}_ctffind.star")) for j in (here, remote))
+        assert a.equals(b), name
+    assert "CTF fits: 2/2" in (remote.dir / "run.out").read_text()

@@ -85,6 +85,7 @@ def _particles_star(path, tomo, coords, name="tomo1"):
         "rlnCoordinateX": coords[:, 0], "rlnCoordinateY": coords[:, 1], "rlnCoordinateZ": coords[:, 2],
         "rlnTomoParticleId": np.arange(1, len(coords) + 1),
         "rlnImageName": [f"Particles/Tomograms/{name}/{name}{i:06d}.mrc" for i in range(1, len(coords) + 1)],
+        # the compact CTF reference as older versions wrote it (rlnCtfImage): read and moved to subtomoCtfModel
         "rlnCtfImage": [f"{i:06d}@Prepare/job002/CtfModels/{name}_ctf.star" for i in range(1, len(coords) + 1)],
         "rlnTomoTiltSeriesPixelSize": PX, "rlnOpticsGroup": 1,
     })
@@ -109,7 +110,8 @@ def test_extract_job_normalises_flags_rescales_and_projects(tmp_path):
     assert list(parts["subtomoBoxCrossesEdge"]) == [0, 0, 1]
     assert int(optics["rlnImageSize"][0]) == 16 and int(optics["rlnImageDimensionality"][0]) == 3
     assert parts["rlnImageName"][1] == f"{ctx.name}Particles/Tomograms/tomo1/tomo1000002.mrc"
-    assert parts["rlnCtfImage"][1] == "000002@Prepare/job002/CtfModels/tomo1_ctf.star"
+    assert parts["subtomoCtfModel"][1] == "000002@Prepare/job002/CtfModels/tomo1_ctf.star"
+    assert "rlnCtfImage" not in parts  # RELION's label names CTF volumes only (issue 15, finding 4)
     frac = coords - np.floor(coords)
     np.testing.assert_allclose(parts[["rlnOriginXAngst", "rlnOriginYAngst", "rlnOriginZAngst"]].to_numpy(), -frac * PX,
                                atol=1e-6)

@@ -95,6 +95,7 @@ def test_aretomo_aln_written_as_documented(tmp_path):
     assert a.sections.tolist() == [1, 2, 3, 4]
     assert np.allclose(a.rotation_deg, 85.4012) and np.allclose(a.tilts_deg, [-31.5, -1.5, 28.5, 58.5])
     assert np.allclose(a.shifts_px[0], [12.345, -20.5])
+    assert a.num_patches == 0 and a.local_rows == 1  # the local section is counted, not read as global rows
     (tmp_path / "bad.aln").write_text("# SEC ROT\n 1 2 3\n")
     with pytest.raises(SubtomoError, match="bad.aln:2"):
         read_aln(tmp_path / "bad.aln")
@@ -146,7 +147,7 @@ def test_import_from_imod_folder(tmp_path):
     write_mrc(d / "TS_9.rec", np.zeros((8, 24, 32), np.float32), 4.0)
     (d / "TS_9.tlt").write_text("-6.1\n-3.1\n-0.1\n2.9\n5.9\n")
     (d / "tilt.com").write_text("$tilt -StandardInput\nInputProjections TS_9.ali\nOutputFile TS_9.rec\nTHICKNESS 8\n"
-                                "OFFSET 0.1\nPERPENDICULAR\n")
+                                "OFFSET 0.1\nPERPENDICULAR\nSHIFT 4 -2\nXAXISTILT 0.5\n")
     (d / "TS_9.xf").write_text("1 0 0 1 1.5 -2\n" * 5)
     (d / "TS_9.mdoc").write_text(_mdoc([-6, -3, 0, 3, 6], [9, 3, 0, 6, 12]))
     (tmp_path / "picks").mkdir()
@@ -161,6 +162,9 @@ def test_import_from_imod_folder(tmp_path):
     assert table["rlnMicrographPreExposure"].tolist() == [9, 3, 0, 6, 12]
     log = (ctx.dir / "run.out").read_text()
     assert "TS_9.xf: 5 transforms" in log and "pixel sizes: TS_9.ali 4.0000 A, TS_9.rec 4.0000 A" in log
+    row = read_star_table(ctx.path("all_tomograms.star")).iloc[0]  # SHIFT and XAXISTILT travel to prepare
+    assert (row["subtomoTomogramShiftX"], row["subtomoTomogramShiftZ"], row["subtomoTomogramXAxisTilt"]) == (4, -2, 0.5)
+    assert "XAXISTILT 0.5 deg turns the missing wedge" in log
 
 
 def test_import_from_imod_refuses_unrotated_tomogram_and_writes_nothing(tmp_path):
@@ -199,6 +203,30 @@ def test_import_from_aretomo_folder_matches_doses_through_sections(tmp_path):
     assert np.allclose(read_tlt(t / "TS_1.tlt"), [-31.5, -1.5, 28.5, 58.5])
     order = np.loadtxt(t / "TS_1.order")  # SEC 1..4 of the raw stack; SEC 0 (-60°, dark) dropped
     assert order.tolist() == [[-1.5, 0], [28.5, 3], [-31.5, 6], [58.5, 9]]
+
+
+def test_import_from_aretomo_warns_that_the_local_alignment_is_ignored(tmp_path):
+    from subtomo.io.mrc import write_mrc
+    from subtomo.jobs.base import execute
+    from subtomo.jobs.import_tomograms import SPEC, ImportParams
+
+    d = tmp_path / "aretomo"
+    d.mkdir()
+    # patch tracking with 2 patches: one local row (SEC PATCH X Y SX SY GOOD) per kept image and patch
+    local = "".join(f"{sec:5d} {p:5d} {x:9.2f} {y:9.2f} {0.5 * p:7.2f} {-0.25 * sec:7.2f}  1.0\n"
+                    for sec in range(4) for p, (x, y) in enumerate([(-1024.0, 0.0), (1024.0, 0.0)]))
+    aln = ALN.replace("# NumPatches = 0", "# NumPatches = 2").split("# Local Alignment")[0] + "# Local Alignment\n" + local
+    (d / "TS_1.aln").write_text(aln)
+    a = read_aln(d / "TS_1.aln")
+    assert a.num_patches == 2 and a.local_rows == 8 and len(a.tilts_deg) == 4
+    write_mrc(d / "TS_1_ali.mrc", np.zeros((4, 24, 32), np.float32), 4.0, stack=True)
+    write_mrc(d / "TS_1_Vol.mrc", np.zeros((8, 24, 32), np.float32), 4.0)
+    (d / "TS_1.mdoc").write_text(_mdoc([-60, -30, 0, 30, 60], [12, 6, 0, 3, 9]))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "TS_1.coords").write_text("3 4 5\n")
+    ctx = execute(SPEC, ImportParams(source="aretomo", source_dir="aretomo", coords="c"), tmp_path, quiet=True)
+    log = (ctx.dir / "run.out").read_text() + (ctx.dir / "run.err").read_text()
+    assert "TS_1.aln: local alignment (2 patches, 8 rows) ignored" in log and "subtomo reconstruct --i" in log
 
 
 WARP_XML = """<?xml version="1.0" encoding="utf-8"?>
@@ -247,3 +275,66 @@ def test_import_from_warp_folder(tmp_path):
     execute(SPEC, ImportParams(source="warp", source_dir="warp", coords="c"), tmp_path, quiet=True)
     order = np.loadtxt(tmp_path / "Tomograms" / "TS_2" / "TS_2.order")
     assert order.tolist() == [[0, 0], [3, 3.05], [-3, 6.1]]
+
+
+# ------------------------------------------------------------------ tilt.com SHIFT / XAXISTILT / OFFSET
+
+def test_tilt_com_geometry_as_imod_documents_it(tmp_path):
+    from subtomo.io.importers.imod import geometry_columns, imod_to_tilt_geometry
+
+    # an etomo tilt.com (bin 2): SHIFT and THICKNESS in unbinned pixels, an all-zero .xtilt, local alignments
+    (tmp_path / "g.xtilt").write_text("0.0\n0.0\n0.0\n")
+    (tmp_path / "tilt.com").write_text(
+        "# Command file to run Tilt\n$tilt -StandardInput\nInputProjections g.ali\nOutputFile g.rec\nIMAGEBINNED 2\n"
+        "TILTFILE g.tlt\nXTILTFILE g.xtilt\nLOCALFILE g_local.xf\nTHICKNESS 300\nXAXISTILT 1.1459\nPERPENDICULAR\n"
+        "OFFSET -0.75\nSHIFT 20.0 -30.0\n$if (-e ./savework) ./savework\n")
+    com = read_tilt_com(tmp_path / "tilt.com")
+    assert com.offset_deg == -0.75 and com.shift == (20.0, -30.0) and com.x_axis_tilt_deg == 1.1459 and com.binned == 2
+    assert com.ignored == ("LOCALFILE g_local.xf",)  # the zero .xtilt is no x-tilt
+    cols = geometry_columns(com)
+    assert cols == {"subtomoTomogramShiftX": 10.0, "subtomoTomogramShiftZ": -15.0, "subtomoTomogramXAxisTilt": 1.1459}
+    # SHIFT: the voxel at the centre of a 64x48x32 output shows the specimen 10 px left of and 15 px above the axis
+    size = (64, 48, 32)
+    assert np.allclose(imod_to_tilt_geometry(np.array([[32.0, 24.0, 16.0]]), size, (10.0, -15.0)), [[22, 24, 31]])
+    # XAXISTILT, IMOD's example: 500 slices, a section 5 px below the middle in the first slice and 5 px above in the
+    # last is flat after XAXISTILT asin(10/500) = 1.1459 deg: its flat ends go back to z = middle -+ 5
+    alpha = np.degrees(np.arcsin(10 / 500))
+    ends = np.array([[50.0, 0.0, 20.0], [50.0, 500.0, 20.0]])  # y = 0 and 500 at the middle height of a 40-px volume
+    back = imod_to_tilt_geometry(ends, (100, 500, 40), (0.0, 0.0), alpha)
+    assert np.allclose(back[:, 2], [15.0, 25.0], atol=1e-9) and np.allclose(back[:, 1], 250 - 250 * np.cos(
+        np.radians(alpha)) * np.array([1, -1]))
+    (tmp_path / "g.xtilt").write_text("0.0\n0.5\n0.0\n")
+    assert "XTILTFILE g.xtilt" in " ".join(read_tilt_com(tmp_path / "tilt.com").ignored)
+
+
+def test_prepare_places_an_imod_tomogram_with_its_shift(tmp_path):
+    """The position-dependent defocus of a particle follows tilt.com's SHIFT (ctf_tomograms.star carries it)."""
+    import pandas as pd
+
+    from subtomo.io.mrc import write_mrc
+    from subtomo.io.star import read_star, write_star
+    from subtomo.jobs.base import execute
+    from subtomo.jobs.prepare import SPEC, PrepareParams
+
+    d = tmp_path / "Tomograms" / "t1"
+    d.mkdir(parents=True)
+    write_mrc(d / "t1.mrc", np.zeros((32, 48, 64), np.float32), 10.0)
+    (d / "t1.coords").write_text("32 24 16\n")  # the tomogram's centre
+    tilts = np.array([-30.0, 0.0, 30.0])
+    write_star(tmp_path / "CtfFind/job002/t1_ctffind.star", {"t1": pd.DataFrame({
+        "rlnMicrographName": [f"{i + 1}@Tomograms/t1/t1.mrcs" for i in range(3)], "rlnTomoNominalStageTiltAngle": tilts,
+        "rlnMicrographPreExposure": [3.0, 0.0, 6.0], "rlnDefocusU": 30000.0, "rlnDefocusV": 30000.0,
+        "rlnDefocusAngle": 0.0})})
+    row = {"rlnMicrographName": "Tomograms/t1/t1.mrc", "rlnTomoName": "t1", "rlnTomoTiltSeriesPixelSize": 10.0,
+           "rlnCtfFindResultsStar": "CtfFind/job002/t1_ctffind.star", "subtomoTomogramShiftX": 10.0,
+           "subtomoTomogramShiftZ": -15.0, "subtomoTomogramXAxisTilt": 0.0}
+    write_star(tmp_path / "CtfFind/job002/ctf_tomograms.star", pd.DataFrame([row]))
+    ctx = execute(SPEC, PrepareParams(i="CtfFind/job002/ctf_tomograms.star", plot_box=16, device="cpu"), tmp_path,
+                  quiet=True)
+    table = read_star(ctx.path("CtfModels/t1_ctf.star"))["ctf_models"]
+    # specimen at (-10, 0, +15) px = (-100, 0, 150) A from the axis: h = 100 sin(t) + 150 cos(t), defocus = D - h
+    h = 100 * np.sin(np.radians(tilts)) + 150 * np.cos(np.radians(tilts))
+    assert np.allclose(table["rlnDefocusU"].to_numpy(float), 30000 - h, atol=0.01)
+    assert np.allclose(h, [79.90, 150.0, 179.90], atol=0.01)  # by hand
+    parts = read_star(ctx.path("particles_subtomo.star"))["particles"]
+    assert float(parts["rlnCoordinateZ"][0]) == 16.0  # the particle stays where it is in the tomogram

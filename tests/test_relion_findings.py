@@ -143,6 +143,43 @@ def test_reference_images_are_project_relative_in_job_directories(tmp_path):
     assert read_star(path)["model_classes"]["rlnReferenceImage"][0] == "a.mrc"
 
 
+def test_compact_ctf_models_use_our_label_and_rln_ctf_image_only_names_volumes(tmp_path):
+    from test_ctf3d import _project
+
+    from subtomo.jobs.prepare import SPEC as PREPARE
+    from subtomo.jobs.prepare import PrepareParams
+
+    _project(tmp_path)
+    prep = execute(PREPARE, PrepareParams(i="CtfFind/job002/ctf_tomograms.star", export_relion=16, plot_box=16,
+                                          device="cpu"), tmp_path, quiet=True)
+    blocks = read_star(prep.path("particles_subtomo.star"))
+    rows = blocks["particles"]
+    assert "rlnCtfImage" not in rows  # RELION cannot open NNNNNN@<t>_ctf.star
+    assert rows["subtomoCtfModel"].tolist()[:2] == [f"00000{i}@{prep.name}CtfModels/tomo1_ctf.star" for i in (1, 2)]
+    relion = read_star_table(prep.path("particles_subtomo_relion.star"))
+    assert all(str(v).endswith(".mrc") and "@" not in str(v) for v in relion["rlnCtfImage"])  # RELION volumes only
+    # a file of an older version (compact form in rlnCtfImage) reads as the same models
+    old = rows.rename(columns={"subtomoCtfModel": "rlnCtfImage"})
+    write_star(tmp_path / "old.star", {"optics": blocks["optics"], "particles": old})
+    back = ParticleSet.read(tmp_path / "old.star", tmp_path)
+    assert "rlnCtfImage" not in back.table and back.table["subtomoCtfModel"].tolist() == rows["subtomoCtfModel"].tolist()
+    new = ParticleCtfModels.from_particle_set(ParticleSet.read(prep.path("particles_subtomo.star"), tmp_path))
+    torch.testing.assert_close(ParticleCtfModels.from_particle_set(back).volumes([0, 2], 16), new.volumes([0, 2], 16))
+    # a mixed column (one RELION volume, compact rows) stays, and each row is read as what it is
+    mixed = old.assign(rlnCtfImage=[relion["rlnCtfImage"][0], *old["rlnCtfImage"][1:]])
+    models = ParticleCtfModels.from_particles(mixed.assign(rlnImageSize=16), tmp_path)
+    assert list(models.volumes_half) == [0]
+    torch.testing.assert_close(models.volumes([2], 16), new.volumes([2], 16))
+
+
+def test_particles_without_any_ctf_reference_are_refused_by_row(tmp_path):
+    table = pd.DataFrame({"rlnImageName": ["a.mrc", "b.mrc"], "subtomoCtfModel": ["000001@t_ctf.star", "None"]})
+    with pytest.raises(SubtomoError, match="row 2 has no 3D CTF"):
+        ParticleSet.from_table(table, None, tmp_path).ctf_refs()
+    with pytest.raises(SubtomoError, match="no rlnCtfImage or subtomoCtfModel"):
+        ParticleSet.from_table(table[["rlnImageName"]], None, tmp_path).ctf_refs()
+
+
 # ---------------------------------------------------------------- finding 5: only RELION's labels carry rln
 
 def test_invented_labels_are_gone_and_old_files_still_read(tmp_path):

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from subtomo.errors import SubtomoError
 from subtomo.io.particles import ParticleSet
-from subtomo.io.relion import relion31_tables, relocate_paths, tomo_particles_to_legacy
-from subtomo.io.star import write_star
+from subtomo.io.relion import relion31_tables, relion_tilt_table, relocate_paths, tomo_particles_to_legacy
+from subtomo.io.star import read_star, write_star
 from subtomo.jobs.base import execute
 
 TOMOS = pd.DataFrame({"rlnTomoName": ["TS_01"], "rlnTomoSizeX": [4000], "rlnTomoSizeY": [4000], "rlnTomoSizeZ": [1200],
@@ -73,3 +76,65 @@ def test_import_relion_job_reads_a_relion5_set(tmp_path):
     back = ParticleSet.read(ctx.path("particles.star"), tmp_path)
     np.testing.assert_allclose(back.table[["rlnCoordinateX", "rlnCoordinateZ"]].to_numpy(), [[502, 149]])
     assert back.has_angles()
+
+
+def test_import_relion5_carries_each_tilt_s_ctf_into_our_ctf_models(tmp_path, shared_data):
+    """The RELION 5 tutorial's TS_01 (tomograms.star + its tilt-series STAR): values read by hand from the files."""
+    from subtomo.jobs.import_relion import SPEC, ImportRelionParams
+    from subtomo.tomo.ctf3d import ParticleCtfModels
+
+    tutorial = shared_data / "formats/star_relion5/cryocat_relion5_tutorial_empiar10164"
+    rp = tmp_path / "relion"
+    (rp / "Tomograms/job006/tilt_series").mkdir(parents=True)
+    shutil.copyfile(tutorial / "R5_tutorial_run_tomograms.star", rp / "Tomograms/job006/tomograms.star")
+    shutil.copyfile(tutorial / "relion5_TS_01_tilt.star", rp / "Tomograms/job006/tilt_series/TS_01.star")
+    # particle 1 at the tomogram centre; particle 2 at the first particle of the tutorial's run_data.star
+    xyz = np.array([[0.0, 0.0, 0.0], [1774.846956, -951.52983, 1127.416439]])
+    write_star(rp / "particles.star", {"particles": pd.DataFrame({
+        "rlnTomoName": ["TS_01"] * 2, "rlnCenteredCoordinateXAngst": xyz[:, 0], "rlnCenteredCoordinateYAngst": xyz[:, 1],
+        "rlnCenteredCoordinateZAngst": xyz[:, 2], "rlnAngleRot": [0.0, 10.0], "rlnAngleTilt": [90.0, 80.0],
+        "rlnAnglePsi": [0.0, 5.0]})})
+    ctx = execute(SPEC, ImportRelionParams(i="relion/particles.star", tomograms="relion/Tomograms/job006/tomograms.star",
+                                           relion_project="relion"), tmp_path, quiet=True)
+    parts = ParticleSet.read(ctx.path("particles.star"), tmp_path)
+    assert parts.table["subtomoCtfModel"].tolist() == [f"00000{i}@{ctx.name}CtfModels/TS_01_ctf.star" for i in (1, 2)]
+    assert "rlnCtfImage" not in parts.table
+    np.testing.assert_allclose(parts.table["subtomoTomogramPixelSize"], 1.35 * 7.407407, rtol=1e-6)  # 10 Å
+    blocks = read_star(ctx.path("CtfModels/TS_01_ctf.star"))
+    general, table = blocks["general"], blocks["ctf_models"]
+    assert general["rlnVoltage"] == 300.0 and general["rlnAmplitudeContrast"] == pytest.approx(0.1)
+    assert int(general["subtomoDefocusHandedness"]) == -1 and int(general["rlnTomoSizeX"]) == 540  # 4000 / 7.407407
+    p1, p2 = (table[table["rlnTomoParticleId"] == i].reset_index(drop=True) for i in (1, 2))
+    assert len(p1) == 40  # 40 tilt images in TS_01.star
+    # first line of TS_01.star: YTilt -57, U 39527.781250, V 39418.410156, angle 44.527622, pre-exposure 114, scale 0.544639
+    first = p1.iloc[0]
+    assert first["rlnTomoNominalStageTiltAngle"] == pytest.approx(-57.0)
+    assert (first["rlnDefocusU"], first["rlnDefocusV"]) == (pytest.approx(39527.78125), pytest.approx(39418.410156))
+    assert first["rlnDefocusAngle"] == pytest.approx(44.527622) and first["rlnCtfScalefactor"] == pytest.approx(0.544639)
+    assert first["rlnCtfBfactor"] == pytest.approx(4.0 * 114.0)  # --bfactor-per-dose 4 x rlnMicrographPreExposure
+    zero = p1[p1["rlnTomoNominalStageTiltAngle"].abs() < 1e-6].iloc[0]  # line 'TS_01_000_0.0'
+    assert zero["rlnDefocusU"] == pytest.approx(38855.828125) and zero["rlnCtfBfactor"] == 0.0
+    # particle 2: RELION 5's Tomogram::getCtf with rlnTomoHand -1: D + hand * (-x sin(t) + z cos(t))
+    t = np.deg2rad(p2["rlnTomoNominalStageTiltAngle"].to_numpy())
+    depth = -xyz[1, 0] * np.sin(t) + xyz[1, 2] * np.cos(t)
+    np.testing.assert_allclose(p2["rlnDefocusU"], p1["rlnDefocusU"] - depth, atol=0.5)
+    assert abs(p2["rlnDefocusU"][0] - 39527.78125 + 2102.5) < 1.0  # by hand: 1774.85 sin 57° + 1127.42 cos 57°
+    # the imported particles have 3D CTFs (built at the tomogram's pixel size until extracted)
+    vols = ParticleCtfModels.from_particle_set(parts).volumes([0, 1], 16, pixel_size_A=10.0)
+    assert vols.shape == (2, 16, 16, 9) and float(vols.abs().max()) > 0.1 and not torch.allclose(vols[0], vols[1])
+
+
+def test_relion4_tilt_from_projection_matrices(shared_data):
+    """Warp's RELION 4 tomograms.star: a data_<tomogram> block with rlnTomoProjX..W per tilt."""
+    blocks = read_star(shared_data / "formats/star_relion5/warp/warp2_matching_tomograms.star")
+    tilts, notes = relion_tilt_table(blocks["TS_17.tomostar"], "TS_17")
+    # first line: ProjZ [0.64292127,0,0.76593226,0], U 27342.8, V 27211.3, angle 25, scale 0.766, pre-exposure 119.6
+    assert tilts["rlnTomoNominalStageTiltAngle"][0] == pytest.approx(-np.rad2deg(np.arcsin(0.64292127)))  # -40.0
+    assert tilts["rlnTomoNominalStageTiltAngle"][0] == pytest.approx(-40.0, abs=0.01)
+    assert (tilts["rlnDefocusU"][0], tilts["rlnDefocusV"][0], tilts["rlnDefocusAngle"][0]) == (27342.8, 27211.3, 25.0)
+    assert tilts["rlnCtfScalefactor"][0] == pytest.approx(0.766) and tilts["rlnMicrographPreExposure"][0] == 119.6
+    assert any("projection matrices" in n for n in notes)
+    with pytest.raises(SubtomoError, match="no rlnDefocusU"):
+        relion_tilt_table(pd.DataFrame({"rlnTomoYTilt": [0.0]}), "x.star")
+    with pytest.raises(SubtomoError, match="no tilt angle"):
+        relion_tilt_table(pd.DataFrame({"rlnDefocusU": [1e4]}), "x.star")

@@ -591,8 +591,9 @@ def significant_coarse_points(log_w: torch.Tensor, fraction: float, max_signific
     separately (posterior over (t, r) given k), so that no class is dropped on the coarse grid.
     When the posterior is sharp (Pmax ~ 1), one coarse grid step costs more log-likelihood than
     the difference between similar classes, and a joint selection lets the grid, not the data,
-    pick the class: with hard assignments particles then drift to the reference of lower power
-    (the smaller class) and the classes merge (issue 22). At least ``min_significant`` points
+    pick the class: particles then drift to the blurrier reference (a class with few particles,
+    more strongly regularised), which fits a misaligned particle better, and a spare class fills
+    up (issue 22). At least ``min_significant`` points
     (per class with ``per_class``) are kept whatever their weight.
 
     Parameters

@@ -13,7 +13,7 @@ import operator
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from subtomo.em.expectation import (
     precompute_stacked_refs,
 )
 from subtomo.em.maximisation import SufficientStats, accumulate
-from subtomo.em.parallel import TaskRunner, contiguous_groups, to_device
+from subtomo.em.parallel import MapReduceCall, TaskRunner, contiguous_groups, to_device
 from subtomo.em.projector3d import Projector3D, insert3d
 from subtomo.fourier import fft_centered
 from subtomo.geometry.symmetry import axis_rotation
@@ -402,21 +402,33 @@ class _SubsetSource:
         return self.src.ctf(self.idx[np.asarray(idx)], device)
 
 
-_PREPARED: dict[str, tuple[_PassInputs, PassConfig]] = {}  # per worker process: the current pass only
+_PREPARED: dict[str, tuple[_PassInputs, PassConfig]] = {}  # per worker process: the passes now running
 _PREPARED_LOCK = threading.Lock()
 
 
 def _prepared(src: ParticleSource, pay: PassPayload, device: torch.device) -> tuple[_PassInputs, PassConfig]:
-    """Projectors, masks and 1/sigma^2 of a pass, made once per worker process and pass (a pure cache)."""
+    """Projectors, masks and 1/sigma^2 of a pass, made once per worker process and pass (a pure cache).
+
+    Passes that run at once (the two halves) are both kept while their held references fit the
+    pass budget together; older passes go first, before a new one is made.
+    """
     with _PREPARED_LOCK:
         if pay.token not in _PREPARED:
-            _PREPARED.clear()  # the previous pass's projectors go before this pass's are made
             cfg = to_device(pay.cfg, device)
+            while _PREPARED and sum(_held_bytes(p) for p, _ in _PREPARED.values()) * 2 > cfg.estep.pass_memory_bytes:
+                _PREPARED.pop(next(iter(_PREPARED)))
+            while len(_PREPARED) >= 2:  # at most the two halves of a gold-standard pass
+                _PREPARED.pop(next(iter(_PREPARED)))
             # the components are already the measured ones: use_ctf=False only skips selecting them again
             prep = _prepare_pass(src, np.zeros(0, dtype=np.int64), pay.maps.to(device), pay.sigma2.to(device),
                                  to_device(pay.comps, device), cfg, device, pay.pad, False)
             _PREPARED[pay.token] = (prep, cfg)
         return _PREPARED[pay.token]
+
+
+def _held_bytes(prep: _PassInputs) -> int:
+    """Bytes of a prepared pass's held coarse references (and their power)."""
+    return sum(t.numel() * t.element_size() for t in (prep.coarse_refs or ()) if isinstance(t, torch.Tensor))
 
 
 def estep_task(item: tuple[np.ndarray, PoseTable], src: ParticleSource,
@@ -523,21 +535,56 @@ def estep_map_reduce(src: ParticleSource, idx: np.ndarray, poses: PoseTable, map
     summary : dict
         As :func:`estep_pass`.
     """
-    n_tasks = max(1, 4 * int(runner.workers))
+    return estep_passes(src, [(idx, maps, sigma2)], poses, comps, cfg, device, runner, pad, use_ctf, progress)[0]
+
+
+def estep_passes(src: ParticleSource, passes: Sequence[tuple[np.ndarray, torch.Tensor, torch.Tensor]], poses: PoseTable,
+                 comps: FourierComponents, cfg: PassConfig, device, runner: TaskRunner | None, pad: int = 2,
+                 use_ctf: bool = True, progress: Callable | None = None) -> list[tuple[SufficientStats, dict]]:
+    """Independent passes (disjoint particles, own references), e.g. the two halves of a gold-standard E-step.
+
+    With a ``runner`` they run at once (:meth:`TaskRunner.map_reduce_many`): each pass on its own
+    share of the workers, so a worker projects one pass's references, not every pass's; without
+    one, one :func:`estep_pass` after another. The results are those of :func:`estep_pass` per pass.
+
+    Parameters
+    ----------
+    src, poses, comps, cfg, device, pad, use_ctf, progress
+        As :func:`estep_pass`.
+    passes : sequence of (numpy.ndarray, torch.Tensor, torch.Tensor)
+        Per pass: (n_sel,) particle indices, (K, N, N, N) references, (N//2 + 1,) noise power.
+    runner : TaskRunner or None
+        Where the tasks run; None: here.
+
+    Returns
+    -------
+    list of (SufficientStats, dict)
+        Per pass, in order: its sums and summary (as :func:`estep_pass`).
+    """
+    if runner is None or not all(len(p[0]) for p in passes):
+        return [estep_pass(src, idx, poses, maps, s2, comps, cfg, device, pad, use_ctf, progress, runner)
+                for idx, maps, s2 in passes]
+    n_tasks = max(1, 4 * int(runner.workers) // len(passes))
     dev_type = torch.device(device).type
     comps_cpu = to_device(comps, "cpu")
+    comps_of = [comps_cpu] * len(passes)
     if use_ctf:
-        chunks = [idx[a:b] for a, b in contiguous_groups(len(idx), n_tasks)]
-        keep, _ = runner.map_reduce(measured_task, chunks, (src, (comps_cpu, dev_type, cfg.batch_size)), operator.or_)
-        comps_cpu = comps_cpu.select(keep)
-    pay = PassPayload(maps.detach().cpu(), sigma2.detach().cpu(), comps_cpu, to_device(cfg, "cpu"), pad, use_ctf,
-                      dev_type, uuid.uuid4().hex)
-    items = _task_items(np.asarray(idx), poses, cfg.batch_size, n_tasks)
-    stats, extras = runner.map_reduce(estep_task, items, (src, pay), operator.add, progress)
-    for (sel, _), (rows, *_rest) in zip(items, extras):
-        for f in _POSE_FIELDS:
-            getattr(poses, f)[sel] = getattr(rows, f)
-    return stats.to(device), _pass_summary(*([e[j] for e in extras] for j in (1, 2, 3)))
+        calls = [MapReduceCall(measured_task, [idx[a:b] for a, b in contiguous_groups(len(idx), n_tasks)],
+                               (src, (comps_cpu, dev_type, cfg.batch_size)), operator.or_) for idx, _, _ in passes]
+        comps_of = [comps_cpu.select(keep) for keep, _ in runner.map_reduce_many(calls)]
+    calls, items_of = [], []
+    for (idx, maps, sigma2), comps_p in zip(passes, comps_of):
+        pay = PassPayload(maps.detach().cpu(), sigma2.detach().cpu(), comps_p, to_device(cfg, "cpu"), pad, use_ctf,
+                          dev_type, uuid.uuid4().hex)
+        items_of.append(_task_items(np.asarray(idx), poses, cfg.batch_size, n_tasks))
+        calls.append(MapReduceCall(estep_task, items_of[-1], (src, pay), operator.add))
+    out = []
+    for items, (stats, extras) in zip(items_of, runner.map_reduce_many(calls, progress)):
+        for (sel, _), (rows, *_rest) in zip(items, extras):
+            for f in _POSE_FIELDS:
+                getattr(poses, f)[sel] = getattr(rows, f)
+        out.append((stats.to(device), _pass_summary(*([e[j] for e in extras] for j in (1, 2, 3)))))
+    return out
 
 
 def delta_task(item: tuple[np.ndarray, PoseTable], src: ParticleSource, args: tuple) -> tuple[SufficientStats, None]:

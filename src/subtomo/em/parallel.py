@@ -20,6 +20,16 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 import torch
 
 
+@dataclasses.dataclass
+class MapReduceCall:
+    """One map-reduce: ``fn(item, *shared) -> (partial, extra)`` per item, partials reduced with ``combine``."""
+
+    fn: Callable[..., tuple[Any, Any]]
+    items: Sequence[Any]
+    shared: Sequence[Any]
+    combine: Callable[[Any, Any], Any]
+
+
 class TaskRunner(Protocol):
     """Runs ``fn(item, *shared) -> (partial, extra)`` for every item and reduces the partials.
 
@@ -34,6 +44,15 @@ class TaskRunner(Protocol):
                    combine: Callable[[Any, Any], Any],
                    progress: Callable[[Iterable], Iterable] | None = None) -> tuple[Any, list[Any]]:
         """(``combine``-reduction of the partials in :func:`tree_reduce` order, the extras in item order)."""
+        ...
+
+    def map_reduce_many(self, calls: Sequence[MapReduceCall],
+                        progress: Callable[[Iterable], Iterable] | None = None) -> list[tuple[Any, list[Any]]]:
+        """Independent map-reduces at once (the two halves of a gold-standard E-step); results in call order.
+
+        A cluster runner gives each call its own share of the workers, so that what a call's tasks
+        prepare once per worker (a pass's projected references) is prepared on fewer workers.
+        """
         ...
 
 
@@ -56,6 +75,53 @@ class SerialRunner:
         order = progress(range(len(items))) if progress else range(len(items))
         results = {i: fn(items[i], *shared) for i in order}
         return tree_reduce([results[i][0] for i in range(len(items))], combine), [results[i][1] for i in range(len(items))]
+
+    def map_reduce_many(self, calls: Sequence[MapReduceCall],
+                        progress: Callable[[Iterable], Iterable] | None = None) -> list[tuple[Any, list[Any]]]:
+        """The calls one after another, here."""
+        return [self.map_reduce(c.fn, c.items, c.shared, c.combine, progress) for c in calls]
+
+
+def map_tasks(runner: TaskRunner | None, fn: Callable[..., Any], items: Sequence[Any], shared: Sequence[Any] = (),
+              progress: Callable[[Iterable], Iterable] | None = None) -> list[Any]:
+    """``fn(item, *shared)`` for every item, as tasks on ``runner`` or here; the results in item order.
+
+    The per-tomogram stages (CTF fits, extraction) use it: nothing to reduce, one result each.
+
+    Parameters
+    ----------
+    runner : TaskRunner or None
+        Where the tasks run; None: here, one after another.
+    fn : callable
+        A module-level (picklable) pure function.
+    items : sequence
+        One task each.
+    shared : sequence
+        Inputs every task reads (sent to each worker once).
+    progress : callable, optional
+        Wraps the items (here) or the finishing tasks (on a runner).
+
+    Returns
+    -------
+    list
+        ``fn``'s results, in item order.
+    """
+    if runner is None:
+        order = progress(range(len(items))) if progress else range(len(items))
+        results = {i: fn(items[i], *shared) for i in order}
+        return [results[i] for i in range(len(items))]
+    if not len(items):
+        return []
+    _, extras = runner.map_reduce(_unreduced_task, items, (fn, *shared), _nothing, progress)
+    return extras
+
+
+def _unreduced_task(item: Any, fn: Callable[..., Any], *shared: Any) -> tuple[None, Any]:
+    return None, fn(item, *shared)
+
+
+def _nothing(a: Any, b: Any) -> None:
+    return None
 
 
 def tree_reduce(parts: Sequence[Any], combine: Callable[[Any, Any], Any]) -> Any:

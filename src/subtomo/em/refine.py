@@ -38,7 +38,7 @@ from subtomo.em.iteration import (
     PoseTable,
     coarse_size_for,
     delta_stats_on,
-    estep_pass,
+    estep_passes,
     expected_angular_accuracy_deg,
     initial_sigma2,
 )
@@ -119,6 +119,7 @@ class IterationRecord:
     pmax: float
     acc_rot_deg: float | None
     seconds: float
+    estep_seconds: float = 0.0  # of ``seconds``: the E-step of both halves (what a cluster spreads)
 
 
 @dataclass
@@ -324,12 +325,10 @@ def _expectation(src: ParticleSource, opts: RefineOptions, setup: _Setup, state:
                               pass_memory_bytes=opts.pass_memory_bytes)
     cfg = PassConfig(size, csize, setup.mask, rot_set, samp.local, trans, estep_opts, opts.batch_size,
                      sym_mats=setup.sym_np)
-    stats, summaries = [], []
-    for h, idx in enumerate(half_indices(state.halves)):
-        s, summ = estep_pass(src, idx, state.poses, models[h].maps, models[h].sigma2, comps, cfg, device,
-                             pad=opts.pad, use_ctf=opts.use_ctf, runner=opts.runner)
-        stats.append(s)
-        summaries.append(summ)
+    # the halves at once on a cluster (each on its own share of the workers), else one after the other
+    passes = [(idx, models[h].maps, models[h].sigma2) for h, idx in enumerate(half_indices(state.halves))]
+    results = estep_passes(src, passes, state.poses, comps, cfg, device, opts.runner, opts.pad, opts.use_ctf)
+    stats, summaries = [r[0] for r in results], [r[1] for r in results]
     state.first_cc = False
     return _EStepOutcome(stats, summaries, size, csize, comps, rot_set, trans, local_search)
 
@@ -418,6 +417,7 @@ def refine_iteration(src: ParticleSource, opts: RefineOptions, state: RefineStat
     it, box, px = state.iteration, src.box, src.pixel_size_A
     n_shells = box // 2 + 1
     est = _expectation(src, opts, setup, state, it, final)
+    estep_s = time.time() - t0
     models, fsc, ssnr_h, grids = _maximisation(opts, setup, state, est, box, final)
     state.models = models
     cur_shell_data = est.size // 2
@@ -438,7 +438,7 @@ def refine_iteration(src: ParticleSource, opts: RefineOptions, state: RefineStat
     record = IterationRecord(it, rc.resolution_A(res_shell, box, px), rc.resolution_A(threshold_shell(fsc, 0.143), box, px),
                              est.size, est.coarse_size, state.sampling.order, est.rotations.fine_step_deg,
                              est.translations.range_px, est.translations.step_px / 2, state.sampling.local,
-                             ang_change, off_change, pmax, acc_rot, time.time() - t0)
+                             ang_change, off_change, pmax, acc_rot, time.time() - t0, estep_s)
     state.history.append(record)
     out = RefineIteration(it, models, state.poses, state.halves, record)
     if final:
@@ -463,7 +463,7 @@ def describe_iteration(result: RefineIteration, local_search: bool | None = None
     str
         Resolution and FSC 0.143 resolution [Å], current and coarse size [px], angular step [deg],
         offset range/step [px], mean angular [deg] and offset [px] changes, mean Pmax, expected
-        angular accuracy [deg] when computed, and the time [s].
+        angular accuracy [deg] when computed, and the time [s] (of it the E-step's).
     """
     r = result.record
     if r is None:
@@ -474,7 +474,8 @@ def describe_iteration(result: RefineIteration, local_search: bool | None = None
             f"angular step {r.angular_step_deg:.2f} deg{' local' if local else ''}, offsets "
             f"{r.offset_range_px:.1f}/{r.offset_step_px:.2f} px, changes {r.ang_change_deg:.2f} deg "
             f"{r.off_change_px:.2f} px, Pmax {r.pmax:.3f}"
-            f"{f', accuracy {r.acc_rot_deg:.2f} deg' if r.acc_rot_deg is not None else ''}, {r.seconds:.1f} s")
+            f"{f', accuracy {r.acc_rot_deg:.2f} deg' if r.acc_rot_deg is not None else ''}, {r.seconds:.1f} s "
+            f"(E-step {r.estep_seconds:.1f} s)")
 
 
 def _describe_start(src: ParticleSource, opts: RefineOptions, state: RefineState, given_ref: bool) -> str:

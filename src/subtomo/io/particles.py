@@ -11,6 +11,9 @@ are resolved against. Everything that used to be re-derived in each job lives he
   centre sits at box centre minus the origin);
 * **image references**, ``index@path`` (1-based index into a stack) or a plain path,
   resolved against the project directory;
+* **3D CTF references**: a RELION volume (``rlnCtfImage``) or our compact model
+  (``subtomoCtfModel``); files of older versions with the compact form in ``rlnCtfImage``
+  are upgraded on reading (:func:`subtomo.io.relion.upgrade_ctf_column`);
 * **validation** on reading: a row whose fields are missing (a truncated line) is an error
   that names the file and the row, never NaN poses downstream.
 
@@ -30,6 +33,7 @@ import pandas as pd
 from subtomo.errors import SubtomoError
 from subtomo.geometry.euler import euler_to_matrix, matrix_to_euler
 from subtomo.io.mrc import read_mrc_header
+from subtomo.io.relion import CTF_MODEL, CTF_VOLUME, is_compact_ctf_ref, upgrade_ctf_column
 from subtomo.io.star import read_star, table_of, write_particles
 
 ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -217,13 +221,13 @@ class ParticleSet:
             if missing:
                 raise SubtomoError(f"{file}: particles refer to optics group(s) {sorted(missing)} that data_optics "
                                    "does not define. Add them to data_optics or fix rlnOpticsGroup.")
-        return cls(table.reset_index(drop=True), optics, project, file)
+        return cls(upgrade_ctf_column(table).reset_index(drop=True), optics, project, file)
 
     @classmethod
     def from_table(cls, table: pd.DataFrame, optics: pd.DataFrame | None = None,
                    project: str | Path = Path(".")) -> "ParticleSet":
         """A set made in memory (importers, simulators, tests)."""
-        return cls(table.reset_index(drop=True), optics, Path(project), None)
+        return cls(upgrade_ctf_column(table).reset_index(drop=True), optics, Path(project), None)
 
     def _replace(self, table: pd.DataFrame) -> "ParticleSet":
         return ParticleSet(table.reset_index(drop=True), self.optics, self.project, self.path)
@@ -456,6 +460,47 @@ class ParticleSet:
                                        "Extract all particles with the same --box.")
                 box = box or (tuple(shape), path)
 
+    def has_ctf(self) -> bool:
+        """Whether the particles name 3D CTFs (RELION volumes in ``rlnCtfImage`` or compact ``subtomoCtfModel``)."""
+        return CTF_VOLUME in self.table.columns or CTF_MODEL in self.table.columns
+
+    def ctf_refs(self) -> list[ImageRef]:
+        """Each particle's 3D CTF: a RELION volume (index None) or a compact model (index = rlnTomoParticleId).
+
+        A row's ``rlnCtfImage`` volume wins over its ``subtomoCtfModel`` (it is what RELION
+        uses for the same particle); a compact value left in ``rlnCtfImage`` by an older
+        version is read as a compact model.
+
+        Returns
+        -------
+        list of ImageRef
+            One per particle, paths resolved against the project.
+
+        Raises
+        ------
+        SubtomoError
+            No CTF column, a row without either reference, or a path that leaves the project.
+        """
+        if not self.has_ctf():
+            raise SubtomoError(f"{self.name}: no {CTF_VOLUME} or {CTF_MODEL} column (no 3D CTF models). Run subtomo "
+                               "prepare (Step 9) and extract from its particles_subtomo.star.")
+        table = self.table
+        volume = table[CTF_VOLUME].astype(str).tolist() if CTF_VOLUME in table.columns else [""] * len(self)
+        model = table[CTF_MODEL].astype(str).tolist() if CTF_MODEL in table.columns else [""] * len(self)
+        refs: list[ImageRef] = []
+        resolved: dict[str, Path] = {}
+        for row, (vol, mod) in enumerate(zip(volume, model), start=1):
+            use_volume = vol.strip() not in ("", "nan", "None") and (not is_compact_ctf_ref(vol) or not mod.strip())
+            column, value = (CTF_VOLUME, vol) if use_volume else (CTF_MODEL, mod)
+            if value.strip() in ("", "nan", "None"):
+                raise SubtomoError(f"{self.name}: row {row} has no 3D CTF ({CTF_VOLUME} or {CTF_MODEL}). Extract from "
+                                   "subtomo prepare's particles_subtomo.star, or remove the row.")
+            index, path = parse_image_name(value)
+            if path not in resolved:
+                resolved[path] = resolve_project_path(self.project, path, source=self.name, row=row, column=column)
+            refs.append(ImageRef(index, resolved[path]))
+        return refs
+
     def image_paths(self, column: str = "rlnImageName") -> list[Path]:
         """Resolved file of each particle's image (the stack index dropped)."""
         return [ref.path for ref in self.image_refs(column)]
@@ -504,6 +549,6 @@ def _check_length(values: np.ndarray, n: int, what: str) -> None:
 
 
 def _hint(label: str) -> str:
-    if label in ("rlnImageName", "rlnCtfImage"):
+    if label in ("rlnImageName", CTF_VOLUME, CTF_MODEL):
         return "Run subtomo extract first (it writes the subtomograms and rlnImageName)."
     return "Check that this is the particles STAR file of the right job."

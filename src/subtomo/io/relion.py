@@ -5,6 +5,12 @@ Only real RELION labels, with RELION's meaning and units, carry the ``rln`` pref
 ``subtomo``. Files written by older subtomo versions used three invented ``rln`` labels and
 RELION 4/5's ``rlnTomoTiltSeriesPixelSize`` for the tomogram's pixel size;
 :func:`upgrade_legacy_labels` renames them on reading, so those files still work.
+
+A particle's 3D CTF is either a RELION CTF volume (``rlnCtfImage = <file>.mrc``, RELION's
+label and meaning) or one of our compact per-tilt models (``subtomoCtfModel =
+NNNNNN@CtfModels/<t>_ctf.star``: the rows with ``rlnTomoParticleId`` NNNNNN), which RELION
+cannot open. Older files put the compact form in ``rlnCtfImage``;
+:func:`upgrade_ctf_column` moves it on reading.
 """
 
 from __future__ import annotations
@@ -27,6 +33,51 @@ LEGACY_LABELS: dict[str, str] = {
 #: The tomogram's pixel size [Å] (RELION 4/5's rlnTomoTiltSeriesPixelSize is the unbinned tilt series').
 TOMOGRAM_PIXEL_SIZE = "subtomoTomogramPixelSize"
 TILT_SERIES_PIXEL_SIZE = "rlnTomoTiltSeriesPixelSize"
+#: A RELION 3D CTF volume (centred N³ .mrc), as RELION means rlnCtfImage.
+CTF_VOLUME = "rlnCtfImage"
+#: Our compact per-tilt CTF model: ``NNNNNN@<path>_ctf.star`` (rows with rlnTomoParticleId NNNNNN).
+CTF_MODEL = "subtomoCtfModel"
+
+
+def is_compact_ctf_ref(value: object) -> bool:
+    """Whether a CTF reference is our compact ``NNNNNN@<file>.star`` form (not a RELION volume).
+
+    Parameters
+    ----------
+    value : object
+        A value of ``rlnCtfImage`` or ``subtomoCtfModel``.
+
+    Returns
+    -------
+    bool
+        True for ``digits@path.star``.
+    """
+    head, sep, tail = str(value).strip().partition("@")
+    return bool(sep) and head.isdigit() and tail.endswith(".star")
+
+
+def upgrade_ctf_column(table: pd.DataFrame) -> pd.DataFrame:
+    """Move compact CTF references written by older versions from ``rlnCtfImage`` to ``subtomoCtfModel``.
+
+    Only a column whose every value is compact is moved (what older versions wrote); a
+    mixed column stays, and :meth:`subtomo.io.particles.ParticleSet.ctf_refs` still reads
+    its compact rows.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        Particle rows.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The table with the column renamed, or the input itself when there is nothing to move.
+    """
+    if CTF_VOLUME not in table.columns or CTF_MODEL in table.columns or table.empty:
+        return table
+    if not all(is_compact_ctf_ref(v) for v in table[CTF_VOLUME]):
+        return table
+    return table.rename(columns={CTF_VOLUME: CTF_MODEL})
 
 
 def upgrade_legacy_labels(table: Any) -> Any:
@@ -150,7 +201,7 @@ def relion31_tables(table: pd.DataFrame, optics: pd.DataFrame) -> tuple[pd.DataF
     Parameters
     ----------
     table : pandas.DataFrame
-        Particle rows (any labels); ``rlnImageName``/``rlnCtfImage`` already project-relative.
+        Particle rows (any labels); ``rlnImageName``/``rlnCtfImage`` (CTF volumes) already project-relative.
     optics : pandas.DataFrame
         The optics table; must hold :data:`RELION31_OPTICS` except the premultiplied flag (set to 0).
 
@@ -236,7 +287,7 @@ SUBTOMO_ANGLES = ("rlnTomoSubtomogramRot", "rlnTomoSubtomogramTilt", "rlnTomoSub
 
 
 def relocate_paths(table: pd.DataFrame, relion_project: Path, project: Path,
-                   columns: tuple[str, ...] = ("rlnImageName", "rlnCtfImage", "rlnMicrographName")) -> pd.DataFrame:
+                   columns: tuple[str, ...] = ("rlnImageName", CTF_VOLUME, CTF_MODEL, "rlnMicrographName")) -> pd.DataFrame:
     """Paths written relative to RELION's project directory, made relative to ours (absolute when outside it).
 
     Parameters
@@ -331,3 +382,70 @@ def tomo_particles_to_legacy(table: pd.DataFrame, tomograms: pd.DataFrame | None
         notes.append("RELION defocus handedness (rlnTomoHand) " + ", ".join(f"{k}: {v:+d}" for k, v in hands.items())
                      + " = subtomo --defocus-handedness of the same value (docs/conventions.md)")
     return rows, notes
+
+
+def relion_tilt_table(table: pd.DataFrame, source: str) -> tuple[pd.DataFrame, list[str]]:
+    """One tilt series' per-tilt CTF table of RELION 4/5, in our labels and tilt convention.
+
+    RELION 5 writes one STAR file per tilt series (``rlnTomoTiltSeriesStarFile``): per image
+    ``rlnTomoYTilt`` (the aligned tilt; RELION projects with ``Rz·Ry(YTilt)·Rx``, so image x =
+    x cos θ + z sin θ, our θ), ``rlnTomoNominalStageTiltAngle``, ``rlnDefocusU/V/Angle``,
+    ``rlnMicrographPreExposure`` and ``rlnCtfScalefactor``. RELION 4 writes a block per tilt
+    series inside ``tomograms.star`` with projection matrices: the tilt is
+    ``asin(−rlnTomoProjZ[0])`` (the Y angle RELION 5 itself reads from such a matrix).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        The tilt series' RELION table (one row per tilt image).
+    source : str
+        Where it was read, for messages.
+
+    Returns
+    -------
+    tilts : pandas.DataFrame
+        rlnTomoNominalStageTiltAngle (our θ [deg]), rlnDefocusU/V [Å], rlnDefocusAngle [deg],
+        rlnMicrographPreExposure [e/Å²], rlnCtfScalefactor, and rlnCtfBfactor [Å²] when RELION has it.
+    notes : list of str
+        Where the tilt came from, and what our model leaves out (an x tilt).
+
+    Raises
+    ------
+    SubtomoError
+        No tilt angle or no defocus in the table.
+    """
+    notes: list[str] = []
+    if "rlnTomoYTilt" in table:
+        tilt = table["rlnTomoYTilt"].to_numpy(float)
+        notes.append(f"{source}: tilt angles from rlnTomoYTilt (aligned)")
+    elif "rlnTomoProjZ" in table:
+        proj_z = np.array([[float(v) for v in str(s).strip("[]").split(",")[:3]] for s in table["rlnTomoProjZ"]])
+        tilt = np.rad2deg(np.arcsin(np.clip(-proj_z[:, 0], -1.0, 1.0)))
+        notes.append(f"{source}: tilt angles from the projection matrices (asin(-rlnTomoProjZ[0]))")
+    elif "rlnTomoNominalStageTiltAngle" in table:
+        tilt = table["rlnTomoNominalStageTiltAngle"].to_numpy(float)
+        notes.append(f"{source}: nominal stage tilt angles (no aligned ones in the file)")
+    else:
+        raise SubtomoError(f"{source}: no tilt angle (rlnTomoYTilt, rlnTomoProjZ or rlnTomoNominalStageTiltAngle). Give "
+                           "the tilt-series STAR files of RELION's tomograms.star.")
+    if "rlnDefocusU" not in table:
+        raise SubtomoError(f"{source}: no rlnDefocusU (RELION's CTF estimation has not run on this tilt series). Run "
+                           "RELION's CTF estimation first, or import without --tomograms (no 3D CTF models).")
+    if "rlnTomoXTilt" in table and np.abs(table["rlnTomoXTilt"].to_numpy(float)).max() > 1.0:
+        notes.append(f"{source}: x tilts up to {np.abs(table['rlnTomoXTilt'].to_numpy(float)).max():.1f} deg are not "
+                     "part of our 3D CTF model (tilt axis = y)")
+    du = table["rlnDefocusU"].to_numpy(float)
+    out = pd.DataFrame({
+        "rlnTomoNominalStageTiltAngle": tilt, "rlnDefocusU": du,
+        "rlnDefocusV": table["rlnDefocusV"].to_numpy(float) if "rlnDefocusV" in table else du,
+        "rlnDefocusAngle": table["rlnDefocusAngle"].to_numpy(float) if "rlnDefocusAngle" in table else 0.0,
+        "rlnMicrographPreExposure": (table["rlnMicrographPreExposure"].to_numpy(float)
+                                     if "rlnMicrographPreExposure" in table else 0.0),
+        "rlnCtfScalefactor": (table["rlnCtfScalefactor"].to_numpy(float) if "rlnCtfScalefactor" in table
+                              else np.cos(np.deg2rad(tilt))),
+    })
+    if "rlnCtfBfactor" in table:
+        out["rlnCtfBfactor"] = table["rlnCtfBfactor"].to_numpy(float)
+    if "rlnMicrographPreExposure" not in table:
+        notes.append(f"{source}: no rlnMicrographPreExposure: dose 0 (no dose B-factor)")
+    return out, notes

@@ -23,6 +23,7 @@ from subtomo.jobs._slurm import read_slurm_config, slurm_cluster
 from subtomo.jobs.context import parse_cluster
 
 if TYPE_CHECKING:
+    from subtomo.em.parallel import MapReduceCall
     from subtomo.jobs.context import JobContext
 
 
@@ -86,7 +87,7 @@ class DaskRunner:
         """
         kept = {}
         for o in objs:
-            hit = self._shared.get(id(o))
+            hit = self._shared.get(id(o)) or kept.get(id(o))
             if hit is None:
                 light = o  # a file-backed source pickles without its cache (SubtomogramSource.__getstate__)
                 with warnings.catch_warnings():  # a pass's references are a "large graph" of a few MB: meant so
@@ -97,27 +98,52 @@ class DaskRunner:
         self._shared = kept  # what the last call did not use is released on the workers
         return [kept[id(o)][1] for o in objs]
 
+    def _worker_groups(self, n_calls: int) -> list[list[str] | None]:
+        """Disjoint shares of the workers, one per call (None: any worker, when there are fewer workers than calls)."""
+        addresses = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        if n_calls < 2 or len(addresses) < n_calls:
+            return [None] * n_calls
+        return [addresses[j::n_calls] for j in range(n_calls)]
+
     def map_reduce(self, fn: Callable[..., tuple[Any, Any]], items: Sequence[Any], shared: Sequence[Any],
                    combine: Callable[[Any, Any], Any],
                    progress: Callable[[Iterable], Iterable] | None = None) -> tuple[Any, list[Any]]:
         """Tasks ``fn(item, *shared)``; the partials summed in the tree of :func:`subtomo.em.parallel.tree_pairs`."""
+        from subtomo.em.parallel import MapReduceCall
+
+        return self.map_reduce_many([MapReduceCall(fn, items, shared, combine)], progress)[0]
+
+    def map_reduce_many(self, calls: Sequence["MapReduceCall"],
+                        progress: Callable[[Iterable], Iterable] | None = None) -> list[tuple[Any, list[Any]]]:
+        """All calls' tasks at once, each call preferring its own share of the workers; results in call order.
+
+        The preference is loose (``allow_other_workers``): a worker that dies, or one that is idle
+        while another share still has work, takes tasks of another call; results do not change.
+        """
         from distributed import as_completed
 
         from subtomo.em.parallel import tree_pairs
 
-        n = len(items)
-        futs = self.client.map(_run_task, list(items), *[[f] * n for f in self._share(shared)], fn=fn, gpu=self.gpu,
-                               pure=False)
-        level = self.client.map(operator.itemgetter(0), futs, pure=False)
-        extras = self.client.map(operator.itemgetter(1), futs, pure=False)
-        for pairs in tree_pairs(n):
-            odd = [level[-1]] if len(level) % 2 else []
-            level = [self.client.submit(combine, level[a], level[b], pure=False) for a, b in pairs] + odd
+        shared = self._share([o for c in calls for o in c.shared])
+        heads, extras_of, futs = [], [], []
+        for call, group in zip(calls, self._worker_groups(len(calls))):
+            n, mine = len(call.items), shared[:len(call.shared)]
+            shared = shared[len(call.shared):]
+            where = dict(workers=group, allow_other_workers=True) if group else {}
+            tasks = self.client.map(_run_task, list(call.items), *[[f] * n for f in mine], fn=call.fn, gpu=self.gpu,
+                                    pure=False, **where)
+            level = self.client.map(operator.itemgetter(0), tasks, pure=False, **where)
+            extras_of.append(self.client.map(operator.itemgetter(1), tasks, pure=False, **where))
+            for pairs in tree_pairs(n):
+                odd = [level[-1]] if len(level) % 2 else []
+                level = [self.client.submit(call.combine, level[a], level[b], pure=False, **where) for a, b in pairs] + odd
+            heads.append(level[0])
+            futs.extend(tasks)
         done = as_completed(futs)
-        for _ in (progress(done) if progress else self.progress(done, n) if self.progress else done):
+        for _ in (progress(done) if progress else self.progress(done, len(futs)) if self.progress else done):
             pass
-        out = self.client.gather([level[0], *extras])
-        return out[0], out[1:]
+        out = self.client.gather([heads, extras_of])
+        return list(zip(out[0], out[1]))
 
 
 def _identity(obj: Any) -> Any:

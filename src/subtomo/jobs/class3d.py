@@ -45,6 +45,7 @@ class Class3DParams(ComputeParams):
     offset_range: float = Field(5.0, ge=0, description="Translational search range [px].")
     offset_step: float = Field(1.0, gt=0, description="Translational step (oversampled) [px].")
     offset_through_centre: bool = Field(True, description="Fine translations 3 per axis through each particle's current offset, so converged particles stay in place (--no-offset-through-centre: RELION's 2 per axis at +-step/4, never the current offset).")
+    significance_per_class: bool = Field(True, description="Carry each class's own most probable coarse poses to the fine pass, so the class is decided at the oversampled poses (issue 22: at full resolution the coarse grid favours a blurred class, and a spare class filled up with particles of a true one). Keep it for searches with K above the number of states; --no-significance-per-class: RELION's joint choice over all classes, up to K times faster in the fine pass, for large K on a coarse size well below the box.")
     local: bool = Field(False, description="Local angular searches around the input poses.")
     sigma_ang: float = Field(5.0, gt=0, description="Width of the Gaussian prior of local searches [deg].")
     skip_align: bool = Field(False, description="Keep the input poses fixed; classify only.")
@@ -91,7 +92,7 @@ def _run_on(ctx: JobContext, runner: DaskRunner | None) -> None:
         n_classes=p.K, particle_diameter_A=p.particle_diameter, n_iter=p.iter, tau2_fudge=p.tau2_fudge,
         healpix_order=order_for_step(p.healpix_step), offset_range_px=p.offset_range,
         offset_step_px=children_per_axis(p.offset_through_centre) * p.offset_step,
-        translations_through_centre=p.offset_through_centre,
+        translations_through_centre=p.offset_through_centre, significant_per_class=p.significance_per_class,
         sym=p.sym, local=p.local, sigma_ang_deg=p.sigma_ang, skip_align=p.skip_align, ini_high_A=p.ini_high,
         pad=p.pad, batch_size=p.batch_size, pass_memory_bytes=int(p.max_memory_gb * 2 ** 30), use_ctf=p.ctf, seed=p.seed,
         focus_mask=ctx.state["focus"], solvent_mask=ctx.state["solvent"], runner=runner)
@@ -113,7 +114,9 @@ SPEC = JobSpec(
              "(bench/bench_class3d_collapse.py). "
              "--local (starts from a refine3d run_data.star) for an asymmetric particle with refined poses: a search "
              "of a few sigma-ang around each pose. --skip-align (poses of refine3d kept) for a compositional "
-             "difference when the consensus poses are good: the fastest, and with --focus-mask for a local region."),
+             "difference when the consensus poses are good: the fastest, and with --focus-mask for a local region. "
+             "With a spare class (K above the expected number of states) keep --significance-per-class (the default): "
+             "without it the spare class filled up with particles of a true class."),
     inputs=(
         particles_spec("i", SELECTED_OR_EXTRACTED, "Run subtomo extract (or select) first, or pass --i."),
         INPUT_REFINED,

@@ -24,6 +24,9 @@ from subtomo.ctf.estimate import CtfSearchParams
 from subtomo.ctf.importers import find_result_file, imported_fit
 from subtomo.ctf.series import (
     TOMOGRAM_COLUMNS,
+    Progress,
+    SeriesEstimate,
+    TiltSeries,
     apply_lower_tilt_defoci,
     estimate_series,
     handedness_report,
@@ -34,10 +37,13 @@ from subtomo.ctf.series import (
     series_ctf_unknown,
     skip_ctf_table,
 )
+from subtomo.em.parallel import TaskRunner, map_tasks
 from subtomo.errors import SubtomoError
 from subtomo.io.particles import path_component
 from subtomo.io.relion import upgrade_legacy_labels
 from subtomo.io.star import read_star_table, write_star
+from subtomo.jobs._cluster import check_cluster, open_runner
+from subtomo.jobs._ctf_report import report_series, rerun_command
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
 from subtomo.jobs.contracts import InputSpec, NodeType, OutputSpec, Source
 
@@ -96,6 +102,7 @@ def _check(p: CtfParams, project: Path) -> dict:
             problems.append("--image re-fits single images; it cannot be combined with --import-* or --skip-ctf.")
     if problems:
         raise SubtomoError("invalid options for subtomo ctf", problems)
+    check_cluster(p, project)
     inp = SPEC.input("i").resolve(project, p.i)
     tomos = upgrade_legacy_labels(read_star_table(inp))  # files of older versions
     for col in TOMOGRAM_COLUMNS:
@@ -120,22 +127,26 @@ def _search_params(p: CtfParams) -> CtfSearchParams:
                            min_significance=p.min_significance)
 
 
-_RERUN_OPTIONS = ("box", "res_min", "res_max", "defocus_min", "defocus_max", "defocus_step", "astigmatism",
-                  "min_significance", "max_defocus_deviation", "trend_tolerance")
+def _fit_item(ctx: JobContext, row: pd.Series) -> tuple[TiltSeries, list[int], pd.DataFrame | None, Path | None]:
+    """What the fit of one selected series needs: the series, its 0-based images to fit, the table they update."""
+    p: CtfParams = ctx.params
+    series = read_tilt_series(ctx.project, row, source=ctx.state["input"])
+    prev = ctx.state["previous"].get(series.name)
+    previous = read_star_table(prev) if p.image and prev else None
+    return series, [i - 1 for i in p.image] if p.image else list(range(len(series))), previous, prev
 
 
-def _rerun_command(ctx: JobContext, p: CtfParams, inp: Path, name: str, image: int) -> str:
-    opts = [f"--i {ctx.rel(inp)}", f"--update {ctx.name}", f"--tomo {name}", f"--image {image}"]
-    opts += [f"--{key.replace('_', '-')} {getattr(p, key):g}" for key in _RERUN_OPTIONS]
-    opts += ["--no-tilt-gradient"] * (not p.tilt_gradient) + ["--use-trials"] * p.use_trials
-    opts += [f"--defocus-handedness {p.defocus_handedness:+d}"] * (p.defocus_handedness != -1)
-    if p.lower_tilt_defoci is not None:
-        opts.append(f"--lower-tilt-defoci {p.lower_tilt_defoci:g}")
-    return "subtomo ctf " + " ".join(opts)
+def fit_series_task(item: tuple[TiltSeries, list[int], pd.DataFrame | None, Path | None], p: CtfParams,
+                    device: str, progress: Progress | None = None) -> tuple[SeriesEstimate, tuple[str, bool] | None]:
+    """The fit of one tilt series and, for a whole series, its handedness report (a task of ``--cluster``)."""
+    series, sel, previous, prev_path = item
+    est = estimate_series(series, _search_params(p), sel, previous, prev_path, p.max_defocus_deviation,
+                          p.trend_tolerance, p.use_trials, device, p.batch, p.plots, progress, p.defocus_handedness)
+    return est, None if p.image else handedness_report(series, _search_params(p), p.defocus_handedness, device)
 
 
-def _tomogram_table(ctx: JobContext, row: pd.Series, prev_path: Path | None) -> tuple[pd.DataFrame, str]:
-    """Result table of one selected tomogram (fitted, imported or skipped)."""
+def _tomogram_table(ctx: JobContext, row: pd.Series, fitted: tuple | None) -> tuple[pd.DataFrame, str]:
+    """Result table of one selected tomogram (fitted here or given ``fitted`` by a task, imported or skipped)."""
     p: CtfParams = ctx.params
     series = read_tilt_series(ctx.project, row, source=ctx.state["input"])
     name, n = series.name, len(series)
@@ -151,11 +162,8 @@ def _tomogram_table(ctx: JobContext, row: pd.Series, prev_path: Path | None) -> 
             ctx.warn(warning)
         ctx.log(f"{name}: imported {n} defoci from {ctx.rel(src)}")
         return results_table(series.image_names, series.tilts_deg, series.pre_exposure, fit, source), source
-    sel = [i - 1 for i in p.image] if p.image else list(range(n))
-    previous = read_star_table(prev_path) if p.image and prev_path else None
-    est = estimate_series(series, _search_params(p), sel, previous, prev_path, p.max_defocus_deviation, p.trend_tolerance,
-                          p.use_trials, ctx.device, p.batch, p.plots, ctx.progress, p.defocus_handedness)
-    if not p.image and (hand := handedness_report(series, _search_params(p), p.defocus_handedness, ctx.device)):
+    est, hand = fitted or fit_series_task(_fit_item(ctx, row), p, str(ctx.device), ctx.progress)
+    if hand:
         (ctx.warn if hand[1] else ctx.log)(f"{name}: {hand[0]}")
     for note in est.notes:
         ctx.log(f"{name}: {note}")
@@ -168,41 +176,25 @@ def _tomogram_table(ctx: JobContext, row: pd.Series, prev_path: Path | None) -> 
     return est.table, est.source
 
 
-def _report(ctx: JobContext, row: pd.Series, table: pd.DataFrame, source: str, out_star: Path) -> None:
-    """Log the series' figures and warn about failed fits, with the remedies."""
-    p: CtfParams = ctx.params
-    name = str(row["rlnTomoName"])
-    failed = table.index[table.get("subtomoCtfFitFailed", pd.Series(0, index=table.index)).astype(int) == 1]
-    if len(failed) and source != "copied":
-        lst = ", ".join(f"{i + 1} ({table['rlnTomoNominalStageTiltAngle'].iloc[i]:.1f} deg)" for i in failed)
-        has_trials = bool(int(row.get("subtomoHasTrials", 0) or 0))
-        ctx.warn(f"{name}: CTF fit failed or off the series' trend for image(s) {lst} (Fig. 2e); unless the CTF is "
-                 "unknown they get the series' defocus trend. Remedies: "
-                 + ("--use-trials (a .trial stack exists); " if has_trials and not p.use_trials else "")
-                 + "--lower-tilt-defoci 30 (use the mean lower-tilt defocus); re-run single images with other "
-                 f"options (relion_subtomo_commands.txt); edit {ctx.rel(out_star)} by hand; or remove the "
-                 "images from the tilt series and regenerate the tomogram (Table 1, row 10).")
-    if source in ("fit", "trials"):
-        ok = table["subtomoCtfFitFailed"].astype(int) == 0
-        dmean = (table["rlnDefocusU"] + table["rlnDefocusV"]) / 2
-        ctx.log(f"{name}: {len(table)} images, defocus {dmean.min():.0f}-{dmean.max():.0f} A, median fit "
-                f"resolution {table['rlnCtfMaxResolution'][ok].median() if ok.any() else float('nan'):.1f} A, "
-                f"{int((~ok).sum())} failed or flagged, {int((table['subtomoCtfSource'] == 'trend').sum())} replaced by "
-                "the trend")
-    if p.plots and "rlnDefocusU" in table.columns:
-        from subtomo.plot.ctf import plot_series_summary  # plotting imported on use: keeps `subtomo --help` fast
-
-        plot_series_summary(table, name, ctx.path(f"Diagnostics/{name}_summary.png"))
-
-
 def _run(ctx: JobContext) -> None:
+    with open_runner(ctx) as runner:  # --cluster: one task per tilt series to fit (None: each fitted in turn)
+        _run_on(ctx, runner)
+
+
+def _run_on(ctx: JobContext, runner: TaskRunner | None) -> None:
     p: CtfParams = ctx.params
     state = ctx.state
     inp, tomos = state["input"], state["tomograms"]
     ctx.add_input(inp)
     selected = set(p.tomo) if p.tomo else None
+    rows = [row for _, row in tomos.iterrows()]
+    fits: dict[str, tuple] = {}
+    if runner is not None and not (p.skip_ctf or p.import_ctffind or p.import_imod):
+        items = [_fit_item(ctx, r) for r in rows if selected is None or str(r["rlnTomoName"]) in selected]
+        done = map_tasks(runner, fit_series_task, items, (p, ctx.device.type), lambda it: ctx.progress(it, len(items), "CTF fits"))
+        fits = {item[0].name: res for item, res in zip(items, done)}
     out_rows, commands = [], []
-    for _, row in tomos.iterrows():
+    for row in rows:
         name = str(row["rlnTomoName"])
         prev = state["previous"].get(name)
         out_star = ctx.path(f"{name}_ctffind.star")
@@ -213,7 +205,7 @@ def _run(ctx: JobContext) -> None:
             ctx.log(f"{name}: results copied from {ctx.rel(prev)}")
             source = "copied"
         else:
-            table, source = _tomogram_table(ctx, row, prev)
+            table, source = _tomogram_table(ctx, row, fits.pop(name, None))
         if p.lower_tilt_defoci is not None and not p.skip_ctf and "subtomoCtfFitFailed" in table.columns:
             if series_ctf_unknown(table):
                 ctx.warn(f"{name}: CTF unknown (no successful fit with |tilt| <= 30 deg): --lower-tilt-defoci not applied.")
@@ -221,8 +213,8 @@ def _run(ctx: JobContext) -> None:
                 table, n_rep, _ = apply_lower_tilt_defoci(table, p.lower_tilt_defoci, name)
                 ctx.log(f"{name}: {n_rep} images with |tilt| > {p.lower_tilt_defoci:g} deg get the mean lower-tilt defocus")
         write_star(out_star, {name: table})
-        _report(ctx, row, table, source, out_star)
-        commands.extend(_rerun_command(ctx, p, inp, name, i + 1) for i in range(len(table)))
+        report_series(ctx, row, table, source, out_star)
+        commands.extend(rerun_command(ctx, inp, name, i + 1) for i in range(len(table)))
         out_rows.append({**row.to_dict(), "subtomoCtfResultsStar": ctx.rel(out_star), **series_columns(table)})
     if not out_rows:
         raise SubtomoError("no tomogram selected; check --tomo.")

@@ -29,7 +29,7 @@ from subtomo.errors import SubtomoError
 from subtomo.geometry.symmetry import symmetry_generators
 from subtomo.io.mrc import read_mrc_header, write_mrc
 from subtomo.io.particles import ParticleSet, path_component, resolve_project_path
-from subtomo.io.relion import relion31_tables, relion_commands
+from subtomo.io.relion import CTF_MODEL, relion31_tables, relion_commands
 from subtomo.io.star import write_star
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
 from subtomo.jobs.contracts import InputSpec, NodeType, OutputSpec, Source, particles_spec
@@ -64,9 +64,9 @@ def _check(params: ExportRelionParams, project: Path):
     box = particles.box_px
     if box is None:
         raise SubtomoError(f"{star}: the box size is unknown (no rlnImageSize and the first image is unreadable).")
-    if not particles.has("rlnCtfImage"):
-        raise SubtomoError(f"{star}: no rlnCtfImage (no 3D CTF models). Extract from subtomo prepare's "
-                           "particles_subtomo.star.")
+    if not particles.has_ctf():
+        raise SubtomoError(f"{star}: no 3D CTF models (no subtomoCtfModel or rlnCtfImage column). Extract from subtomo "
+                           "prepare's particles_subtomo.star.")
     from subtomo.tomo.ctf3d import ParticleCtfModels  # checks RELION volumes against the particles (box, pixel size)
 
     models = ParticleCtfModels.from_particle_set(particles)
@@ -125,7 +125,7 @@ def _run(ctx: JobContext) -> None:
     box, px = int(particles.box_px), float(particles.pixel_size_A)
     names = _names(particles, star)
     images, ctfs, script = [], [], []
-    volumes = {r.path for r in particles.image_refs("rlnCtfImage") if r.index is None}
+    ctf_refs = particles.ctf_refs()
     for i in ctx.progress(range(len(particles)), description=f"RELION subtomograms and CTF volumes (box {box})"):
         root = ctx.path(f"Subtomograms/{names[i]}")
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -134,16 +134,15 @@ def _run(ctx: JobContext) -> None:
             raise SubtomoError(f"{star}: particle {i + 1} is image {src.index} of a stack; RELION 3D particles are one "
                                "MRC file each. Export the 3D particles (not the 2D projections).")
         shutil.copyfile(src.path, root.with_suffix(".mrc"))
-        ctf_ref = particles.image_refs("rlnCtfImage")[i]
-        if ctf_ref.path in volumes:  # already a RELION volume of this box and pixel size (checked)
-            shutil.copyfile(ctf_ref.path, root.with_name(root.name + "_ctf.mrc"))
+        if ctf_refs[i].index is None:  # already a RELION volume of this box and pixel size (checked)
+            shutil.copyfile(ctf_refs[i].path, root.with_name(root.name + "_ctf.mrc"))
         else:
             _ctf_volume(ctx, models, i, box, px, root)
             script.append(f"relion_reconstruct --i {ctx.rel(root)}_ctf.star --o {ctx.rel(root)}_ctf.mrc "
                           f"--reconstruct_ctf {box} --angpix {px:g}")
         images.append(ctx.rel(root.with_suffix(".mrc")))
         ctfs.append(ctx.rel(root.with_name(root.name + "_ctf.mrc")))
-    table = particles.table.assign(rlnImageName=images, rlnCtfImage=ctfs)
+    table = particles.table.drop(columns=[CTF_MODEL], errors="ignore").assign(rlnImageName=images, rlnCtfImage=ctfs)
     table = table.assign(rlnOpticsGroup=1, rlnGroupNumber=table.get("rlnGroupNumber", 1))
     optics = pd.DataFrame([{"rlnOpticsGroup": 1, "rlnOpticsGroupName": "opticsGroup1",
                             "rlnVoltage": float(models.voltage_kV[0]), "rlnSphericalAberration": float(models.cs_mm[0]),

@@ -15,10 +15,18 @@ STAR beside each) and ``particles_subtomo_relion.star`` pointing at them; extrac
 chooses the sign of the position-dependent defocus. The tables are computed
 by :mod:`subtomo.tomo.ctf_models` (failed CTF fits get the tilt series' defocus trend; a
 series whose CTF is unknown is refused); this job writes them.
+
+``--particles STAR`` (e.g. ``particles.star`` of ``subtomo import-particles``) gives the
+particles instead of the layout's ``.coords`` files: positions, matched to the tomograms by
+``rlnTomoName``, and the orientations of the other program as initial ``rlnAngleRot/Tilt/Psi``
+with the same values as priors ``rlnAngle*Prior`` (and ``rlnRandomSubset``, ``rlnClassNumber``
+when given). They travel through ``extract``; ``class3d --local`` / ``--skip-align`` start from
+these angles, whereas ``refine3d`` (de novo) starts from random orientations.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -27,9 +35,12 @@ import pandas as pd
 from pydantic import Field
 
 from subtomo.errors import SubtomoError
+from subtomo.io.importers.imod import imod_to_tilt_geometry, tomogram_geometry
+from subtomo.io.importers.picks import picks_per_tomogram
 from subtomo.io.mrc import write_mrc
-from subtomo.io.particles import ParticleSet
-from subtomo.io.star import write_star
+from subtomo.io.particles import ParticleSet, resolve_project_path
+from subtomo.io.relion import upgrade_legacy_labels
+from subtomo.io.star import read_star_table, write_star
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
 from subtomo.jobs.contracts import InputSpec, NodeType, OutputSpec, Source
 from subtomo.tomo.ctf3d import CTF_GENERAL_BLOCK, CTF_TABLE_BLOCK, relion_ctf_cube, to_relion_cube
@@ -69,6 +80,9 @@ class PrepareParams(ComputeParams):
     lower_tilt_limit: float = Field(30.0, gt=0, lt=90, description="Tilt limit for --use-lower-tilt-defoci [deg].")
     export_relion: int | None = Field(None, gt=0, description="Also write RELION rlnCtfImage volumes (centred N³ cubes) of "
                                                               "this box size [px] and particles_subtomo_relion.star.")
+    particles: str | None = Field(None, description="Particles STAR (e.g. particles.star of import-particles) used "
+                                  "instead of the .coords files: positions per rlnTomoName, and angles as initial "
+                                  "rlnAngleRot/Tilt/Psi and priors rlnAngle*Prior.")
     plot_box: int = Field(96, gt=0, description="Box size of the PNG of one particle's 3D CTF model [px].")
 
 
@@ -79,38 +93,78 @@ def _input_path(params: PrepareParams, project: Path) -> Path:
     return path
 
 
+def _require_tilts(star: Path, project: Path) -> None:
+    """Refuse tomograms imported without tilt angles (a tomogram-only source: import --source portal)."""
+    table = upgrade_legacy_labels(read_star_table(star))
+    for _, row in table.iterrows() if "rlnMicrographName" in table.columns else ():  # else read_tomogram_ctfs says so
+        has = any(isinstance(row.get(c), str) for c in ("subtomoCtfResultsStar", "rlnTomoTiltSeriesStarFile"))
+        tomo = resolve_project_path(project, str(row.get("rlnMicrographName", "")))
+        if not has and not tomo.with_suffix(".tlt").is_file():
+            raise SubtomoError(f"{star}: tomogram {row.get('rlnTomoName', tomo.stem)} has no tilt angles (no tilt-series "
+                               f"table, no {tomo.with_suffix('.tlt').name}): it was imported without its tilt series. "
+                               "Re-import it with --tilt-range=MIN,MAX,STEP --dose-per-tilt D (import --source portal).")
+
+
 def _check(params: PrepareParams, project: Path):
     if params.defocus_handedness not in (-1, 1):
         raise SubtomoError(f"--defocus-handedness {params.defocus_handedness}: must be -1 or +1.")
     if params.export_relion is not None and params.export_relion % 2:
         raise SubtomoError(f"--export-relion {params.export_relion}: the box size must be even (as the subtomograms' box).")
     star = _input_path(params, project)
+    _require_tilts(star, project)
     limit = params.lower_tilt_limit if params.use_lower_tilt_defoci else None
-    return star, read_tomogram_ctfs(star, project, params.skip_ctf, limit)
+    tomos = read_tomogram_ctfs(star, project, params.skip_ctf, limit)
+    if params.particles is None:
+        return star, tomos, None
+    particles = ParticleSet.read(resolve_project_path(project, params.particles), project)
+    given = picks_per_tomogram(particles, {t.name: t.pixel_size_A for t in tomos})
+    tomos = [replace(t, coords_px=given[t.name][0]) for t in tomos]
+    return star, tomos, {name: extra for name, (_, extra) in given.items()}
+
+
+def _geometry_tomos(star: Path, tomos: list[TomoCtf]) -> dict[str, TomoCtf]:
+    """Per tomogram, the positions that the tilt images see: an IMOD tomogram's SHIFT / XAXISTILT undone."""
+    table = read_star_table(star)
+    rows = {str(r.get("rlnTomoName", "")): r for _, r in table.iterrows()}
+    out = {}
+    for t in tomos:
+        placed = tomogram_geometry(rows[t.name]) if t.name in rows else None
+        out[t.name] = t if placed is None else replace(t, coords_px=imod_to_tilt_geometry(t.coords_px, t.size_xyz, *placed))
+    return out
 
 
 def _run(ctx: JobContext) -> None:
     p: PrepareParams = ctx.params
-    star, tomos = ctx.state
+    star, tomos, extras = ctx.state
     ctx.add_input(star)
+    if extras is not None:
+        ctx.add_input(resolve_project_path(ctx.project, p.particles or ""))
+        carried = sorted({c for e in extras.values() for c in e.columns})
+        ctx.log(f"particles from {p.particles} instead of the .coords files; carried: {', '.join(carried) or 'positions only'}")
     ctx.log(f"input {ctx.rel(star)}: {len(tomos)} tomogram(s); defocus model {p.defocus_model}, hand {p.defocus_handedness:+d}, "
             f"B = {p.bfactor_per_dose:g} A^2 per e/A^2 x accumulated dose, scale = cos(tilt)")
     optics, group_of = optics_groups(tomos)
     rows: list[dict] = []
     tables: dict[str, pd.DataFrame] = {}
+    placed = _geometry_tomos(star, tomos)
     for t in tomos:
         for note in t.notes:
             if "failed" in note:
                 ctx.warn(note)
             else:
                 ctx.log(note)
-        table = ctf_table(t, p.bfactor_per_dose, p.defocus_model, p.defocus_handedness)
+        if placed[t.name] is not t:
+            ctx.log(f"{t.name}: positions placed in the tilt geometry with the tomogram's SHIFT / XAXISTILT (IMOD tilt.com)")
+        table = ctf_table(placed[t.name], p.bfactor_per_dose, p.defocus_model, p.defocus_handedness)
         tables[t.name] = table
         path = write_star(ctx.path(f"CtfModels/{t.name}_ctf.star"), {CTF_GENERAL_BLOCK: general_block(t, p.defocus_model, p.defocus_handedness),
                                                                       CTF_TABLE_BLOCK: table})
         ctx.add_output(path, "TomogramCtfModels")
         n = len(t.coords_px)
-        rows.extend(particle_rows(t, ctx.rel(path), group_of[t.name]))
+        new = particle_rows(t, ctx.rel(path), group_of[t.name])
+        if extras is not None:  # the given orientations (and half sets, classes) of each particle
+            new = [{**row, **extra} for row, extra in zip(new, extras[t.name].to_dict("records"))]
+        rows.extend(new)
         dz = table["rlnDefocusU"].to_numpy().reshape(n, -1) - (0 if t.skip_ctf else t.defocus_u_A[None, :])
         ctx.log(f"{t.name}: {n} particles x {len(t.tilts_deg)} tilts ({t.tilts_deg.min():.1f} to {t.tilts_deg.max():.1f} deg, "
                 f"dose {t.dose.min():.1f}-{t.dose.max():.1f} e/A^2)"
@@ -118,7 +172,8 @@ def _run(ctx: JobContext) -> None:
                    f", defocus {t.defocus_u_A.min():.0f}-{t.defocus_u_A.max():.0f} A, position offsets "
                    f"{dz.min() if n else 0:.0f} to {dz.max() if n else 0:.0f} A"))
     if not rows:
-        raise SubtomoError(f"{ctx.rel(star)}: the .coords files list no particles. Step 3: pick particles first.")
+        where = f"{p.particles} lists no particles of these tomograms" if p.particles else "the .coords files list no particles"
+        raise SubtomoError(f"{ctx.rel(star)}: {where}. Step 3: pick particles first.")
     particles = ParticleSet.from_table(pd.DataFrame(rows), optics, ctx.project)
     out = particles.write(ctx.path("particles_subtomo.star"))
     ctx.add_output(out, "ParticlesData")

@@ -13,20 +13,25 @@ by its scale factor and B envelope exp(−B s²/4); 0 where no plane passes with
 :mod:`subtomo.fourier` (unshifted, half axis x) cropped to a "current size" exactly like
 :func:`subtomo.fourier.crop_rfft`.
 
+This is the default ``tent`` kernel. ``kernel="relion"`` builds RELION's own volume instead
+(:func:`relion_ctf_cube`: each tilt's 2D CTF samples splatted trilinearly); the two are
+compared in docs/conventions.md.
+
 The weight of a tilt does not depend on ky, so for every distinct tilt angle only the
 (kz, kx) pairs within one voxel of its plane are visited (about 2·size/cos θ of them),
 times all ky: the cost is proportional to (particles × tilts × size²), not × size³.
 
-Models are stored as compact per-tilt parameters (``Prepare/jobNNN/CtfModels/<t>_ctf.star``)
-and built on the fly by :class:`ParticleCtfModels`. RELION-style centred N³ volumes for
-``rlnCtfImage`` are produced by :func:`to_relion_cube` and read back by
-:func:`from_relion_cube`.
+Models are stored as compact per-tilt parameters (``Prepare/jobNNN/CtfModels/<t>_ctf.star``,
+referenced by ``subtomoCtfModel``) and built on the fly by :class:`ParticleCtfModels`.
+RELION-style centred N³ volumes for ``rlnCtfImage`` are produced by :func:`to_relion_cube`
+and read back by :func:`from_relion_cube`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +49,8 @@ from subtomo.io.star import read_star
 # Entries (pairs × voxels) evaluated at once; bounds temporary memory (~10 float32 arrays).
 _CHUNK_ENTRIES = 4_000_000
 
+#: The interpolation kernel of the 3D CTF models built on the fly (:func:`ctf3d_from_tilts`).
+CTF_KERNEL = "tent"
 CTF_TABLE_BLOCK = "ctf_models"
 CTF_GENERAL_BLOCK = "general"
 
@@ -117,6 +124,8 @@ class _PlaneEntries:
     s2: torch.Tensor  # (E,) in-plane squared frequency [1/Å²]
     cos2: torch.Tensor | None  # (E,) cos 2φ of the in-plane direction (astigmatism only)
     sin2: torch.Tensor | None
+    value_weight: torch.Tensor | None = None  # (E,) weight of the values when it differs (RELION's DC sample: 0)
+    sample: torch.Tensor | None = None  # (E,) index into s2/cos2/sin2 when those are per 2D sample (RELION)
 
 
 def _plane_entries(tilt_deg: float, size: int, inv_len2: float, astig: bool, device) -> _PlaneEntries | None:
@@ -143,6 +152,46 @@ def _plane_entries(tilt_deg: float, size: int, inv_len2: float, astig: bool, dev
     return _PlaneEntries(flat, w, r2 * inv_len2, cos2, sin2)
 
 
+def _relion_plane_entries(tilt_deg: float, box: int, size: int, inv_len2: float, astig: bool, device) -> _PlaneEntries:
+    """RELION's splat of one tilt's 2D half-grid samples (trilinear, :func:`relion_ctf_cube`) as plane entries.
+
+    Entries are (sample, corner) pairs on the box grid, kept where they fall inside the
+    current size; those on kx = 0 are repeated at their Friedel mate (RELION symmetrises
+    that plane). The DC sample adds weight but no value. The geometry is cached per tilt.
+    """
+    return _relion_plane_cached(round(float(tilt_deg), 6), int(box), int(size), float(inv_len2), bool(astig), str(device))
+
+
+@lru_cache(maxsize=256)
+def _relion_plane_cached(tilt_deg: float, box: int, size: int, inv_len2: float, astig: bool, device: str) -> _PlaneEntries:
+    n = int(box)
+    x, y = (torch.as_tensor(a, device=device) for a in _relion_half_samples(n))
+    t = math.radians(tilt_deg)
+    q = torch.stack([x * math.cos(t), y, x * math.sin(t)])  # RELION's (0, −θ, 0) for our θ
+    q = torch.where(q[0] < 0, -q, q)  # Friedel mate (|θ| > 90° only)
+    i0 = torch.floor(q)
+    f = q - i0
+    corners = torch.tensor(list(np.ndindex(2, 2, 2)), device=device, dtype=q.dtype)  # (8, 3): dx, dy, dz
+    w = torch.prod(torch.where(corners[:, :, None] > 0, f[None], 1 - f[None]), dim=1).reshape(-1)  # (8·S,)
+    k = (i0[None] + corners[:, :, None]).long()  # (8, 3, S)
+    kx, ky, kz = k[:, 0].reshape(-1), k[:, 1].reshape(-1) % n, k[:, 2].reshape(-1) % n
+    sample = torch.arange(len(x), device=device).repeat(8)
+    on0 = kx == 0  # RELION adds the x = 0 plane's Friedel mates
+    kx, ky, kz = torch.cat([kx, kx[on0]]), torch.cat([ky, (-ky[on0]) % n]), torch.cat([kz, (-kz[on0]) % n])
+    w, sample = torch.cat([w, w[on0]]), torch.cat([sample, sample[on0]])
+    sy, sz = torch.where(ky >= n // 2, ky - n, ky), torch.where(kz >= n // 2, kz - n, kz)
+    keep = (kx <= size // 2) & (sy >= -(size // 2)) & (sy < size // 2) & (sz >= -(size // 2)) & (sz < size // 2)
+    flat = ((sz[keep] % size) * size + sy[keep] % size) * (size // 2 + 1) + kx[keep]
+    sample, w = sample[keep], w[keep].float()
+    r2 = x ** 2 + y ** 2  # per 2D sample: its CTF is evaluated once, then spread to its corners
+    cos2 = sin2 = None
+    if astig:
+        rr = r2.clamp(min=1e-12)
+        cos2, sin2 = ((x ** 2 - y ** 2) / rr).float(), (2 * x * y / rr).float()
+    return _PlaneEntries(flat, w, (r2 * inv_len2).float(), cos2, sin2, torch.where(r2[sample] > 0, w, torch.zeros_like(w)),
+                         sample)
+
+
 def _plane_values(p: _TiltParams, pb: torch.Tensor, pt: torch.Tensor, plane: _PlaneEntries, voltage_kV: float,
                   cs_mm: float, phase_k: float) -> torch.Tensor:
     """Weighted CTF x envelope of (particle, tilt) pairs on a plane's entries: (len(pb), E)."""
@@ -159,7 +208,9 @@ def _plane_values(p: _TiltParams, pb: torch.Tensor, pt: torch.Tensor, plane: _Pl
             dfoc = p.def_u[pb, pt][:, None]
         phase = chi(s2[None, :], dfoc, voltage_kV, cs_mm)
         val = torch.sin(phase - phase_k).mul_(env).neg_()
-    return val.mul_(plane.weight[None, :])
+    if plane.sample is not None:
+        val = val[:, plane.sample]
+    return val.mul_((plane.weight if plane.value_weight is None else plane.value_weight)[None, :])
 
 
 def _insert_plane(num: torch.Tensor, den: torch.Tensor, p: _TiltParams, gb: torch.Tensor, gt: torch.Tensor,
@@ -176,6 +227,23 @@ def _insert_plane(num: torch.Tensor, den: torch.Tensor, p: _TiltParams, gb: torc
         pb, pt = gb[start:start + step], gt[start:start + step]
         num.index_put_((pb[:, None].expand(-1, n_e), plane.flat[None, :].expand(len(pb), -1)),
                        _plane_values(p, pb, pt, plane, *microscope), accumulate=True)
+
+
+def _insert_planes(num: torch.Tensor, den: torch.Tensor, p: _TiltParams, keys_bt: torch.Tensor, sig_of: torch.Tensor,
+                   per_sig: torch.Tensor, grid: tuple, microscope: tuple[float, float, float]) -> None:
+    """Insert every (particle, tilt) pair, grouped by tilt angle (one plane geometry per angle)."""
+    kernel, box, size, inv_len2, device = grid
+    b_idx, t_idx = torch.nonzero(~torch.isnan(p.tilt), as_tuple=True)
+    if not b_idx.numel():
+        return
+    uniq, inverse = torch.unique(keys_bt[b_idx, t_idx].long(), return_inverse=True)
+    for g in torch.split(torch.argsort(inverse), torch.bincount(inverse, minlength=len(uniq)).tolist()):
+        gb, gt = b_idx[g], t_idx[g]
+        tilt, astig = float(p.tilt[gb[0], gt[0]]), p.def_v is not None
+        plane = (_plane_entries(tilt, size, inv_len2, astig, device) if kernel == "tent"
+                 else _relion_plane_entries(tilt, box, size, inv_len2, astig, device))
+        if plane is not None:
+            _insert_plane(num, den, p, gb, gt, plane, sig_of, per_sig, microscope)
 
 
 def _device_and_size(defocus_A, device, box: int, size: int | None) -> tuple[torch.device, int]:
@@ -199,7 +267,8 @@ def _signatures(tilt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 def ctf3d_from_tilts(defocus_A, tilt_deg, bfactor_A2, scale, box: int, pixel_size_A: float,
                      voltage_kV: float, cs_mm: float, amplitude_contrast: float, size: int | None = None,
-                     skip_ctf: bool = False, device=None, defocus_v_A=None, astig_angle_deg=None) -> torch.Tensor:
+                     skip_ctf: bool = False, device=None, defocus_v_A=None, astig_angle_deg=None,
+                     kernel: str = "tent") -> torch.Tensor:
     """3D CTF models of a batch of particles (module docstring: the data/weight definition).
 
     Parameters
@@ -225,12 +294,17 @@ def ctf3d_from_tilts(defocus_A, tilt_deg, bfactor_A2, scale, box: int, pixel_siz
         Default: that of ``defocus_A`` if it is a tensor, else the CPU.
     defocus_v_A, astig_angle_deg : array_like, optional
         (B, T) defocus V [Å] and angle of U from image x to y [deg] (astigmatism).
+    kernel : str
+        ``tent`` (weights 1 − distance to each plane) or ``relion`` (RELION's trilinear splat
+        of 2D samples, :func:`relion_ctf_cube`; docs/conventions.md compares them).
 
     Returns
     -------
     torch.Tensor
         (B, size, size, size//2+1) float32, internal rfft layout.
     """
+    if kernel not in ("tent", "relion"):
+        raise ValueError(f"kernel {kernel!r}: tent or relion")
     device, size = _device_and_size(defocus_A, device, box, size)
     p = _tilt_params(defocus_A, tilt_deg, bfactor_A2, scale, device, skip_ctf, defocus_v_A, astig_angle_deg)
     nb = p.tilt.shape[0]
@@ -241,14 +315,7 @@ def ctf3d_from_tilts(defocus_A, tilt_deg, bfactor_A2, scale, box: int, pixel_siz
     phase_k = math.asin(max(-1.0, min(1.0, float(amplitude_contrast))))  # -(sqrt(1-Q0²) sin χ - Q0 cos χ) = -sin(χ - asin Q0)
     keys_bt, sig_of, per_sig = _signatures(p.tilt)
     den = torch.zeros(len(per_sig), nvox, device=device, dtype=torch.float32)
-    b_idx, t_idx = torch.nonzero(~torch.isnan(p.tilt), as_tuple=True)
-    if b_idx.numel():
-        uniq, inverse = torch.unique(keys_bt[b_idx, t_idx].long(), return_inverse=True)
-        for g in torch.split(torch.argsort(inverse), torch.bincount(inverse, minlength=len(uniq)).tolist()):
-            gb, gt = b_idx[g], t_idx[g]
-            plane = _plane_entries(float(p.tilt[gb[0], gt[0]]), size, inv_len2, p.def_v is not None, device)
-            if plane is not None:
-                _insert_plane(num, den, p, gb, gt, plane, sig_of, per_sig, (voltage_kV, cs_mm, phase_k))
+    _insert_planes(num, den, p, keys_bt, sig_of, per_sig, (kernel, box, size, inv_len2, device), (voltage_kV, cs_mm, phase_k))
     # num is 0 wherever den is 0, so a clamped division leaves those voxels at 0
     den.clamp_(min=1e-30)
     num.div_(den if len(per_sig) == 1 else den.index_select(0, sig_of))
@@ -348,8 +415,9 @@ def relion_ctf_cube(defocus_u_A, defocus_v_A, astig_angle_deg, tilt_deg, bfactor
     is placed at RELION's Euler angles (0, −θ, 0) (our tilt θ, docs/conventions.md) and
     splatted trilinearly into data and weight arrays (Friedel mates for x < 0); the volume
     is data / weight where the weight is positive, the x = 0 plane Hermitian-symmetrised.
-    Measured against RELION 3.1.3: equal inside |k| < N/2 − 1 (tests/test_relion.py). Our
-    on-the-fly model (:func:`ctf3d_from_tilts`) weights by distance to each plane instead.
+    Measured against RELION 3.1.3: equal inside |k| < N/2 − 1 (tests/test_relion.py).
+    :func:`ctf3d_from_tilts` with ``kernel="relion"`` gives the same volume in the engine's
+    layout; its default kernel weights by distance to each plane instead.
 
     Parameters
     ----------
@@ -393,7 +461,7 @@ def relion_ctf_cube(defocus_u_A, defocus_v_A, astig_angle_deg, tilt_deg, bfactor
 
 
 # ----------------------------------------------------------------------------------------
-# Per-particle models referenced by rlnCtfImage.
+# Per-particle models referenced by subtomoCtfModel (compact) or rlnCtfImage (RELION volumes).
 
 
 def _read_ctf_table(path: Path) -> tuple[dict, dict[int, pd.DataFrame]]:
@@ -447,12 +515,13 @@ def check_ctf_volumes(particles: ParticleSet, box: int | None = None, pixel_size
 
     A 3D CTF volume is sampled at ``index / (N · pixel size)``: it only describes particles
     of the same box N, pixel size and dimensionality (relion-internals §2.4). Compact
-    ``NNNNNN@…_ctf.star`` models are built at any box and pixel size and need no check.
+    models (``subtomoCtfModel = NNNNNN@…_ctf.star``) are built at any box and pixel size and
+    need no check.
 
     Parameters
     ----------
     particles : ParticleSet
-        Particles with ``rlnCtfImage``.
+        Particles (those without 3D CTFs pass).
     box : int, optional
         The particles' box [px] (default: :attr:`ParticleSet.box_px`, when known).
     pixel_size_A : float, optional
@@ -463,9 +532,9 @@ def check_ctf_volumes(particles: ParticleSet, box: int | None = None, pixel_size
     SubtomoError
         Naming the CTF file, the particle file and the fix, for each mismatch.
     """
-    if not particles.has("rlnCtfImage"):
+    if not particles.has_ctf():
         return
-    refs = {r.path for r in particles.image_refs("rlnCtfImage") if r.index is None}
+    refs = {r.path for r in particles.ctf_refs() if r.index is None}
     if not refs:
         return
     box = box if box is not None else particles.box_px
@@ -492,7 +561,7 @@ def check_ctf_volumes(particles: ParticleSet, box: int | None = None, pixel_size
             problems.append(f"{path}: CTF volume does not match the particles of {where}: {'; '.join(what)}. Fix: make "
                             "the CTF volumes at the particles' box and pixel size (subtomo export-relion, or prepare "
                             "--export-relion BOX with extract --box BOX and no --rescale), or use the compact models "
-                            "(rlnCtfImage = NNNNNN@CtfModels/<t>_ctf.star of subtomo prepare).")
+                            "(subtomoCtfModel = NNNNNN@CtfModels/<t>_ctf.star of subtomo prepare).")
     if problems:
         raise SubtomoError(f"{where}: particles and their 3D CTF volumes disagree", problems)
 
@@ -502,7 +571,8 @@ class ParticleCtfModels:
     """Compact 3D CTF parameters of a particle set, built into volumes on demand.
 
     Particles whose ``rlnCtfImage`` is a RELION ``.mrc`` volume keep that volume (internal
-    half layout) in ``volumes_half``.
+    half layout) in ``volumes_half``; the others are built from their compact model
+    (``subtomoCtfModel``).
 
     Attributes
     ----------
@@ -520,6 +590,8 @@ class ParticleCtfModels:
         (P,) bool, wedge-only model.
     volumes_half : dict of int to torch.Tensor
         Row -> (N, N, N//2+1) volume read from a RELION file.
+    kernel : str
+        How compact models are built (:func:`ctf3d_from_tilts`).
     """
 
     tilt_deg: np.ndarray
@@ -534,6 +606,7 @@ class ParticleCtfModels:
     pixel_size_A: np.ndarray
     skip_ctf: np.ndarray
     volumes_half: dict[int, torch.Tensor] = field(default_factory=dict)
+    kernel: str = CTF_KERNEL
 
     def __len__(self) -> int:
         return len(self.pixel_size_A)
@@ -545,15 +618,16 @@ class ParticleCtfModels:
 
     @classmethod
     def from_particle_set(cls, particles: ParticleSet) -> "ParticleCtfModels":
-        """Read every particle's ``rlnCtfImage`` once.
+        """Read every particle's 3D CTF reference once (:meth:`ParticleSet.ctf_refs`).
 
-        Accepted references: ``NNNNNN@<path>_ctf.star`` (rows of the compact CTF table with
-        ``rlnTomoParticleId`` = NNNNNN) and RELION volumes ``<path>.mrc`` (centred cube).
+        Accepted references: ``subtomoCtfModel = NNNNNN@<path>_ctf.star`` (rows of the compact
+        CTF table with ``rlnTomoParticleId`` = NNNNNN; older files: in ``rlnCtfImage``) and
+        RELION volumes ``rlnCtfImage = <path>.mrc`` (centred cube).
 
         Parameters
         ----------
         particles : ParticleSet
-            P particles with ``rlnCtfImage``.
+            P particles with ``subtomoCtfModel`` or ``rlnCtfImage``.
 
         Returns
         -------
@@ -563,9 +637,7 @@ class ParticleCtfModels:
             rescaled extraction); particles that do not have one yet (not extracted) take
             the pixel size of their CTF table (the tomogram's) or RELION volume.
         """
-        if not particles.has("rlnCtfImage"):
-            raise SubtomoError(f"{particles.name}: no rlnCtfImage column. Run subtomo prepare (Step 9) and extract from "
-                               "its particles_subtomo.star.")
+        refs = particles.ctf_refs()  # names the file when there is no CTF column
         check_ctf_volumes(particles)
         n = len(particles)
         tables: dict[Path, tuple[dict, dict[int, pd.DataFrame]]] = {}
@@ -573,7 +645,7 @@ class ParticleCtfModels:
         general: list[dict] = [{}] * n
         volumes: dict[int, torch.Tensor] = {}
         px = np.full(n, np.nan)
-        for i, (ref, image) in enumerate(zip(particles.table["rlnCtfImage"].astype(str), particles.image_refs("rlnCtfImage"))):
+        for i, image in enumerate(refs):
             if image.index is None:
                 vol, px[i] = read_mrc(image.path)
                 volumes[i] = from_relion_cube(torch.from_numpy(vol))
@@ -582,8 +654,8 @@ class ParticleCtfModels:
                 tables[image.path] = _read_ctf_table(image.path)
             general[i], groups = tables[image.path]
             if image.index not in groups:
-                raise SubtomoError(f"rlnCtfImage {ref!r}: {image.path} has no rows with rlnTomoParticleId {image.index}. "
-                                   "Re-run subtomo prepare.")
+                raise SubtomoError(f"{particles.name}: row {i + 1}: {image.path} has no CTF rows with rlnTomoParticleId "
+                                   f"{image.index}. Re-run subtomo prepare.")
             per[i] = groups[image.index]
             label = tomogram_pixel_size_label(general[i].keys())
             px[i] = float(general[i][label]) if label else np.nan
@@ -643,6 +715,6 @@ class ParticleCtfModels:
                 vol = ctf3d_from_tilts(
                     self.defocus_u_A[r], self.tilt_deg[r], self.bfactor_A2[r], self.scale[r], box, float(key[3]),
                     float(key[0]), float(key[1]), float(key[2]), size=size, skip_ctf=bool(key[4]), device=device,
-                    defocus_v_A=self.defocus_v_A[r], astig_angle_deg=self.astig_angle_deg[r])
+                    defocus_v_A=self.defocus_v_A[r], astig_angle_deg=self.astig_angle_deg[r], kernel=self.kernel)
                 out[torch.as_tensor(sel, device=device)] = vol
         return out

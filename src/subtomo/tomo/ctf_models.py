@@ -5,8 +5,9 @@ position-dependent defocus (U and V shifted alike, :mod:`subtomo.tomo.defocus`),
 B-factor (B per dose × accumulated dose) and the scale factor cos θ: one row per particle
 per tilt (``CtfModels/<t>_ctf.star``: a ``data_general`` block with the microscope and a
 ``data_ctf_models`` loop). A particle refers to its rows by
-``rlnCtfImage = NNNNNN@CtfModels/<t>_ctf.star``; :class:`subtomo.tomo.ctf3d.ParticleCtfModels`
-builds the 3D volumes from them on the fly.
+``subtomoCtfModel = NNNNNN@CtfModels/<t>_ctf.star`` (our label: RELION's ``rlnCtfImage`` names
+a CTF volume, which this is not); :class:`subtomo.tomo.ctf3d.ParticleCtfModels` builds the 3D
+volumes from them on the fly.
 
 Per-tilt defoci come from the CTF job's ``<t>_ctffind.star``. Failed (or flagged) fits get
 the tilt series' defocus trend (:mod:`subtomo.ctf.trend`), never a plain mean; a series
@@ -30,7 +31,7 @@ from subtomo.ctf.trend import check_against_trend
 from subtomo.errors import SubtomoError
 from subtomo.io.mrc import read_mrc_header
 from subtomo.io.particles import path_component, resolve_project_path
-from subtomo.io.relion import TOMOGRAM_PIXEL_SIZE, tomogram_pixel_size_label, upgrade_legacy_labels
+from subtomo.io.relion import CTF_MODEL, TOMOGRAM_PIXEL_SIZE, tomogram_pixel_size_label, upgrade_legacy_labels
 from subtomo.io.star import read_star_table
 from subtomo.io.text import match_order_to_tilts, read_coords, read_order, read_tlt
 from subtomo.tomo.ctf3d import CTF_GENERAL_BLOCK, CTF_TABLE_BLOCK, ctf3d_from_tilts
@@ -42,7 +43,8 @@ SKIP_COLUMN = "subtomoSkipCtf"
 RELION_CTF_COLUMNS = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnTomoNominalStageTiltAngle", "rlnCtfBfactor",
                       "rlnCtfScalefactor")
 __all__ = ["CTF_GENERAL_BLOCK", "CTF_TABLE_BLOCK", "RELION_CTF_COLUMNS", "TomoCtf", "ctf_table", "general_block", "optics_groups",
-           "particle_rows", "particle_volumes", "read_tomogram_ctfs", "relion_ctf_star", "tomogram_pixel_size_A"]
+           "particle_rows", "particle_volumes", "read_tomogram_ctfs", "relion_ctf_star", "relion_tomo_ctf",
+           "tomogram_pixel_size_A"]
 
 
 @dataclass
@@ -71,6 +73,9 @@ class TomoCtf:
         (P, 3) particle coordinates (x, y, z) [px].
     notes : list of str
         What was decided for this tomogram (skipped CTF, replaced fits).
+    scale, bfactor_A2 : numpy.ndarray or None
+        (T,) per-tilt scale factors and B-factors [Å²] given by another program (RELION 4/5);
+        None: cos θ and B per dose × dose.
     """
 
     name: str
@@ -88,6 +93,8 @@ class TomoCtf:
     defocus_angle_deg: np.ndarray
     coords_px: np.ndarray
     notes: list[str] = field(default_factory=list)
+    scale: np.ndarray | None = None
+    bfactor_A2: np.ndarray | None = None
 
 
 def tomogram_pixel_size_A(row: pd.Series | dict, tomogram: Path) -> float:
@@ -276,6 +283,42 @@ def read_tomogram_ctfs(star: Path, project: Path, skip_ctf: bool = False,
     return out
 
 
+def relion_tomo_ctf(tomo: pd.Series, tilts: pd.DataFrame, coords_px: np.ndarray, tomogram: str = "") -> TomoCtf:
+    """The CTF inputs of one tomogram of a RELION 4/5 project (its row of ``tomograms.star`` and tilt table).
+
+    RELION's sizes are of the unbinned tilt series: the reconstructed tomogram is
+    ``rlnTomoSize / rlnTomoTomogramBinning`` voxels of ``rlnTomoTiltSeriesPixelSize ×
+    binning`` Å, centred at size/2 like ours.
+
+    Parameters
+    ----------
+    tomo : pandas.Series
+        Its row of RELION's ``tomograms.star`` (rlnTomoName, rlnVoltage, rlnSphericalAberration,
+        rlnAmplitudeContrast, rlnTomoTiltSeriesPixelSize, rlnTomoTomogramBinning, rlnTomoSizeX/Y/Z).
+    tilts : pandas.DataFrame
+        Its per-tilt table in our labels (:func:`subtomo.io.relion.relion_tilt_table`).
+    coords_px : numpy.ndarray
+        (P, 3) particle positions in the reconstructed tomogram [px].
+    tomogram : str
+        Project-relative path of the tomogram, when known.
+
+    Returns
+    -------
+    TomoCtf
+        With RELION's per-tilt scale factors (and B-factors, when given).
+    """
+    binning = float(tomo.get("rlnTomoTomogramBinning", 1.0))
+    sx, sy, sz = (int(round(float(tomo[f"rlnTomoSize{a}"]) / binning)) for a in "XYZ")
+    return TomoCtf(
+        str(tomo["rlnTomoName"]), tomogram, (sx, sy, sz), float(tomo["rlnTomoTiltSeriesPixelSize"]) * binning,
+        float(tomo.get("rlnVoltage", 300.0)), float(tomo.get("rlnSphericalAberration", 2.7)),
+        float(tomo.get("rlnAmplitudeContrast", 0.07)), False, tilts["rlnTomoNominalStageTiltAngle"].to_numpy(float),
+        tilts["rlnMicrographPreExposure"].to_numpy(float), tilts["rlnDefocusU"].to_numpy(float),
+        tilts["rlnDefocusV"].to_numpy(float), tilts["rlnDefocusAngle"].to_numpy(float), np.asarray(coords_px, float),
+        scale=tilts["rlnCtfScalefactor"].to_numpy(float),
+        bfactor_A2=tilts["rlnCtfBfactor"].to_numpy(float) if "rlnCtfBfactor" in tilts else None)
+
+
 def ctf_table(t: TomoCtf, bfactor_per_dose: float, model: str, handedness: int = -1) -> pd.DataFrame:
     """The compact CTF table of one tomogram.
 
@@ -296,7 +339,8 @@ def ctf_table(t: TomoCtf, bfactor_per_dose: float, model: str, handedness: int =
     -------
     pandas.DataFrame
         P × T rows (particle-major): rlnTomoParticleId (1-based), tilt [deg], defocus U/V [Å],
-        angle [deg], rlnCtfBfactor [Å²], rlnCtfScalefactor (cos θ), rlnMicrographPreExposure.
+        angle [deg], rlnCtfBfactor [Å²], rlnCtfScalefactor (cos θ), rlnMicrographPreExposure
+        (B-factors and scales of ``t`` where it has them).
     """
     n_p, n_t = len(t.coords_px), len(t.tilts_deg)
     if t.skip_ctf:
@@ -314,8 +358,8 @@ def ctf_table(t: TomoCtf, bfactor_per_dose: float, model: str, handedness: int =
         "rlnDefocusU": du.reshape(-1),
         "rlnDefocusV": dv.reshape(-1),
         "rlnDefocusAngle": rep(t.defocus_angle_deg),
-        "rlnCtfBfactor": rep(bfactor_per_dose * t.dose),
-        "rlnCtfScalefactor": rep(np.cos(np.deg2rad(t.tilts_deg))),
+        "rlnCtfBfactor": rep(bfactor_per_dose * t.dose if t.bfactor_A2 is None else t.bfactor_A2),
+        "rlnCtfScalefactor": rep(np.cos(np.deg2rad(t.tilts_deg)) if t.scale is None else t.scale),
         "rlnMicrographPreExposure": rep(t.dose),
     })
 
@@ -454,19 +498,19 @@ def particle_rows(t: TomoCtf, ctf_table_path: str, optics_group: int) -> list[di
     t : TomoCtf
         The tomogram (P picks).
     ctf_table_path : str
-        Project-relative path of its CTF table (for ``rlnCtfImage``).
+        Project-relative path of its CTF table (for ``subtomoCtfModel``).
     optics_group : int
         Its optics group.
 
     Returns
     -------
     list of dict
-        P rows: coordinates [px], particle id, rlnCtfImage, pixel size [Å]. No ``rlnImageName``: the
+        P rows: coordinates [px], particle id, subtomoCtfModel, pixel size [Å]. No ``rlnImageName``: the
         particles are not extracted yet (``subtomo extract`` names the subtomograms).
     """
     return [{
         "rlnMicrographName": t.tomogram, "rlnTomoName": t.name,
         "rlnCoordinateX": x, "rlnCoordinateY": y, "rlnCoordinateZ": z, "rlnTomoParticleId": i,
-        "rlnCtfImage": f"{i:06d}@{ctf_table_path}", TOMOGRAM_PIXEL_SIZE: t.pixel_size_A,
+        CTF_MODEL: f"{i:06d}@{ctf_table_path}", TOMOGRAM_PIXEL_SIZE: t.pixel_size_A,
         "rlnOpticsGroup": optics_group,
     } for i, (x, y, z) in enumerate(t.coords_px, start=1)]

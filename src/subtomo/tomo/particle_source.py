@@ -3,8 +3,8 @@
 The refinement and classification engine (:mod:`subtomo.em`) asks a particle source for
 real-space subtomograms and their 3D CTFs (full-box rfft, engine layout) of a batch of
 particle indices; :class:`SubtomogramSource` answers from the files a :class:`ParticleSet`
-names (``rlnImageName`` maps, ``rlnCtfImage`` CTF models), caching them in memory when
-the whole set fits. :func:`read_particle_images` reads the 2D images of a set (the
+names (``rlnImageName`` maps, ``subtomoCtfModel``/``rlnCtfImage`` CTF models), caching them
+in memory when the whole set fits. :func:`read_particle_images` reads the 2D images of a set (the
 z-projections that 2D classification works on).
 """
 
@@ -30,7 +30,7 @@ class SubtomogramSource:
     particles : ParticleSet
         The particles; image paths resolve against its project.
     use_ctf : bool
-        Build each particle's 3D CTF from ``rlnCtfImage`` (else :meth:`ctf` returns None).
+        Build each particle's 3D CTF from ``subtomoCtfModel`` or ``rlnCtfImage`` (else :meth:`ctf` returns None).
     cache_limit_bytes : int
         Keep volumes and CTFs in memory when all of them fit in this many bytes.
 
@@ -59,7 +59,7 @@ class SubtomogramSource:
         self._vols: dict[int, torch.Tensor] = {}
         self._ctfs: dict[int, torch.Tensor] = {}
         self.cache = self.n * self.box ** 3 * 4 * 2 <= cache_limit_bytes
-        self.ctf_models = ParticleCtfModels.from_particles(particles.merged(), particles.project) if use_ctf else None
+        self.ctf_models = ParticleCtfModels.from_particle_set(particles) if use_ctf else None
 
     def __getstate__(self) -> dict:
         """Pickled without the in-memory cache: a copy sent to a cluster worker reads its particles by path."""

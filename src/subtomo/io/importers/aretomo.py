@@ -12,7 +12,10 @@ by default):
   ``TX TY`` (shift of the image [px of the raw stack] that centres it),
   ``SMEAN SFIT SCALE BASE`` (statistics), ``TILT`` (the refined tilt angle [deg],
   alpha offset included).
-* A ``# Local Alignment`` section (patch tracking) may follow; it is not read here.
+* With patch tracking (``# NumPatches = k`` > 0) a ``# Local Alignment`` section follows:
+  one row per image and patch, ``SEC PATCH X Y SX SY GOOD`` (the patch centre and its extra
+  shift [px], ``GOOD`` 1/0). It is counted, not applied: subtomo's geometry is the global
+  single-axis one, so the importer warns that the local shifts are ignored.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ class AreTomoAlignment:
         Raw-stack indices AreTomo excluded.
     alpha_offset_deg : float
         ``AlphaOffset`` [deg].
+    num_patches : int
+        ``NumPatches`` (0: no local alignment).
+    local_rows : int
+        Rows of the ``# Local Alignment`` section (not applied).
     """
 
     sections: np.ndarray
@@ -59,6 +66,8 @@ class AreTomoAlignment:
     raw_size: tuple[int, int, int] | None
     dark_sections: list[int]
     alpha_offset_deg: float
+    num_patches: int = 0
+    local_rows: int = 0
 
 
 def read_aln(path: str | Path) -> AreTomoAlignment:
@@ -77,24 +86,27 @@ def read_aln(path: str | Path) -> AreTomoAlignment:
     if not path.is_file():
         raise SubtomoError(f"{path}: file not found. {FIX}")
     rows: list[list[float]] = []
-    raw_size, dark, alpha = None, [], 0.0
+    raw_size, dark, alpha, patches, local = None, [], 0.0, 0, -1
     for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
         text = line.strip()
         if not text:
             continue
+        if local >= 0:  # rows of the local alignment: counted only
+            local += 0 if text.startswith("#") else 1
+            continue
         if text.startswith("#"):
             key, _, value = text[1:].partition("=")
             key = key.strip()
-            if key == "Local Alignment":
-                break
-            if key == "RawSize":
+            if key.startswith("Local Alignment"):
+                local = 0
+            elif key == "NumPatches":
+                patches = int(float(value))
+            elif key == "RawSize":
                 raw_size = tuple(int(v) for v in value.split()[:3])
             elif key == "DarkFrame":
                 dark.append(int(value.split()[0]))
             elif key == "AlphaOffset":
                 alpha = float(value)
-            elif key.startswith("Local Alignment"):
-                break
             continue
         try:
             values = [float(v) for v in text.split()]
@@ -109,4 +121,4 @@ def read_aln(path: str | Path) -> AreTomoAlignment:
     t = np.asarray(rows)
     return AreTomoAlignment(sections=t[:, 0].astype(int), rotation_deg=t[:, 1], shifts_px=t[:, 3:5], tilts_deg=t[:, 9],
                             magnification=t[:, 2], raw_size=raw_size,  # type: ignore[arg-type]
-                            dark_sections=dark, alpha_offset_deg=alpha)
+                            dark_sections=dark, alpha_offset_deg=alpha, num_patches=patches, local_rows=max(local, 0))

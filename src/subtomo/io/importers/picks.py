@@ -24,10 +24,13 @@ from scipy.spatial.transform import Rotation
 
 from subtomo.errors import SubtomoError
 from subtomo.geometry.euler import euler_to_matrix, matrix_to_euler
-from subtomo.io.particles import ANGLE_COLUMNS, ParticleSet
+from subtomo.io.particles import ANGLE_COLUMNS, ORIGIN_A_COLUMNS, ParticleSet
+from subtomo.io.relion import TOMOGRAM_PIXEL_SIZE
 
 PRIOR_COLUMNS = ("rlnAngleRotPrior", "rlnAngleTiltPrior", "rlnAnglePsiPrior")
 COORD_COLUMNS = ("rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ")
+#: Columns of a particles STAR that ``prepare --particles`` carries onto its rows (orientations as priors).
+CARRIED_COLUMNS = ANGLE_COLUMNS + PRIOR_COLUMNS + ("rlnRandomSubset", "rlnClassNumber", "rlnAutopickFigureOfMerit")
 
 
 @dataclass(frozen=True)
@@ -262,3 +265,70 @@ def matrices_to_relion(matrices: np.ndarray) -> np.ndarray:
         (rot, tilt, psi) [deg], shape (n, 3).
     """
     return matrix_to_euler(np.asarray(matrices, np.float64).reshape(-1, 3, 3))
+
+
+def _coords_pixel_sizes(particles: ParticleSet) -> np.ndarray | None:
+    """Per-particle pixel size of the coordinates [Å]: subtomoTomogramPixelSize, else the images' (None: unknown)."""
+    merged = particles.merged()
+    if TOMOGRAM_PIXEL_SIZE in merged.columns and merged[TOMOGRAM_PIXEL_SIZE].notna().all():
+        return merged[TOMOGRAM_PIXEL_SIZE].to_numpy(np.float64)
+    try:
+        return particles.pixel_sizes_A()
+    except SubtomoError:
+        return None
+
+
+def picks_per_tomogram(particles: ParticleSet, pixel_sizes_A: dict[str, float]
+                       ) -> dict[str, tuple[np.ndarray, pd.DataFrame]]:
+    """Positions and orientations of a particles STAR, split by tomogram (``prepare --particles``).
+
+    Positions are ``rlnCoordinate − rlnOrigin`` rescaled to each tomogram's pixel size;
+    angles become priors too (``rlnAngle*Prior`` = ``rlnAngle*`` where the file has no priors).
+
+    Parameters
+    ----------
+    particles : ParticleSet
+        E.g. ``particles.star`` of ``subtomo import-particles`` (rlnTomoName, rlnCoordinateX/Y/Z).
+    pixel_sizes_A : dict
+        Tomogram name → its pixel size [Å]: the tomograms the particles may belong to.
+
+    Returns
+    -------
+    dict
+        Tomogram name → ((n, 3) positions [px], (n, k) table of the :data:`CARRIED_COLUMNS` present),
+        for every tomogram of ``pixel_sizes_A`` (empty where the file lists none).
+
+    Raises
+    ------
+    SubtomoError
+        Missing coordinates, no rlnTomoName with several tomograms, or names of no tomogram.
+    """
+    table = particles.table.reset_index(drop=True)
+    fix = "Give the particles.star of subtomo import-particles (rlnTomoName, rlnCoordinateX/Y/Z)."
+    require_columns(table, COORD_COLUMNS, particles.name, fix)
+    if "rlnTomoName" in table.columns:
+        names = table["rlnTomoName"].astype(str).to_numpy()
+    elif len(pixel_sizes_A) == 1:
+        names = np.full(len(table), next(iter(pixel_sizes_A)))
+    else:
+        raise SubtomoError(f"{particles.name}: no rlnTomoName column, and the tomogram table lists {len(pixel_sizes_A)} "
+                           f"tomograms. {fix}")
+    unknown = sorted(set(names.tolist()) - set(pixel_sizes_A))
+    if unknown:
+        raise SubtomoError(f"{particles.name}: rlnTomoName {', '.join(unknown)} is no tomogram of the input table "
+                           f"(which has {', '.join(sorted(pixel_sizes_A))}). Use the tomograms' names "
+                           "(import-particles --tomo-names) or give the matching tomogram table (--i).")
+    coords = check_finite(table[list(COORD_COLUMNS)].to_numpy(), particles.name, "coordinate")
+    extras = table[[c for c in CARRIED_COLUMNS if c in table.columns]].copy()
+    for angle, prior in zip(ANGLE_COLUMNS, PRIOR_COLUMNS):
+        if angle in extras.columns and prior not in extras.columns:
+            extras[prior] = extras[angle]
+    source_px = _coords_pixel_sizes(particles)
+    out = {}
+    for name, px in pixel_sizes_A.items():
+        sel = names == name
+        c = coords[sel] * (source_px[sel, None] / px if source_px is not None else 1.0)
+        if all(o in table.columns for o in ORIGIN_A_COLUMNS):
+            c = c - table.loc[sel, list(ORIGIN_A_COLUMNS)].to_numpy(np.float64) / px
+        out[name] = (c, extras[sel].reset_index(drop=True))
+    return out

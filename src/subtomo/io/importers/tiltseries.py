@@ -35,7 +35,7 @@ from scipy.optimize import linear_sum_assignment
 
 from subtomo.errors import SubtomoError
 from subtomo.io.importers.aretomo import read_aln
-from subtomo.io.importers.imod import read_tilt_com, read_xf, xf_rotation_deg
+from subtomo.io.importers.imod import geometry_columns, read_tilt_com, read_xf, xf_rotation_deg
 from subtomo.io.importers.serialem import read_mdoc
 from subtomo.io.importers.warp import read_warp_xml
 from subtomo.io.mrc import read_mrc_header
@@ -60,6 +60,11 @@ class SeriesPlan:
         Dose before each image [e⁻/Å²], shape (n,), stack order.
     notes : list of str
         What was found (files, pixel sizes, alignment, CTF results).
+    warnings : list of str
+        What was found but is not used (e.g. AreTomo's local alignment).
+    geometry : dict of str to float
+        Tomogram-table columns placing the tomogram in the tilt geometry (IMOD's ``SHIFT`` and
+        ``XAXISTILT``: :data:`subtomo.io.importers.imod.GEOMETRY_COLUMNS`); empty for the others.
     """
 
     name: str
@@ -68,6 +73,8 @@ class SeriesPlan:
     tilts_deg: np.ndarray
     pre_exposure: np.ndarray
     notes: list[str] = field(default_factory=list)
+    geometry: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _first(folder: Path, names: list[str]) -> Path | None:
@@ -115,13 +122,21 @@ def _imod(folder: Path, name: str) -> SeriesPlan:
     tilts = read_tlt(tlt)
     tomogram = _need(_first(folder, [f"{name}.rec", f"{name}_rec.mrc", f"{name}_full_rec.mrc"]), folder,
                      f"tomogram {name}.rec", f"Reconstruct it: subtomo reconstruct --i {stack}.")
+    geometry: dict[str, float] = {}
     if (folder / "tilt.com").is_file():
         com = read_tilt_com(folder / "tilt.com")
         tilts = tilts + com.offset_deg
-        notes.append(f"tilt.com: thickness {com.thickness}, binned {com.binned}, OFFSET {com.offset_deg}, "
-                     f"XAXISTILT {com.x_axis_tilt_deg}")
+        geometry = geometry_columns(com)
+        notes.append(f"tilt.com: thickness {com.thickness}, binned {com.binned}, OFFSET {com.offset_deg} (added to the "
+                     f"tilts), SHIFT {com.shift[0]:g} {com.shift[1]:g} and XAXISTILT {com.x_axis_tilt_deg} (the "
+                     "tomogram's place in the tilt geometry, used by prepare for the position-dependent defocus)")
+        if com.x_axis_tilt_deg:
+            notes.append(f"tilt.com: XAXISTILT {com.x_axis_tilt_deg} deg turns the missing wedge by as much about x; "
+                         "the 3D CTF models keep it about y")
+        notes.extend(f"tilt.com: {what} ignored: subtomo uses the global single-axis alignment" for what in com.ignored)
         shape = read_mrc_header(tomogram)[0]
-        if com.perpendicular and com.thickness and shape[1] == com.thickness and shape[0] != com.thickness:
+        thick = com.thickness // max(com.binned, 1) if com.thickness else None  # THICKNESS is in unbinned pixels
+        if com.perpendicular and thick and shape[1] == thick and shape[0] != thick:
             raise SubtomoError(f"{tomogram}: not rotated (y is the thickness, {shape}): rotate it with IMOD's "
                                f"'trimvol -rx', or reconstruct it with: subtomo reconstruct --i {stack}.")
     xf = _first(folder, [f"{name}.xf"])
@@ -134,12 +149,13 @@ def _imod(folder: Path, name: str) -> SeriesPlan:
         notes.append(f"{defocus.name}: ctfplotter defoci; use them with: subtomo ctf --import-imod {folder.parent}")
     dose = _doses_from_mdoc(folder, name, tilts, None, notes)
     _pixel_notes({stack.name: stack, tomogram.name: tomogram}, notes)
-    return SeriesPlan(name, stack, tomogram, tilts, dose, notes)
+    return SeriesPlan(name, stack, tomogram, tilts, dose, notes, geometry)
 
 
 def _aretomo(folder: Path, name: str) -> SeriesPlan:
     notes: list[str] = []
-    aln = read_aln(_need(_first(folder, [f"{name}.aln", "*.aln"]), folder, f"{name}.aln", "Give AreTomo's output folder."))
+    aln_path = _need(_first(folder, [f"{name}.aln", "*.aln"]), folder, f"{name}.aln", "Give AreTomo's output folder.")
+    aln = read_aln(aln_path)
     stack = _need(_first(folder, [f"{name}_ali.mrc", f"{name}.ali", f"{name}_ali.mrcs"]), folder, "aligned stack",
                   "Write it with AreTomo's -OutImod option (or newstack -xform with the .xf it writes).")
     tomogram = _need(_first(folder, [f"{name}_Vol.mrc", f"{name}_rec.mrc", f"{name}.rec"]), folder, "tomogram",
@@ -152,7 +168,13 @@ def _aretomo(folder: Path, name: str) -> SeriesPlan:
                            "stack written with this alignment.")
     dose = _doses_from_mdoc(folder, name, aln.tilts_deg, aln.sections, notes)
     _pixel_notes({stack.name: stack, tomogram.name: tomogram}, notes)
-    return SeriesPlan(name, stack, tomogram, aln.tilts_deg.copy(), dose, notes)
+    warnings = []
+    if aln.num_patches or aln.local_rows:
+        warnings.append(f"{aln_path}: local alignment ({aln.num_patches} patches, {aln.local_rows} rows) ignored: subtomo "
+                        "uses the global alignment (TILT, ROT, TX, TY) only. If "
+                        f"{tomogram.name} was reconstructed with the local shifts, particle positions in the tilt images "
+                        f"are off by up to those shifts; reconstruct without them: subtomo reconstruct --i {stack}.")
+    return SeriesPlan(name, stack, tomogram, aln.tilts_deg.copy(), dose, notes, warnings=warnings)
 
 
 def _warp(folder: Path, name: str) -> SeriesPlan:
