@@ -402,3 +402,21 @@ def test_ctf_job_fits_each_series_as_a_task_and_equals_none(tmp_path, client):
         a, b = (read_star_table(j.path(f"{name}_ctffind.star")) for j in (here, remote))
         assert a.equals(b), name
     assert "CTF fits: 2/2" in (remote.dir / "run.out").read_text()
+
+
+@needs_dask
+def test_localres_job_in_blocks_of_windows_equals_none(tmp_path, client):
+    """Blocks of windows as tasks: the same local-resolution map as all windows here."""
+    from test_post import _project_with_halves
+
+    from subtomo.io.mrc import read_mrc
+    from subtomo.jobs.base import execute
+    from subtomo.jobs.localres import SPEC, LocalResParams
+
+    project, _, _ = _project_with_halves(tmp_path)
+    kw = dict(device="cpu", window_A=36.0, step_px=3)
+    here = execute(SPEC, LocalResParams(**kw), project, quiet=True)
+    remote = execute(SPEC, LocalResParams(**kw, cluster=client.scheduler.address), project, quiet=True)
+    a, b = (read_mrc(j.path("localres.mrc"))[0] for j in (here, remote))
+    assert np.array_equal(a, b) and a.max() > 0
+    assert "local resolution window blocks: " in (remote.dir / "run.out").read_text()

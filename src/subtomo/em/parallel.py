@@ -112,8 +112,22 @@ def map_tasks(runner: TaskRunner | None, fn: Callable[..., Any], items: Sequence
         return [results[i] for i in range(len(items))]
     if not len(items):
         return []
-    _, extras = runner.map_reduce(_unreduced_task, items, (fn, *shared), _nothing, progress)
+    sized = (lambda done: progress(_Sized(done, len(items)))) if progress else None  # noqa: E731
+    _, extras = runner.map_reduce(_unreduced_task, items, (fn, *shared), _nothing, sized)
     return extras
+
+
+class _Sized:
+    """An iterable with a known length (tasks as they finish), for progress bars that show a total."""
+
+    def __init__(self, it: Iterable, n: int) -> None:
+        self.it, self.n = it, n
+
+    def __iter__(self):
+        return iter(self.it)
+
+    def __len__(self) -> int:
+        return self.n
 
 
 def _unreduced_task(item: Any, fn: Callable[..., Any], *shared: Any) -> tuple[None, Any]:

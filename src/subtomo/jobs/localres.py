@@ -10,6 +10,7 @@ average coloured by local resolution) and localres.star (one row per window).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,12 @@ import pandas as pd
 import torch
 from pydantic import Field
 
+from subtomo.em.parallel import map_tasks
 from subtomo.errors import SubtomoError
 from subtomo.io.mrc import read_mrc, read_mrc_header, write_mrc
 from subtomo.io.particles import resolve_project_path
 from subtomo.io.star import read_star, write_star
+from subtomo.jobs._cluster import check_cluster, open_runner
 from subtomo.jobs._inputs import load_mask
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
 from subtomo.jobs.contracts import InputSpec, NodeType, OutputSpec, Source
@@ -63,6 +66,7 @@ class _State:
 
 
 def _check(params: LocalResParams, project: Path) -> _State:
+    check_cluster(params, project)
     p = SPEC.input("i").resolve(project, params.i)
     assert p is not None  # a required input
     pair = half_map_pair(p, params.angpix)
@@ -104,8 +108,11 @@ def _run(ctx: JobContext) -> None:
     cube, edge = window_geometry(st.window_px)
     ctx.log(f"window: soft sphere of {st.window_px:.1f} px ({st.window_px * px:.1f} A) in a {cube}^3 cube, "
             f"grid step {p.step_px} px, FSC threshold {p.threshold}; shell spacing {cube * px:.1f} A / r")
-    res = local_resolution(h1, h2, mask, px, st.window_px, p.step_px, p.threshold, p.batch or None,
-                           progress=ctx.progress)
+    with open_runner(ctx) as runner:  # --cluster: blocks of windows as tasks (None: here)
+        blocks = None if runner is None else partial(map_tasks, runner,
+                                                     progress=lambda it: ctx.progress(it, None, "local resolution window blocks"))
+        res = local_resolution(h1, h2, mask, px, st.window_px, p.step_px, p.threshold, p.batch or None,
+                               progress=ctx.progress, map_blocks=blocks)
     s = res.stats()
     ctx.log(f"{len(res.values_A)} windows: local resolution min {s['min']:.2f}, 5% {s['p05']:.2f}, median "
             f"{s['median']:.2f}, 95% {s['p95']:.2f}, max {s['max']:.2f} A")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -147,15 +148,14 @@ def whiten_pair(half1: torch.Tensor, half2: torch.Tensor) -> tuple[torch.Tensor,
 
 def local_resolution(half1: torch.Tensor, half2: torch.Tensor, mask: torch.Tensor, pixel_size_A: float,
                      window_px: float = 16.0, step_px: int = 4, threshold: float = 0.143,
-                     batch: int | None = None, progress=None, whiten: bool = True) -> LocalResResult:
+                     batch: int | None = None, progress=None, whiten: bool = True,
+                     map_blocks: Callable[..., list] | None = None) -> LocalResResult:
     """Local-resolution map by windowed FSC (see module docstring).
 
     Parameters
     ----------
-    half1, half2
-        (n, n, n) float32 unfiltered half maps.
-    mask
-        (n, n, n) mask; windows are centred on grid points with mask > 0.5.
+    half1, half2, mask
+        (n, n, n) float32 unfiltered half maps; mask: windows are centred where it is > 0.5.
     pixel_size_A
         Pixel size [Å].
     window_px
@@ -170,6 +170,8 @@ def local_resolution(half1: torch.Tensor, half2: torch.Tensor, mask: torch.Tenso
         Optional ``progress(iterable, total, desc)`` wrapper.
     whiten
         Whiten both maps by their common shell-wise amplitude first.
+    map_blocks
+        ``map_blocks(fn, blocks, shared)``: blocks of windows as tasks (``--cluster``); None: here.
 
     Returns
     -------
@@ -195,14 +197,34 @@ def local_resolution(half1: torch.Tensor, half2: torch.Tensor, mask: torch.Tenso
     centres = np.stack([gz[inside], gy[inside], gx[inside]], axis=1)
     if whiten:
         half1, half2 = whiten_pair(half1, half2)
-    vals = _window_resolutions(half1, half2, centres, window_px, pixel_size_A, threshold, batch, progress)
+    args = (window_px, pixel_size_A, threshold, batch)
+    if map_blocks is None:
+        vals = window_resolutions(centres, half1, half2, *args, progress)
+    else:  # blocks of windows as tasks: the (whitened) half maps are sent once, the centres per block
+        blocks = np.array_split(centres, max(1, min(len(centres) // 256, 64)))
+        vals = np.concatenate(map_blocks(window_resolutions, blocks, (half1.cpu(), half2.cpu(), *args)))
     full = _fill_grid(vals, inside, grids, mask).to(dev)
     return LocalResResult(full, centres, vals, float(window_px), cube, int(step_px), float(threshold))
 
 
-def _window_resolutions(half1: torch.Tensor, half2: torch.Tensor, centres: np.ndarray, window_px: float,
-                        pixel_size_A: float, threshold: float, batch: int | None, progress) -> np.ndarray:
-    """(n,) local resolution [Å] of the windows centred on ``centres`` (n, 3) (z, y, x) voxels, in batches."""
+def window_resolutions(centres: np.ndarray, half1: torch.Tensor, half2: torch.Tensor, window_px: float,
+                       pixel_size_A: float, threshold: float, batch: int | None = None, progress=None) -> np.ndarray:
+    """Local resolution of the windows centred on given voxels, in batches of windows (a task of ``--cluster``).
+
+    Parameters
+    ----------
+    centres : numpy.ndarray
+        (n, 3) window centres (z, y, x) [voxel].
+    half1, half2 : torch.Tensor
+        (n, n, n) (whitened) half maps.
+    window_px, pixel_size_A, threshold, batch, progress
+        As :func:`local_resolution`.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n,) local resolution [Å].
+    """
     dev = half1.device
     cube, edge = window_geometry(window_px)
     h = cube // 2
