@@ -236,7 +236,7 @@ def bench_ctf_accuracy(figs: dict, seed: int = 0) -> None:
         models, params = {}, {}
         for name, job in variants.items():
             alt = parts.copy()
-            alt["rlnCtfImage"] = [r.replace(variants["exact"].name, job.name) for r in alt["rlnCtfImage"]]
+            alt["subtomoCtfModel"] = [r.replace(variants["exact"].name, job.name) for r in alt["subtomoCtfModel"]]
             params[name] = ParticleCtfModels.from_particles(alt, root)
             models[name] = params[name].volumes(np.arange(len(alt)), box)
         diff = np.abs(params["exact"].defocus_u_A - params["relion"].defocus_u_A)

@@ -420,3 +420,12 @@ def test_localres_job_in_blocks_of_windows_equals_none(tmp_path, client):
     a, b = (read_mrc(j.path("localres.mrc"))[0] for j in (here, remote))
     assert np.array_equal(a, b) and a.max() > 0
     assert "local resolution window blocks: " in (remote.dir / "run.out").read_text()
+
+
+def test_each_gpu_worker_gets_its_own_device():
+    """One worker per GPU: LocalCluster's names 0..N-1 and dask-jobqueue's <job>-<process> pick distinct GPUs."""
+    from subtomo.jobs._cluster import gpu_index
+
+    assert [gpu_index(str(i), 4) for i in range(4)] == [0, 1, 2, 3]
+    assert [gpu_index(f"SLURMCluster-12-{i}", 2) for i in range(2)] == [0, 1]
+    assert gpu_index("5", 4) == 1 and gpu_index("tcp://10.0.0.1:8786", 2) == 0 and gpu_index("w", 0) == 0

@@ -37,7 +37,7 @@ def _make_project(root: Path, rng: np.random.Generator) -> dict:
                       "rlnCoordinateX": rng.uniform(0, 500), "rlnCoordinateY": rng.uniform(0, 500),
                       "rlnCoordinateZ": rng.uniform(0, 100), "rlnTomoParticleId": i}
             rows3.append({**common, "rlnImageName": img3,
-                          "rlnCtfImage": f"{i:06d}@Prepare/job002/CtfModels/{t}_ctf.star",
+                          "subtomoCtfModel": f"{i:06d}@Prepare/job002/CtfModels/{t}_ctf.star",
                           "rlnOriginXAngst": rng.normal(), "rlnOpticsGroup": 1})
             rows2.append({**common, "rlnImageName": f"{i:06d}@{ex}/Particles/Tomograms/{t}/{t}_proj2d.mrcs",
                           "rlnImageOriginalName": img3, "rlnOpticsGroup": 1})

@@ -39,10 +39,19 @@ def _run_task(item: Any, *shared: Any, fn: Callable[..., Any], gpu: bool) -> Any
         torch.set_num_threads(1)  # a worker runs --threads tasks at once, each on one core
         _malloc_like_a_plain_process()
         if gpu and torch.cuda.is_available():  # one worker process per GPU: pinned by its index
-            tail = str(get_worker().name).rsplit("-", 1)[-1]
-            torch.cuda.set_device((int(tail) if tail.isdigit() else 0) % torch.cuda.device_count())
+            torch.cuda.set_device(gpu_index(str(get_worker().name), torch.cuda.device_count()))
         _WORKER_READY.append(True)
     return fn(item, *shared)
+
+
+def gpu_index(worker_name: str, n_gpus: int) -> int:
+    """The GPU of a worker: its number within the machine (the name's last ``-``-separated part) modulo the GPUs.
+
+    LocalCluster names its workers 0, 1, ...; dask-jobqueue names the processes of one batch
+    job ``<job>-0``, ``<job>-1``, ... (one process per GPU of the job); anything else gets GPU 0.
+    """
+    tail = worker_name.rsplit("-", 1)[-1]
+    return (int(tail) if tail.isdigit() else 0) % max(1, n_gpus)
 
 
 def _malloc_like_a_plain_process() -> None:

@@ -191,7 +191,7 @@ def _run_on(ctx: JobContext, runner: TaskRunner | None) -> None:
     fits: dict[str, tuple] = {}
     if runner is not None and not (p.skip_ctf or p.import_ctffind or p.import_imod):
         items = [_fit_item(ctx, r) for r in rows if selected is None or str(r["rlnTomoName"]) in selected]
-        done = map_tasks(runner, fit_series_task, items, (p, ctx.device.type), lambda it: ctx.progress(it, len(items), "CTF fits"))
+        done = map_tasks(runner, fit_series_task, items, (p, ctx.device.type), lambda it: ctx.progress(it, None, "CTF fits"))
         fits = {item[0].name: res for item, res in zip(items, done)}
     out_rows, commands = [], []
     for row in rows:
