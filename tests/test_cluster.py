@@ -429,3 +429,34 @@ def test_each_gpu_worker_gets_its_own_device():
     assert [gpu_index(str(i), 4) for i in range(4)] == [0, 1, 2, 3]
     assert [gpu_index(f"SLURMCluster-12-{i}", 2) for i in range(2)] == [0, 1]
     assert gpu_index("5", 4) == 1 and gpu_index("tcp://10.0.0.1:8786", 2) == 0 and gpu_index("w", 0) == 0
+
+
+@needs_dask
+def test_extract_job_one_task_per_tomogram_equals_none(tmp_path, client):
+    """Each tomogram extracted by a task: the same boxes (edge noise from the tomogram's own seed) and table."""
+    import pandas as pd
+    from test_extract import _particles_star, _tomogram
+
+    from subtomo.io.mrc import read_mrc
+    from subtomo.io.particles import read_particles
+    from subtomo.io.star import write_particles
+    from subtomo.jobs.base import execute
+    from subtomo.jobs.extract import SPEC, ExtractParams
+
+    coords = np.array([[20.4, 24.7, 20.2], [2.5, 45.0, 20.0]])  # the second crosses two edges
+    parts = []
+    for k, t in enumerate(("tomo1", "tomo2")):
+        (tmp_path / f"Tomograms/{t}").mkdir(parents=True)
+        _tomogram(tmp_path / f"Tomograms/{t}/{t}.mrc", coords, noise=1.0, seed=k)
+        _particles_star(tmp_path / f"{t}.star", f"Tomograms/{t}/{t}.mrc", coords, name=t)
+        parts.append(read_particles(tmp_path / f"{t}.star"))
+    write_particles(tmp_path / "both.star", pd.concat([p[0] for p in parts], ignore_index=True), parts[0][1])
+    kw = dict(i="both.star", box=16, project=True, device="cpu")
+    here = execute(SPEC, ExtractParams(**kw), tmp_path, quiet=True)
+    remote = execute(SPEC, ExtractParams(**kw, cluster=client.scheduler.address), tmp_path, quiet=True)
+    a, b = (read_particles(j.path("particles_subtomo.star"))[0] for j in (here, remote))
+    assert len(a) == 4 and list(a["subtomoBoxCrossesEdge"]) == [0, 1, 0, 1]
+    assert a.drop(columns=["rlnImageName"]).equals(b.drop(columns=["rlnImageName"]))
+    for x, y in zip(a["rlnImageName"], b["rlnImageName"]):
+        assert np.array_equal(read_mrc(tmp_path / x)[0], read_mrc(tmp_path / y)[0]), x
+    assert "tomograms extracted: 2/2" in (remote.dir / "run.out").read_text()

@@ -20,14 +20,23 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from subtomo.em.parallel import map_tasks
 from subtomo.errors import SubtomoError
 from subtomo.io.mrc import read_mrc_header, write_mrc
 from subtomo.io.particles import ParticleSet, path_component, resolve_project_path
+from subtomo.jobs._cluster import check_cluster, open_runner
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
 from subtomo.jobs.contracts import NodeType, OutputSpec, Source, particles_spec
 from subtomo.tomo.ctf3d import check_ctf_volumes
 from subtomo.tomo.ctf_models import tomogram_pixel_size_A
-from subtomo.tomo.extract import ExtractionSettings, TomogramBoxReader, default_bg_radius_A, extract_one, max_bg_radius_A
+from subtomo.tomo.extract import (
+    ExtractionSettings,
+    TomogramBoxes,
+    TomogramBoxReader,
+    default_bg_radius_A,
+    extract_tomogram,
+    max_bg_radius_A,
+)
 
 EDGE_COLUMN = "subtomoBoxCrossesEdge"
 
@@ -56,6 +65,7 @@ def _check(params: ExtractParams, project: Path):
         problems.append(f"--rescale {params.rescale}: must be even.")
     if problems:
         raise SubtomoError("invalid extraction options", problems)
+    check_cluster(params, project)
     star = SPEC.input("i").resolve(project, params.i)
     particle_set = ParticleSet.read(star, project)
     particles, optics = particle_set.merged(), particle_set.optics
@@ -91,25 +101,30 @@ def _check(params: ExtractParams, project: Path):
     return star, particles, optics, pixel
 
 
-class _TomogramPass:
-    """State of the tomogram being extracted: its reader, settings and z-projections."""
-
-    def __init__(self, ctx: JobContext, name: str, rows: pd.DataFrame, px: float, star: Path) -> None:
-        p: ExtractParams = ctx.params
-        out_box = p.rescale or p.box
-        self.out_px = px * p.box / out_box
-        bg_radius = p.bg_diameter / 2 if p.bg_diameter else default_bg_radius_A(out_box, self.out_px)
-        self.settings = ExtractionSettings(box=p.box, bg_radius_A=bg_radius, pixel_size_A=px, invert=p.invert_contrast,
-                                           normalise=p.normalise, new_box=p.rescale, project=p.project, device=ctx.device)
-        self.tname = str(rows["rlnTomoName"].iloc[0]) if "rlnTomoName" in rows else Path(str(name)).stem
-        self.reader = TomogramBoxReader(resolve_project_path(ctx.project, str(name)))
-        if abs(self.reader.pixel_size_A - px) > 1e-3 * px and self.reader.pixel_size_A not in (0.0, 1.0):
-            ctx.warn(f"{name}: header pixel size {self.reader.pixel_size_A:.4f} A differs from {px:.4f} A in "
-                     f"{ctx.rel(star)}; using {px:.4f} A.")
-        self.masks: dict = {}
-        self.proj_idx: list[int] = []
-        self.projections: list[np.ndarray] = []
-        self.n = self.n_edge = self.n_empty = 0
+def _tomogram_tasks(ctx: JobContext, particles: pd.DataFrame, pixel: dict, star: Path) -> list[tuple[str, np.ndarray, TomogramBoxes]]:
+    """One task per tomogram: (tomogram name, its rows in ``particles``, what to extract), in input order."""
+    p: ExtractParams = ctx.params
+    tomo_of = particles["rlnMicrographName"].astype(str).to_numpy()
+    coords = particles[["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]].to_numpy(float)
+    out = []
+    for k, name in enumerate(dict.fromkeys(tomo_of)):
+        sel = np.nonzero(tomo_of == name)[0]
+        rows, px = particles.iloc[sel], pixel[name]
+        tname = str(rows["rlnTomoName"].iloc[0]) if "rlnTomoName" in rows else Path(name).stem
+        ids = rows["rlnTomoParticleId"].astype(int).to_numpy() if "rlnTomoParticleId" in rows else np.arange(1, len(sel) + 1)
+        out_px = px * p.box / (p.rescale or p.box)
+        bg_radius = p.bg_diameter / 2 if p.bg_diameter else default_bg_radius_A(p.rescale or p.box, out_px)
+        settings = ExtractionSettings(box=p.box, bg_radius_A=bg_radius, pixel_size_A=px, invert=p.invert_contrast,
+                                      normalise=p.normalise, new_box=p.rescale, project=p.project, device=ctx.device.type)
+        path = resolve_project_path(ctx.project, name)
+        with TomogramBoxReader(path) as reader:  # the header only (memory-mapped)
+            header_px = reader.pixel_size_A
+        if abs(header_px - px) > 1e-3 * px and header_px not in (0.0, 1.0):
+            ctx.warn(f"{name}: header pixel size {header_px:.4f} A differs from {px:.4f} A in {ctx.rel(star)}; "
+                     f"using {px:.4f} A.")
+        out.append((tname, sel, TomogramBoxes(path, coords[sel], [f"{tname}{i:06d}.mrc" for i in ids],
+                                              ctx.path(f"Particles/Tomograms/{tname}"), settings, (p.seed, k))))
+    return out
 
 
 def _run(ctx: JobContext) -> None:
@@ -123,66 +138,32 @@ def _run(ctx: JobContext) -> None:
             + f"; contrast {'inverted' if p.invert_contrast else 'kept'}; "
             + ("normalised" if p.normalise else "not normalised") + (", z-projections" if p.project else ""))
     n = len(particles)
-    image_names = [""] * n
-    proj_names = [""] * n
-    origins = np.zeros((n, 3))
-    edge = np.zeros(n, dtype=int)
-    keep = np.ones(n, dtype=bool)
-    out_px = np.zeros(n)
-    tomo_of = particles["rlnMicrographName"].astype(str).to_numpy()
-    order = np.argsort(pd.Categorical(tomo_of, categories=list(dict.fromkeys(tomo_of))).codes, kind="stable")
-    ids = (particles["rlnTomoParticleId"].astype(int).to_numpy() if "rlnTomoParticleId" in particles
-           else np.zeros(n, dtype=int))
-    if "rlnTomoParticleId" not in particles:
-        for name in dict.fromkeys(tomo_of):
-            sel = np.nonzero(tomo_of == name)[0]
-            ids[sel] = np.arange(1, len(sel) + 1)
-    coords = particles[["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]].to_numpy(float)
-    cur: _TomogramPass | None = None
-
-    def finish(t: _TomogramPass) -> None:
-        t.reader.close()
-        if t.projections:
-            stack = write_mrc(ctx.path(f"Particles/Tomograms/{t.tname}/{t.tname}_proj2d.mrcs"), np.stack(t.projections),
-                              t.out_px, stack=True)
-            for k, i in enumerate(t.proj_idx, start=1):
-                proj_names[i] = f"{k:06d}@{ctx.rel(stack)}"
-        ctx.log(f"{t.tname}: {t.n} subtomograms, {t.n_edge} crossing the tomogram edge (filled with background noise)"
-                + (f"; {t.n_empty} skipped: box entirely outside the tomogram" if t.n_empty else ""))
-        if t.n_empty:
-            ctx.warn(f"{t.tname}: {t.n_empty} particle(s) lie entirely outside the tomogram and were not extracted; "
+    image_names, proj_names = [""] * n, [""] * n
+    origins, edge, keep, out_px = np.zeros((n, 3)), np.zeros(n, dtype=int), np.zeros(n, dtype=bool), np.zeros(n)
+    tasks = _tomogram_tasks(ctx, particles, pixel, star)
+    with open_runner(ctx) as runner:  # --cluster: one task per tomogram (None: here, with per-particle progress)
+        if runner is None:
+            done = [extract_tomogram(t, ctx.progress) for _, _, t in tasks]
+        else:
+            done = map_tasks(runner, extract_tomogram, [t for _, _, t in tasks], (),
+                             lambda it: ctx.progress(it, None, "tomograms extracted"))
+    for (tname, sel, task), res in zip(tasks, done):
+        made = [j for j, path in enumerate(res.paths) if path is not None]
+        for j in made:
+            image_names[sel[j]] = ctx.rel(res.paths[j])
+        keep[sel[made]], origins[sel], edge[sel] = True, res.origins_A, res.crosses_edge
+        out_px[sel] = task.settings.out_pixel_size_A
+        if p.project and made:
+            stack = write_mrc(ctx.path(f"Particles/Tomograms/{tname}/{tname}_proj2d.mrcs"),
+                              np.stack([res.projections[j] for j in made]), task.settings.out_pixel_size_A, stack=True)
+            for k, j in enumerate(made, start=1):
+                proj_names[sel[j]] = f"{k:06d}@{ctx.rel(stack)}"
+        n_empty = len(sel) - len(made)
+        ctx.log(f"{tname}: {len(made)} subtomograms, {int(res.crosses_edge[made].sum())} crossing the tomogram edge "
+                "(filled with background noise)" + (f"; {n_empty} skipped: box entirely outside the tomogram" if n_empty else ""))
+        if n_empty:
+            ctx.warn(f"{tname}: {n_empty} particle(s) lie entirely outside the tomogram and were not extracted; "
                      f"check the .coords file.")
-
-    try:
-        for i in ctx.progress(order, total=n, description="extracting subtomograms"):
-            name = tomo_of[i]
-            if cur is None or cur.reader.path != resolve_project_path(ctx.project, name):
-                if cur is not None:
-                    finish(cur)
-                    cur = None
-                cur = _TomogramPass(ctx, name, particles[tomo_of == name], pixel[name], star)
-            sub = extract_one(cur.reader, coords[i], cur.settings, ctx.rng, cur.masks)
-            out_px[i] = cur.out_px
-            if sub.empty:
-                keep[i] = False
-                cur.n_empty += 1
-                continue
-            path = ctx.path(f"Particles/Tomograms/{cur.tname}/{cur.tname}{ids[i]:06d}.mrc")
-            write_mrc(path, sub.volume, cur.out_px)
-            image_names[i] = ctx.rel(path)
-            origins[i] = sub.origin_A
-            edge[i] = int(sub.crosses_edge)
-            cur.n += 1
-            cur.n_edge += int(sub.crosses_edge)
-            if sub.projection is not None:
-                cur.projections.append(sub.projection)
-                cur.proj_idx.append(i)
-        if cur is not None:
-            finish(cur)
-            cur = None
-    finally:
-        if cur is not None:
-            cur.reader.close()
     if not keep.any():
         raise SubtomoError(f"{ctx.rel(star)}: no particle box overlaps its tomogram. Check the coordinates (pixels, IMOD origin).")
     particles["rlnImageName"] = image_names

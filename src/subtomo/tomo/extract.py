@@ -25,7 +25,7 @@ import torch
 
 from subtomo.errors import SubtomoError
 from subtomo.fourier import fourier_resize
-from subtomo.io.mrc import open_tomogram
+from subtomo.io.mrc import open_tomogram, write_mrc
 
 
 def box_start(coord_px: np.ndarray, box: int) -> tuple[np.ndarray, np.ndarray]:
@@ -383,6 +383,57 @@ def extract_one(reader: TomogramBoxReader, coord_px: np.ndarray, settings: Extra
     if settings.normalise:
         vol = normalise(vol, bg_out)
     return Subtomogram(vol, proj, crosses, origin_angst(frac, settings.pixel_size_A), empty)
+
+
+@dataclass
+class TomogramBoxes:
+    """The particles of one tomogram to extract, and where their boxes go (one task of ``--cluster``)."""
+
+    tomogram: Path
+    coords_px: np.ndarray  # (n, 3) (x, y, z)
+    file_names: list[str]  # (n,) output file names, in out_dir
+    out_dir: Path
+    settings: ExtractionSettings
+    seed: tuple[int, ...]  # of the noise filling voxels outside the tomogram (the same wherever it runs)
+
+
+@dataclass
+class TomogramExtraction:
+    """What :func:`extract_tomogram` made: per particle its file (None: box outside the tomogram), origin, edge flag."""
+
+    paths: list[Path | None]
+    origins_A: np.ndarray  # (n, 3) (x, y, z)
+    crosses_edge: np.ndarray  # (n,) bool
+    projections: list[np.ndarray | None]
+
+
+def extract_tomogram(task: TomogramBoxes, progress=None) -> TomogramExtraction:
+    """Extract and write every box of one tomogram (:func:`extract_one` each), reading it once through a map.
+
+    Parameters
+    ----------
+    task : TomogramBoxes
+        The tomogram, its particles' coordinates and output names, the settings and noise seed.
+    progress : callable, optional
+        ``progress(iterable, total, description)`` over the particles.
+
+    Returns
+    -------
+    TomogramExtraction
+        The written files and each particle's origin, edge flag and z-projection.
+    """
+    n = len(task.coords_px)
+    rng, masks = np.random.default_rng(list(task.seed)), dict[str, np.ndarray]()
+    out = TomogramExtraction([None] * n, np.zeros((n, 3)), np.zeros(n, dtype=bool), [None] * n)
+    task.out_dir.mkdir(parents=True, exist_ok=True)
+    with TomogramBoxReader(task.tomogram) as reader:
+        for i in progress(range(n), n, "extracting subtomograms") if progress else range(n):
+            sub = extract_one(reader, task.coords_px[i], task.settings, rng, masks)
+            if sub.empty:
+                continue
+            out.paths[i] = write_mrc(task.out_dir / task.file_names[i], sub.volume, task.settings.out_pixel_size_A)
+            out.origins_A[i], out.crosses_edge[i], out.projections[i] = sub.origin_A, sub.crosses_edge, sub.projection
+    return out
 
 
 def default_bg_radius_A(box: int, pixel_size_A: float) -> float:
