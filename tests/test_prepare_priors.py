@@ -108,3 +108,24 @@ def test_positions_are_rescaled_to_each_tomogram_and_origins_subtracted():
     assert np.allclose(given["b"][0], [[80, 40, 20]]) and len(given["c"][0]) == 0
     assert given["a"][1]["rlnAnglePsiPrior"].tolist() == [7.0, 9.0]  # priors = the given angles
 
+
+
+def test_particles_given_without_any_coords_file(tmp_path):
+    """--particles needs no .coords file; without either, prepare stops with the fix and writes nothing."""
+    from subtomo.errors import SubtomoError
+    from subtomo.jobs.import_particles import SPEC as IMPORT
+    from subtomo.jobs.import_particles import ImportParticlesParams
+    from subtomo.jobs.prepare import SPEC as PREPARE
+    from subtomo.jobs.prepare import PrepareParams
+
+    _project(tmp_path)
+    (tmp_path / "Tomograms/tomo1/tomo1.coords").unlink()
+    (tmp_path / "picks.tbl").write_text(_dynamo_row("41", "31", "21", "0", "0", "0", "0", "0", "0", "10") + "\n")
+    imp = execute(IMPORT, ImportParticlesParams(i=["picks.tbl"], format="dynamo", tomo_names=["tomo1"]), tmp_path,
+                  quiet=True)
+    kw = dict(i="Import/job001/all_tomograms.star", skip_ctf=True, plot_box=16, device="cpu")
+    with pytest.raises(SubtomoError, match="pick particles first"):
+        execute(PREPARE, PrepareParams(**kw), tmp_path, quiet=True)
+    ctx = execute(PREPARE, PrepareParams(**kw, particles=imp.name + "particles.star"), tmp_path, quiet=True)
+    assert len(ParticleSet.read(ctx.path("particles_subtomo.star"), tmp_path)) == 1
+    assert "no tomo1.coords" in (ctx.dir / "run.out").read_text()

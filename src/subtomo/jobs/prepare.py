@@ -4,9 +4,9 @@ For every particle of every tomogram and every tilt image: the position-dependen
 (U and V shifted alike, :mod:`subtomo.tomo.defocus`), the dose B-factor
 (``--bfactor-per-dose`` × accumulated dose) and the scale factor cos θ. These compact
 parameters are written per tomogram to ``CtfModels/<t>_ctf.star`` (one row per particle per
-tilt) and referenced by ``rlnCtfImage = NNNNNN@CtfModels/<t>_ctf.star``; later jobs build
-the 3D CTF volumes on the fly (:class:`subtomo.tomo.ctf3d.ParticleCtfModels`), so no
-``do_all_reconstruct_ctfs.sh`` is needed. ``--export-relion BOX`` also writes RELION-style
+tilt) and referenced by ``subtomoCtfModel = NNNNNN@CtfModels/<t>_ctf.star`` (our label: RELION's
+``rlnCtfImage`` names a CTF volume); later jobs build the 3D CTF volumes on the fly
+(:class:`subtomo.tomo.ctf3d.ParticleCtfModels`), so no ``do_all_reconstruct_ctfs.sh`` is needed. ``--export-relion BOX`` also writes RELION-style
 ``rlnCtfImage`` volumes (as ``relion_reconstruct --reconstruct_ctf`` makes them from the per-tilt
 STAR beside each) and ``particles_subtomo_relion.star`` pointing at them; extract it with
 ``subtomo extract --i Prepare/jobNNN/particles_subtomo_relion.star --box BOX`` (the same box, no
@@ -115,6 +115,9 @@ def _check(params: PrepareParams, project: Path):
     limit = params.lower_tilt_limit if params.use_lower_tilt_defoci else None
     tomos = read_tomogram_ctfs(star, project, params.skip_ctf, limit)
     if params.particles is None:
+        if not any(len(t.coords_px) for t in tomos):
+            raise SubtomoError(f"{star}: the .coords files list no particles. Step 3: pick particles first (or give "
+                               "them with --particles).")
         return star, tomos, None
     particles = ParticleSet.read(resolve_project_path(project, params.particles), project)
     given = picks_per_tomogram(particles, {t.name: t.pixel_size_A for t in tomos})
@@ -165,7 +168,7 @@ def _run(ctx: JobContext) -> None:
         if extras is not None:  # the given orientations (and half sets, classes) of each particle
             new = [{**row, **extra} for row, extra in zip(new, extras[t.name].to_dict("records"))]
         rows.extend(new)
-        dz = table["rlnDefocusU"].to_numpy().reshape(n, -1) - (0 if t.skip_ctf else t.defocus_u_A[None, :])
+        dz = table["rlnDefocusU"].to_numpy().reshape(n, len(t.tilts_deg)) - (0 if t.skip_ctf else t.defocus_u_A[None, :])
         ctx.log(f"{t.name}: {n} particles x {len(t.tilts_deg)} tilts ({t.tilts_deg.min():.1f} to {t.tilts_deg.max():.1f} deg, "
                 f"dose {t.dose.min():.1f}-{t.dose.max():.1f} e/A^2)"
                 + (", wedge-only (no CTF)" if t.skip_ctf else

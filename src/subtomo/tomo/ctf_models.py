@@ -217,14 +217,16 @@ def _read_one(project: Path, star: Path, row: pd.Series, skip_ctf: bool, lower_t
     tomo = resolve_project_path(project, str(row["rlnMicrographName"]), source=star, column="rlnMicrographName")
     name = path_component(row["rlnTomoName"] if "rlnTomoName" in row else tomo.stem, "rlnTomoName", star)
     size, px = _tomogram_size_xyz(row, tomo), tomogram_pixel_size_A(row, tomo)
-    coords = read_coords(tomo.with_suffix(".coords"))
+    coords_file = tomo.with_suffix(".coords")
+    coords = read_coords(coords_file) if coords_file.exists() else np.zeros((0, 3))
     tilt_table, source = _tilt_inputs(project, row, tomo, star, skip_ctf)
     missing = [c for c in ("rlnTomoNominalStageTiltAngle", "rlnMicrographPreExposure") if c not in tilt_table.columns]
     if missing:
         raise SubtomoError(f"{source}: cannot be used", [f"{source}: no {c} column. Fix: re-run subtomo import / subtomo ctf."
                                                          for c in missing])
     tilts = tilt_table["rlnTomoNominalStageTiltAngle"].to_numpy(float)
-    notes: list[str] = []
+    notes = [] if coords_file.exists() else [f"{name}: no {coords_file.name}: no particles from its picks (prepare "
+                                             "--particles can give them)"]
     skip = bool(skip_ctf)
     if not skip and (reason := _skip_reason(name, row, star, tilt_table, source)):
         skip = True
