@@ -460,3 +460,24 @@ def test_extract_job_one_task_per_tomogram_equals_none(tmp_path, client):
     for x, y in zip(a["rlnImageName"], b["rlnImageName"]):
         assert np.array_equal(read_mrc(tmp_path / x)[0], read_mrc(tmp_path / y)[0]), x
     assert "tomograms extracted: 2/2" in (remote.dir / "run.out").read_text()
+
+
+@needs_dask
+def test_prepare_export_one_task_per_tomogram_equals_none(tmp_path, client):
+    """RELION CTF volumes of --export-relion made by a task per tomogram: the same files as here."""
+    from test_ctf3d import _project
+
+    from subtomo.io.mrc import read_mrc
+    from subtomo.io.particles import read_particles
+    from subtomo.jobs.base import execute
+    from subtomo.jobs.prepare import SPEC, PrepareParams
+
+    _project(tmp_path)
+    kw = dict(i="CtfFind/job002/ctf_tomograms.star", export_relion=16, plot_box=16, device="cpu")
+    here = execute(SPEC, PrepareParams(**kw), tmp_path, quiet=True)
+    remote = execute(SPEC, PrepareParams(**kw, cluster=client.scheduler.address), tmp_path, quiet=True)
+    a, b = (read_particles(j.path("particles_subtomo_relion.star"))[0]["rlnCtfImage"] for j in (here, remote))
+    assert len(a) == 3
+    for x, y in zip(a, b):
+        assert np.array_equal(read_mrc(tmp_path / x)[0], read_mrc(tmp_path / y)[0]), x
+    assert "RELION 3D CTF volumes (box 16), tomograms: 1/1" in (remote.dir / "run.out").read_text()

@@ -41,8 +41,8 @@ class ComputeParams(JobParams):
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: all cores).")
     seed: int = Field(0, ge=0, description="Random seed; the same inputs, parameters and seed give the same result.")
     cluster: str = Field("none", description="Where the tasks run (the E-step's particle batches of refine3d, class3d "
-                         "and class2d; one tilt series each in ctf; one tomogram each in extract; blocks of windows in "
-                         "localres; other jobs run in "
+                         "and class2d; one tilt series each in ctf; one tomogram each in extract and in prepare's "
+                         "--export-relion volumes; blocks of windows in localres; other jobs run in "
                          "this process): none (this process), "
                          "local:N (N worker processes on this machine, --threads threads each), slurm (Dask workers as "
                          "SLURM jobs, from cluster.yaml in the project or --cluster-config), or tcp://HOST:PORT (a "

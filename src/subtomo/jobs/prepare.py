@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
+from subtomo.em.parallel import map_tasks
 from subtomo.errors import SubtomoError
 from subtomo.io.importers.imod import imod_to_tilt_geometry, tomogram_geometry
 from subtomo.io.importers.picks import picks_per_tomogram
@@ -41,6 +42,7 @@ from subtomo.io.mrc import write_mrc
 from subtomo.io.particles import ParticleSet, resolve_project_path
 from subtomo.io.relion import upgrade_legacy_labels
 from subtomo.io.star import read_star_table, write_star
+from subtomo.jobs._cluster import check_cluster, open_runner
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
 from subtomo.jobs.contracts import InputSpec, NodeType, OutputSpec, Source
 from subtomo.tomo.ctf3d import CTF_GENERAL_BLOCK, CTF_TABLE_BLOCK, relion_ctf_cube, to_relion_cube
@@ -110,6 +112,7 @@ def _check(params: PrepareParams, project: Path):
         raise SubtomoError(f"--defocus-handedness {params.defocus_handedness}: must be -1 or +1.")
     if params.export_relion is not None and params.export_relion % 2:
         raise SubtomoError(f"--export-relion {params.export_relion}: the box size must be even (as the subtomograms' box).")
+    check_cluster(params, project)
     star = _input_path(params, project)
     _require_tilts(star, project)
     limit = params.lower_tilt_limit if params.use_lower_tilt_defoci else None
@@ -199,19 +202,28 @@ def _run(ctx: JobContext) -> None:
         _export_relion(ctx, tomos, tables, particles, p.export_relion)
 
 
-def _export_relion(ctx: JobContext, tomos: list[TomoCtf], tables: dict[str, pd.DataFrame], particles: ParticleSet,
-                   box: int) -> None:
-    """RELION rlnCtfImage volumes as relion_reconstruct --reconstruct_ctf makes them from the per-tilt STAR beside each."""
-    ctf_names: dict[tuple[str, int], str] = {}
-    work = [(t, pid) for t in tomos for pid in range(1, len(t.coords_px) + 1)]
-    for t, pid in ctx.progress(work, description=f"RELION 3D CTF volumes (box {box})"):
-        rows = tables[t.name][tables[t.name]["rlnTomoParticleId"] == pid]
+def export_tomogram_task(item: tuple[TomoCtf, pd.DataFrame], box: int, out_dir: Path) -> list[Path]:
+    """RELION CTF volumes (and the per-tilt STAR beside each) of one tomogram's particles (a task of ``--cluster``)."""
+    t, table = item
+    out = []
+    for pid in range(1, len(t.coords_px) + 1):
+        rows = table[table["rlnTomoParticleId"] == pid]
         cube = relion_ctf_cube(*(rows[c].to_numpy(float) for c in RELION_CTF_COLUMNS), box, t.pixel_size_A,
                                t.voltage_kV, t.cs_mm, t.amplitude_contrast, skip_ctf=t.skip_ctf)
-        root = ctx.path(f"Particles/Tomograms/{t.name}/{t.name}_ctf{pid:06d}")
-        write_mrc(root.with_suffix(".mrc"), cube, t.pixel_size_A)
+        root = out_dir / t.name / f"{t.name}_ctf{pid:06d}"
+        out.append(write_mrc(root.with_suffix(".mrc"), cube, t.pixel_size_A))
         write_star(root.with_suffix(".star"), {"images": relion_ctf_star(t, rows)})
-        ctf_names[(t.name, pid)] = ctx.rel(root.with_suffix(".mrc"))
+    return out
+
+
+def _export_relion(ctx: JobContext, tomos: list[TomoCtf], tables: dict[str, pd.DataFrame], particles: ParticleSet,
+                   box: int) -> None:
+    """RELION rlnCtfImage volumes as relion_reconstruct --reconstruct_ctf makes them, one tomogram per task."""
+    with open_runner(ctx) as runner:  # --cluster: one task per tomogram (None: here)
+        done = map_tasks(runner, export_tomogram_task, [(t, tables[t.name]) for t in tomos],
+                         (box, ctx.path("Particles/Tomograms")),
+                         lambda it: ctx.progress(it, None, f"RELION 3D CTF volumes (box {box}), tomograms"))
+    ctf_names = {(t.name, pid): ctx.rel(path) for t, paths in zip(tomos, done) for pid, path in enumerate(paths, 1)}
     table = particles.table
     names = [ctf_names[(n, int(i))] for n, i in zip(table["rlnTomoName"], table["rlnTomoParticleId"])]
     assert particles.optics is not None  # prepare always writes an optics table
