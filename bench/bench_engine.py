@@ -164,7 +164,7 @@ def worker(box: int, mode: str, n: int, size_frac: float, threads: int, profile:
     cyc = torch.arange(n) % n_sim
     src = InMemorySource(ds.volumes, px, ds.ctfs)
     if n > n_sim:
-        src = _Cyclic(src, n)
+        src = CyclicSource(src, n)
         ds.rot = ds.rot[cyc.numpy()]
     idx = np.arange(n)
     mask = mask.to(device)
@@ -241,7 +241,7 @@ def worker(box: int, mode: str, n: int, size_frac: float, threads: int, profile:
     return out
 
 
-class _Cyclic:
+class CyclicSource:
     """n particles that cycle through the ``src.n`` held ones."""
 
     def __init__(self, src, n: int) -> None:

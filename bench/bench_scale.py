@@ -12,11 +12,12 @@ pose and half-map differences against ``none``.
 
 Part 2, bytes per pass against box size and class count (serialised, not estimated).
 
-Part 3, a cost model of one iteration at box 128 for 10,000 and 100,000 particles on 1, 8 and
-64 workers, from measured pieces: the per-particle E-step cost and the per-pass projection
-of a 7.5 deg global pass at box 128 (``bench_engine.py``'s worker, current size = box / 2),
-the per-pass overhead of the cluster (part 1: ``local:1`` minus ``none``) and the M-step (part
-1, scaled by N^3 log N from box 64 to 128: derived, marked so).
+Part 3, a cost model of one refine3d iteration at box 128 for 10,000 and 100,000 particles on
+1, 8 and 64 workers, from pieces measured here: the per-particle E-step cost, the per-pass
+preparation (projection of the coarse references) and the M-step of an iteration at box 128
+(order 2, current size 64; two runs of simulated particles held in memory: slope and
+intercept), and the cluster's efficiency (part 1: E-step CPU time of ``none`` over
+``local:1``). The tree reduction assumes 1 GB/s between nodes (stated, not measured).
 
     python bench/bench_scale.py --project /tmp/bench_scale --threads 1
 """
@@ -35,17 +36,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from _common import add_json_option, write_figures
-from bench_engine import run_config as engine_config
+from bench_engine import CyclicSource
 from bench_refine3d import prepare_project
 
 from subtomo.em.components import fourier_components
 from subtomo.em.expectation import EStepOptions
-from subtomo.em.iteration import PassConfig, PassPayload
+from subtomo.em.iteration import InMemorySource, PassConfig, PassPayload
 from subtomo.em.maximisation import SufficientStats
 from subtomo.em.refine import RefineOptions, initialise_refinement, refine_iteration
 from subtomo.em.sampling import global_rotations, translation_grid
 from subtomo.io.mrc import read_mrc
 from subtomo.io.particles import ParticleSet
+from subtomo.testing.synthetic import make_set
 from subtomo.tomo.particle_source import SubtomogramSource
 
 
@@ -143,28 +145,50 @@ def part2(figures: dict) -> None:
     print("  both grow as K x N^3 (8x per doubling of the box); the particles never travel (read by path)")
 
 
+def box128_costs(n_small: int, n_large: int) -> dict:
+    """E-step seconds per particle and per pass (projection, preparation) and M-step seconds at box 128, measured.
+
+    One refine3d iteration (global search at order 2, the refine3d default, current size 64)
+    on simulated particles held in memory, with ``n_small`` and ``n_large`` particles: the
+    slope is the per-particle cost, the intercept the per-pass preparation of both halves.
+    """
+    box, px = 128, 4.0
+    ds = make_set(n=16, box=box, pixel_size_A=px, snr=1.0, seed=5, max_offset_px=1.0)
+    out = {}
+    for n in (n_small, n_large):  # 16 particles held, cycled through (the same work, 16 particles' memory)
+        src = CyclicSource(InMemorySource(ds.volumes, px, ds.ctfs), n)
+        opts = RefineOptions(particle_diameter_A=ds.diameter_A, healpix_order=2, ini_high_A=box * px / 22, seed=1)
+        state = initialise_refinement(src, opts, np.arange(n) % 2 + 1, initial_ref=ds.reference, device="cpu")
+        rec = refine_iteration(src, opts, state, device="cpu").record
+        out[n] = (rec.estep_seconds, rec.seconds - rec.estep_seconds, rec.size)
+    per_particle = (out[n_large][0] - out[n_small][0]) / (n_large - n_small)
+    return {"per_particle_s": per_particle, "prep_s": max(0.0, out[n_small][0] - n_small * per_particle) / 2,
+            "mstep_s": out[n_large][1], "size": out[n_large][2]}
+
+
 def part3(args, rows: dict, figures: dict) -> None:
-    eng = engine_config(128, "global", args.n128, argparse.Namespace(size_frac=0.5, threads=1, pass_memory_gb=0.0,
-                                                                     no_profile=False, compiled=False))
-    proj = eng["projection_s"]
-    per_particle = (eng["wall_s"] - proj) / eng["n"]
-    over = rows["local:1"]["estep_s"] - rows["none"]["estep_s"] if "local:1" in rows and "none" in rows else 0.0
-    mstep64 = rows[next(iter(rows))]["mstep_s"]
-    mstep128 = mstep64 * 8 * math.log(128) / math.log(64)  # derived: FFT-bound reconstructions scale as N^3 log N
-    print(f"part 3: box 128, 7.5 deg global pass at size 64 (bench_engine, {eng['n']} particles, one thread): "
-          f"{per_particle:.2f} s/particle, projection {proj:.1f} s per pass and worker; cluster overhead per "
-          f"iteration {over:.2f} s (measured at box 64); M-step {mstep128:.1f} s (derived from {mstep64:.2f} s at box 64)")
-    print("  model: wall = 2 halves x projection + n x s/particle / workers + overhead + M-step (one thread per worker)")
+    c = box128_costs(args.n128, 4 * args.n128)
+    eff = rows["none"]["estep_cpu_s"] / rows["local:1"]["estep_cpu_s"] if {"none", "local:1"} <= rows.keys() else 1.0
+    sums_gb = stats_bytes(128, 1) / 1e9
+    print(f"part 3: box 128, refine3d iteration at order 2 (7.5 deg), current size {c['size']}, one thread "
+          f"({args.n128} and {4 * args.n128} simulated particles): {c['per_particle_s']:.3f} s/particle, "
+          f"{c['prep_s']:.1f} s preparation per pass (projection of the coarse references), M-step {c['mstep_s']:.1f} s")
+    print(f"  cluster efficiency (E-step CPU of none / local:1, part 1): {eff:.2f}; sums {sums_gb * 1e3:.0f} MB per task, "
+          f"reduced in a tree at an assumed 1 GB/s between nodes")
+    print("  model: wall = (passes a worker prepares x preparation + n x s/particle / workers) / efficiency")
+    print("         + log2(tasks) x sums / bandwidth + M-step; a worker prepares both halves' passes with 1 worker, one with more")
     print(f"{'particles':>10} " + " ".join(f"{str(w) + ' workers':>12}" for w in (1, 8, 64)))
     for n in (10_000, 100_000):
         cells = []
         for w in (1, 8, 64):
-            wall = 2 * proj + n * per_particle / w + over + mstep128
-            figures[f"scale.model_box128_n{n}_w{w}_h"] = wall / 3600
-            cells.append(f"{wall / 3600:10.2f} h")
+            passes = 2 if w == 1 else 1
+            wall = ((passes * c["prep_s"] + n * c["per_particle_s"] / w) / eff
+                    + math.ceil(math.log2(8 * w)) * sums_gb + c["mstep_s"])
+            figures[f"scale.model_box128_n{n}_w{w}_min"] = wall / 60
+            cells.append(f"{wall / 60:8.1f} min")
         print(f"{n:10d} " + " ".join(cells))
-    figures.update({"scale.box128_s_per_particle": per_particle, "scale.box128_projection_s": proj,
-                    "scale.cluster_overhead_s": over})
+    figures.update({"scale.box128_s_per_particle": c["per_particle_s"], "scale.box128_prep_s": c["prep_s"],
+                    "scale.box128_mstep_s": c["mstep_s"], "scale.cluster_efficiency": eff})
 
 
 def main() -> None:
@@ -175,7 +199,7 @@ def main() -> None:
     ap.add_argument("--order", type=int, default=2, help="HEALPix order of the global search (2: 7.5 deg)")
     ap.add_argument("--ini-high", type=float, default=20.0, help="low-pass of the starting reference [A]")
     ap.add_argument("--modes", default="none,local:1,local:2")
-    ap.add_argument("--n128", type=int, default=8, help="particles of the box-128 pass of part 3")
+    ap.add_argument("--n128", type=int, default=32, help="particles of the smaller box-128 run of part 3 (4x in the larger)")
     ap.add_argument("--no-model", action="store_true", help="skip part 3 (the box-128 pass)")
     add_json_option(ap)
     args = ap.parse_args()
