@@ -7,7 +7,9 @@ RELION), gold-standard FSC -> tau^2 and current resolution, MAP reconstruction o
 half, solvent flattening; then the current size and the sampling are updated
 (auto-sampling, :func:`subtomo.em.sampling.update_sampling`). At convergence one last
 iteration at full size sums both halves (joined-FSC tau^2) into the final map. Without an
-initial reference, iteration 0 reconstructs the particles in random orientations.
+initial reference, iteration 0 reconstructs the particles in random orientations, or, given
+initial poses, each half from its own particles at those poses (``initial_sigma_ang_deg``
+then makes the searches local around them from iteration 1, as RELION's ``--sigma_ang``).
 
 The phases are :func:`initialise_refinement`, :func:`refine_iteration` (one iteration, a
 typed :class:`RefineIteration`) and :func:`auto_refine` (the loop). Nothing here writes a
@@ -89,6 +91,9 @@ class RefineOptions:
     # sampling fine enough when the oversampled step < 0.75 x the expected angular accuracy (RELION
     # §3.6, from 10 particles, computed in local searches); False: the resolution-limited step rule
     accuracy_criterion: bool = True
+    # searches local from iteration 1 around the initial poses with this Gaussian prior width [deg]
+    # (RELION: --sigma_ang with --auto_local_healpix_order = --healpix_order); None: global first
+    initial_sigma_ang_deg: float | None = None
     solvent_mask: torch.Tensor | None = field(default=None, repr=False)
     # where the E-step's tasks run (--cluster); None: in this process
     runner: TaskRunner | None = field(default=None, repr=False, compare=False)
@@ -170,8 +175,8 @@ class FinalMaps:
 class RefineIteration:
     """What one iteration produced; handed to ``on_iteration``.
 
-    Iteration 0 (only when the initial reference was reconstructed from random
-    orientations) carries the two starting half references and no record. ``state`` is set
+    Iteration 0 (only when the initial references were reconstructed from the particles)
+    carries the two starting half references and no record. ``state`` is set
     on every iteration a run can continue from (not on the final one); ``final`` only on
     the final one.
     """
@@ -261,7 +266,8 @@ def initialise_refinement(src: ParticleSource, opts: RefineOptions, halves: np.n
     halves : numpy.ndarray
         (n,) half of each particle, 1 or 2.
     initial_ref : torch.Tensor, optional
-        (N, N, N) starting map; None: reconstruct all particles in random orientations.
+        (N, N, N) starting map; None: reconstruct the particles at ``initial_rot`` (each half
+        its own), or without it all particles in random orientations.
     initial_rot : numpy.ndarray, optional
         (n, 3, 3) starting poses; None: random rotations (seeded).
     initial_offset_px : numpy.ndarray, optional
@@ -284,23 +290,39 @@ def initialise_refinement(src: ParticleSource, opts: RefineOptions, halves: np.n
     sig0 = initial_sigma2(src, np.arange(n), setup.mask, device, opts.use_ctf)
     ini_shell = max(1, int(round(box * px / opts.ini_high_A)))
     if initial_ref is not None:
-        ref0 = initial_ref.to(device).float()
+        refs = [initial_ref.to(device).float()] * 2
     else:
-        # one reference from all particles in random orientations, shared by both halves (as a
-        # given --ref is): halves started from their own random maps converge in different frames
-        comps = fourier_components(box, box, 3, device=device)
-        st0 = delta_stats_on(opts.runner, src, np.arange(n), poses, 1, sig0, comps, device, opts.batch_size, opts.use_ctf)
-        d, w = symmetrised_grids(st0, setup.sym_mats)
-        ref0 = rc.reconstruct(d, w, 3)
+        refs = _reconstructed_references(src, opts, setup, poses, sig0, np.asarray(halves), initial_rot is not None)
     n_shells = box // 2 + 1
     models = []
-    for _ in range(2):
+    for ref0 in refs:
         ref = lowpass_map(ref0 * setup.solvent, ini_shell)  # low-pass last: no leakage above ini_high
         models.append(EMModel(ref[None], sig0.clone(), torch.zeros(1, n_shells), torch.zeros(1, n_shells),
                               torch.zeros(1, n_shells), torch.ones(1), px, 1.0, opts.sigma_offset_px,
                               ini_shell, min(box, even_size(2 * (ini_shell + opts.incr_size)))))
-    samp = SamplingState(opts.healpix_order, opts.offset_range_px, opts.offset_step_px)
+    local = opts.initial_sigma_ang_deg is not None
+    samp = SamplingState(opts.healpix_order, opts.offset_range_px, opts.offset_step_px, local=local,
+                         sigma_rot_deg=float(opts.initial_sigma_ang_deg or 0.0))
     return RefineState(0, models, poses, samp, opts.incr_size, np.asarray(halves), first_cc=opts.firstiter_cc)
+
+
+def _reconstructed_references(src: ParticleSource, opts: RefineOptions, setup: _Setup, poses: PoseTable,
+                              sig0: torch.Tensor, halves: np.ndarray, per_half: bool) -> list[torch.Tensor]:
+    """The two starting references reconstructed from the particles at ``poses`` (unfiltered, (N, N, N)).
+
+    ``per_half`` (given poses): each half from its own particles, as gold-standard halves must be.
+    Otherwise (random orientations) one map from all particles, shared by both halves (as a given
+    --ref is): halves started from their own random maps converge in different frames.
+    """
+    box, device = src.box, setup.device
+    comps = fourier_components(box, box, 3, device=device)
+    groups = half_indices(halves) if per_half else [np.arange(src.n)]
+    refs = []
+    for idx in groups:
+        st0 = delta_stats_on(opts.runner, src, idx, poses, 1, sig0, comps, device, opts.batch_size, opts.use_ctf)
+        d, w = symmetrised_grids(st0, setup.sym_mats)
+        refs.append(rc.reconstruct(d, w, 3))
+    return refs if per_half else refs * 2
 
 
 def _expectation(src: ParticleSource, opts: RefineOptions, setup: _Setup, state: RefineState, it: int,
@@ -478,11 +500,15 @@ def describe_iteration(result: RefineIteration, local_search: bool | None = None
             f"(E-step {r.estep_seconds:.1f} s)")
 
 
-def _describe_start(src: ParticleSource, opts: RefineOptions, state: RefineState, given_ref: bool) -> str:
+def _describe_start(src: ParticleSource, opts: RefineOptions, state: RefineState, given_ref: bool,
+                    given_rot: bool) -> str:
     idx_h = half_indices(state.halves)
-    return (f"iteration 0: {'initial reference' if given_ref else 'reconstruction from random orientations'}, "
-            f"{len(idx_h[0])}+{len(idx_h[1])} particles, box {src.box}, {src.pixel_size_A:.3f} A/px, "
-            f"low-pass {opts.ini_high_A:.0f} A")
+    start = ("initial reference" if given_ref else "each half reconstructed at the initial poses" if given_rot
+             else "reconstruction from random orientations")
+    local = (f"; local searches from iteration 1 (sigma {opts.initial_sigma_ang_deg:g} deg around the initial poses)"
+             if opts.initial_sigma_ang_deg is not None else "")
+    return (f"iteration 0: {start}, {len(idx_h[0])}+{len(idx_h[1])} particles, box {src.box}, "
+            f"{src.pixel_size_A:.3f} A/px, low-pass {opts.ini_high_A:.0f} A{local}")
 
 
 def auto_refine(src: ParticleSource, opts: RefineOptions, *, initial_ref: torch.Tensor | None = None,
@@ -499,7 +525,7 @@ def auto_refine(src: ParticleSource, opts: RefineOptions, *, initial_ref: torch.
     opts : RefineOptions
         Settings.
     initial_ref : torch.Tensor, optional
-        (N, N, N) starting map; None: reconstruct the particles in random orientations.
+        (N, N, N) starting map; None: reconstructed at ``initial_rot`` (each half its own) or random poses.
     initial_rot, initial_offset_px : numpy.ndarray, optional
         (n, 3, 3) starting poses and (n, 3) origins [px].
     halves : numpy.ndarray, optional
@@ -531,7 +557,7 @@ def auto_refine(src: ParticleSource, opts: RefineOptions, *, initial_ref: torch.
                                       initial_offset_px=initial_offset_px, device=device)
         if initial_ref is None and on_iteration is not None:
             on_iteration(RefineIteration(0, state.models, state.poses, state.halves))
-        log(_describe_start(src, opts, state, initial_ref is not None))
+        log(_describe_start(src, opts, state, initial_ref is not None, initial_rot is not None))
     while True:
         final = state.sampling.converged or state.iteration + 1 > opts.max_iter
         local_search = state.sampling.local

@@ -413,9 +413,11 @@ def _finer(samp: SamplingState, rules: AutoSamplingRules, off_change: float) -> 
         if new_range > 4 * new_step:
             new_step = min(new_range / 4, samp.offset_step_px)  # never coarser than before
     samp.offset_step_px, samp.offset_range_px = new_step, max(new_range, new_step)
-    if samp.order >= rules.auto_local_order:
+    if samp.local or samp.order >= rules.auto_local_order:  # local from the start (given poses) stays local
+        sigma = 2 * healpix.angular_step_deg(samp.order) / 2
+        # a prior narrower than that (a user's --sigma-ang) is kept
+        samp.sigma_rot_deg = min(samp.sigma_rot_deg, sigma) if samp.local and samp.sigma_rot_deg > 0 else sigma
         samp.local = True
-        samp.sigma_rot_deg = 2 * healpix.angular_step_deg(samp.order) / 2
     samp.iters_no_res_gain = 0
     samp.iters_no_large_change = 0
     samp.smallest_ang_change = 1e9

@@ -4,7 +4,8 @@ Input: particles STAR (default: the latest Select job's ``particles_selected.sta
 3D class selection) or ``output_2Dto3D.star`` (Step 17), else the
 latest Extract job's ``particles_subtomo.star``). Subtomograms are read from rlnImageName,
 their 3D CTFs from ``subtomo.tomo.ctf3d.ParticleCtfModels``. Without ``--ref`` iteration
-0 reconstructs the particles in random orientations (the protocol's de novo path).
+0 reconstructs the particles in random orientations (the protocol's de novo path), or with
+``--from-input-angles`` each half at the STAR's poses, then searched locally (``jobs._refine_start``).
 Outputs RELION's run_itNNN_* and final run_* files (written by ``subtomo.jobs._em_runs`` through
 ``subtomo.io.run_files``; the engine, ``subtomo.em.refine``, only computes).
 
@@ -43,6 +44,7 @@ from subtomo.io.star import read_star_table, write_star
 from subtomo.jobs._cluster import DaskRunner, check_cluster, open_runner
 from subtomo.jobs._em_runs import RefineFiles, check_symmetry, resume_state
 from subtomo.jobs._inputs import load_map, load_mask
+from subtomo.jobs._refine_start import check_input_angles, input_angles_start
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
 from subtomo.jobs.contracts import SELECTED_OR_EXTRACTED, InputSpec, NodeType, OutputSpec, particles_spec
 from subtomo.simulate.scoring import oracle_poses
@@ -51,13 +53,19 @@ from subtomo.tomo.particle_source import SubtomogramSource
 
 class Refine3DParams(ComputeParams):
     i: str | None = Field(None, description="Particles STAR (default: particles_selected.star or output_2Dto3D.star of the latest Select job, else particles_subtomo.star of the latest Extract job).")
-    ref: str | None = Field(None, description="Initial reference map (.mrc); none: start from a reconstruction in random orientations.")
+    ref: str | None = Field(None, description="Initial reference map (.mrc); none: start from a reconstruction in random orientations (with --from-input-angles: of each half at the input poses).")
     ini_high: float = Field(60.0, gt=0, description="Low-pass filter of the initial reference [Å].")
     ref_on_absolute_greyscale: bool = Field(False, description="The reference is on the particles' grey scale (else the first iteration uses normalised cross-correlation).")
     ref_ctf_corrected: bool = Field(True, description="The reference has been CTF-corrected.")
     ctf: bool = Field(True, description="Use the 3D CTF model (missing wedge, CTF, dose/tilt weights) of each particle.")
     particle_diameter: float = Field(..., gt=0, description="Particle diameter for the soft spherical mask [Å].")
     solvent_mask: str | None = Field(None, description="Solvent mask (.mrc, 0..1) applied to the references after each iteration.")
+    from_input_angles: bool = Field(False, description="Start from the STAR's rlnAngleRot/Tilt/Psi and origins (imported "
+                                    "picks, an earlier refinement) with local searches from iteration 1 (RELION: "
+                                    "--auto_local_healpix_order = --healpix_order with --sigma_ang); without --ref each "
+                                    "half is reconstructed at the input poses.")
+    sigma_ang: float = Field(0.0, ge=0, description="With --from-input-angles: width of the Gaussian prior around each "
+                             "pose [deg], searched to 3 sigma; 0: 3 x --healpix-step.")
     healpix_step: float = Field(7.5, gt=0, le=60, description="Initial (oversampled) angular sampling [deg]: 30, 15, 7.5, 3.75, 1.8.")
     offset_range: float = Field(3.0, ge=0, description="Initial translational search range [px] (subtomograms are centred on their picks; RELION's GUI default is 5, at 4x the cost of 3).")
     offset_step: float = Field(1.0, gt=0, description="Initial (oversampled) translational step [px].")
@@ -86,6 +94,7 @@ def _check(p: Refine3DParams, project: Path) -> dict:
     star = SPEC.input("i").resolve(project, p.i)
     particles = ParticleSet.read(star, project)
     particles.check_image_files()  # missing, truncated or mixed boxes: refused here
+    check_input_angles(star, particles, p.from_input_angles, p.sigma_ang)
     src = SubtomogramSource(particles, p.ctf)
     box_A = src.box * src.pixel_size_A
     if p.particle_diameter > box_A:
@@ -118,7 +127,9 @@ def _run_on(ctx: JobContext, runner: DaskRunner | None) -> None:
     halves = split_halves(particles.halves(), len(particles), p.seed)
     offsets = particles.offsets_px()
     initial_rot = None
-    if ref is None and p.sym.strip().upper() != "C1" and p.denovo_symmetry == "c1-then-align":
+    if p.from_input_angles:
+        opts, initial_rot = input_angles_start(ctx, star, particles, opts, p.sigma_ang, ref is not None)
+    elif ref is None and p.sym.strip().upper() != "C1" and p.denovo_symmetry == "c1-then-align":
         ref, initial_rot, offsets, halves = _c1_then_align(ctx, src, particles, opts, offsets, halves)
         opts = replace(opts, firstiter_cc=False)  # the aligned C1 map is on the particles' grey scale
         ctx.log(f"stage 2: refinement with {p.sym} symmetry from the aligned C1 map (low-pass {p.ini_high:.0f} A)")
@@ -212,7 +223,8 @@ def _c1_then_align(ctx: JobContext, src: SubtomogramSource, particles: ParticleS
 
 SPEC = JobSpec(
     command="refine3d", job_type="Refine3D", params=Refine3DParams, run=_run, check=_check,
-    summary="Step 18: gold-standard 3D auto-refinement (de novo from random orientations or from --ref).",
+    summary="Step 18: gold-standard 3D auto-refinement (de novo from random orientations or from --ref; "
+            "--from-input-angles: local searches around the particles' imported or refined angles).",
     inputs=(
         particles_spec("i", SELECTED_OR_EXTRACTED, "Run subtomo extract (or select) first, or pass --i."),
         InputSpec("ref", NodeType.DENSITY_MAP, hint="Without --ref the refinement starts from random orientations.",
