@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from subtomo.em import sampling
-from subtomo.em.classify import ClassifyOptions, ClassifyState, classify3d
+from subtomo.em.classify import ClassifyOptions, ClassifyState, class_decided_in_fine_pass, classify3d
 from subtomo.em.gold_standard import split_halves
 from subtomo.em.iteration import InMemorySource
 from subtomo.em.maps import lowpass_map, particle_mask
@@ -266,6 +267,20 @@ def test_a_blurred_class_does_not_take_particles_from_a_sharp_class():
     pass (15 deg, at full resolution on a small box) a particle half a coarse step off its pose fits a
     blurred map better than the sharp map of its own class, so a joint choice of the significant
     coarse points (RELION's) sends it to the blurred class and the fine pass never scores its class
-    at the right pose. Chosen within each class (the default), the fine pass decides."""
+    at the right pose. Chosen within each class (the default here: the fine step resolves the box), the
+    fine pass decides."""
     assert _sharp_particles_off_the_coarse_grid() <= 2  # the default
     assert _sharp_particles_off_the_coarse_grid(significant_per_class=False) >= 8
+
+
+def test_auto_class_choice_decides_in_the_fine_pass_only_where_its_step_resolves_the_box():
+    """--class-choice auto: per class where the fine step resolves the box by RELION's coarse-size rule
+    (7.5 deg for a 200 A particle in 32 px of 12 A, issue 22's asymmetric case, or 40 px of 8 A, the
+    proteasome: 72 and 60 px), joint at 15 deg on the proteasome's 40 px (30 px)."""
+    o75 = ClassifyOptions(n_classes=3, particle_diameter_A=200.0, healpix_order=sampling.order_for_step(7.5))
+    o15 = dataclasses.replace(o75, healpix_order=sampling.order_for_step(15.0))
+    assert class_decided_in_fine_pass(o75, 32, 12.0) and class_decided_in_fine_pass(o75, 40, 8.0)
+    assert class_decided_in_fine_pass(dataclasses.replace(o75, local=True), 40, 8.0)
+    assert not class_decided_in_fine_pass(o15, 40, 8.0)
+    assert class_decided_in_fine_pass(o15, 32, 12.0)  # issue 22's asymmetric case at 15 deg: 36 px
+    assert not class_decided_in_fine_pass(dataclasses.replace(o75, significant_per_class=False), 32, 12.0)

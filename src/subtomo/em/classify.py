@@ -77,13 +77,18 @@ class ClassifyOptions:
     # 0.97-1.0; K = 3 mean last accuracy 0.84 (5 seeds) instead of 0.72; proteasome local 0.94 (3 seeds)
     # instead of 0.93, global 0.960 instead of 0.955.
     translations_through_centre: bool = True
-    # Issue 22: the significant coarse points chosen within each class (at least min_significant each), so
-    # the class is decided in the fine pass. With RELION's joint choice, on a small box the coarse pass runs
-    # at full resolution, where a particle half a coarse step off its pose fits a blurred class (a spare
-    # class with few particles) better than its own sharp one: the spare class filled up. Asymmetric K = 3
-    # case, last accuracy at iteration 12, seeds 0, 3, 4: 0.728, 0.672, 0.822 joint; 0.994, 0.989, 0.872
-    # within each class (issue-22 note). Costs up to K times the fine pass (1.5x the iteration there).
-    significant_per_class: bool = True
+    # Issue 22: where the class is decided. True: the significant coarse points are chosen within each
+    # class (at least min_significant each), so the fine pass decides; False: RELION's joint choice, so
+    # the coarse pass decides. A pass whose angular step does not resolve the resolution it compares at
+    # favours blurred classes (a class with few particles): a particle half a step off its pose fits
+    # them better than its own sharp class, and a spare class fills up. None (auto): within each class
+    # when the fine step resolves the box by RELION's coarse-size rule, else joint
+    # (:func:`class_decided_in_fine_pass`). Measured (issue-22 note, last accuracy, joint -> per class):
+    # asymmetric K = 3 at 7.5 deg seeds 0-4 0.728/1.0/1.0/0.672/0.822 -> 0.994/1.0/0.989/0.989/0.872;
+    # proteasome local 7.5 deg 0.83/1.0/1.0 -> 1.0/1.0/1.0; proteasome global 15 deg (fine step too
+    # coarse for its box) 0.960 -> 0.565 at iteration 16 (auto: joint). Per class costs up to K times
+    # the fine pass.
+    significant_per_class: bool | None = None
     min_significant: int = 1
     max_keep: int = 12
     sigma_offset_px: float = 3.0
@@ -275,6 +280,35 @@ def initialise_classification(src: ParticleSource, opts: ClassifyOptions, *, ini
     return ClassifyState(0, model, poses, random_first=random_first)
 
 
+def class_decided_in_fine_pass(opts: ClassifyOptions, box: int, pixel_size_A: float) -> bool:
+    """Whether the significant coarse points are chosen within each class (``opts.significant_per_class``).
+
+    Auto (None): yes when the fine (oversampled) angular step resolves the whole box by RELION's
+    coarse-size rule (:func:`subtomo.em.iteration.coarse_size_for`), the size the classes reach;
+    otherwise a per-class choice would decide the class at poses too coarse for the compared
+    resolution, where blurred classes win (issue 22: the proteasome at 15 deg in a 40 px box).
+    One choice for the whole run.
+
+    Parameters
+    ----------
+    opts : ClassifyOptions
+        The settings (healpix order, local search, particle diameter).
+    box : int
+        Box size [px].
+    pixel_size_A : float
+        Pixel size [Å].
+
+    Returns
+    -------
+    bool
+    """
+    if opts.significant_per_class is not None:
+        return opts.significant_per_class
+    order = max(opts.healpix_order, 1) if opts.local else opts.healpix_order
+    fine_step = angular_step_deg(order) / 2
+    return coarse_size_for(fine_step, opts.particle_diameter_A, box, pixel_size_A, box) >= box
+
+
 def _pass_config(src: ParticleSource, opts: ClassifyOptions, setup: _Setup, model: EMModel,
                  it: int) -> PassConfig:
     """Rotation and translation grids and E-step settings of iteration ``it``."""
@@ -291,7 +325,7 @@ def _pass_config(src: ParticleSource, opts: ClassifyOptions, setup: _Setup, mode
     csize = coarse_size_for(angular_step_deg(order), opts.particle_diameter_A, src.box, src.pixel_size_A, size)
     eo = EStepOptions(opts.fraction, opts.max_significant, opts.max_keep, model.sigma_offset_px,
                       memory_bytes=opts.memory_bytes, pass_memory_bytes=opts.pass_memory_bytes,
-                      significant_per_class=opts.significant_per_class,
+                      significant_per_class=class_decided_in_fine_pass(opts, src.box, src.pixel_size_A),
                       min_significant=opts.min_significant)
     return PassConfig(size, csize, setup.emask, rot_set, opts.local, trans, eo, opts.batch_size,
                       skip_align=opts.skip_align, class_prior=model.class_priors)

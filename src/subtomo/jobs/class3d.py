@@ -11,6 +11,7 @@ central slices of all classes.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -24,6 +25,9 @@ from subtomo.jobs._inputs import load_map, load_mask
 from subtomo.jobs.base import ComputeParams, JobContext, JobSpec
 from subtomo.jobs.contracts import SELECTED_OR_EXTRACTED, InputSpec, NodeType, OutputSpec, Source, particles_spec
 from subtomo.tomo.particle_source import SubtomogramSource
+
+# --class-choice -> ClassifyOptions.significant_per_class (None: decided from the sampling and the box)
+_CLASS_CHOICE = {"auto": None, "per-class": True, "joint": False}
 
 INPUT_REFINED = particles_spec("i", (Source("Refine3D", ("run_data.star",)),),
                                "--local/--skip-align start from refined poses: run subtomo refine3d first, or pass --i.",
@@ -45,7 +49,7 @@ class Class3DParams(ComputeParams):
     offset_range: float = Field(5.0, ge=0, description="Translational search range [px].")
     offset_step: float = Field(1.0, gt=0, description="Translational step (oversampled) [px].")
     offset_through_centre: bool = Field(True, description="Fine translations 3 per axis through each particle's current offset, so converged particles stay in place (--no-offset-through-centre: RELION's 2 per axis at +-step/4, never the current offset).")
-    significance_per_class: bool = Field(True, description="Carry each class's own most probable coarse poses to the fine pass, so the class is decided at the oversampled poses (issue 22: at full resolution the coarse grid favours a blurred class, and a spare class filled up with particles of a true one). Keep it for searches with K above the number of states; --no-significance-per-class: RELION's joint choice over all classes, up to K times faster in the fine pass, for large K on a coarse size well below the box.")
+    class_choice: Literal["auto", "per-class", "joint"] = Field("auto", description="Where the class is decided (issue 22). per-class: each class's most probable coarse poses go to the fine pass, which decides; joint: RELION's choice over all classes in the coarse pass (up to K times faster). A pass whose angular step is too coarse for the resolution it compares at favours blurred classes, and a spare class fills up. auto: per-class when the fine step resolves the box (7.5 deg on a 32-40 px box), else joint (15 deg on 40 px).")
     local: bool = Field(False, description="Local angular searches around the input poses.")
     sigma_ang: float = Field(5.0, gt=0, description="Width of the Gaussian prior of local searches [deg].")
     skip_align: bool = Field(False, description="Keep the input poses fixed; classify only.")
@@ -92,7 +96,7 @@ def _run_on(ctx: JobContext, runner: DaskRunner | None) -> None:
         n_classes=p.K, particle_diameter_A=p.particle_diameter, n_iter=p.iter, tau2_fudge=p.tau2_fudge,
         healpix_order=order_for_step(p.healpix_step), offset_range_px=p.offset_range,
         offset_step_px=children_per_axis(p.offset_through_centre) * p.offset_step,
-        translations_through_centre=p.offset_through_centre, significant_per_class=p.significance_per_class,
+        translations_through_centre=p.offset_through_centre, significant_per_class=_CLASS_CHOICE[p.class_choice],
         sym=p.sym, local=p.local, sigma_ang_deg=p.sigma_ang, skip_align=p.skip_align, ini_high_A=p.ini_high,
         pad=p.pad, batch_size=p.batch_size, pass_memory_bytes=int(p.max_memory_gb * 2 ** 30), use_ctf=p.ctf, seed=p.seed,
         focus_mask=ctx.state["focus"], solvent_mask=ctx.state["solvent"], runner=runner)
@@ -115,8 +119,9 @@ SPEC = JobSpec(
              "--local (starts from a refine3d run_data.star) for an asymmetric particle with refined poses: a search "
              "of a few sigma-ang around each pose. --skip-align (poses of refine3d kept) for a compositional "
              "difference when the consensus poses are good: the fastest, and with --focus-mask for a local region. "
-             "With a spare class (K above the expected number of states) keep --significance-per-class (the default): "
-             "without it the spare class filled up with particles of a true class."),
+             "With a spare class (K above the expected number of states) keep --class-choice auto (the default) and "
+             "a global step of 7.5 deg or finer: with the class decided on a grid too coarse for the box, the spare "
+             "class filled up with particles of a true class."),
     inputs=(
         particles_spec("i", SELECTED_OR_EXTRACTED, "Run subtomo extract (or select) first, or pass --i."),
         INPUT_REFINED,
