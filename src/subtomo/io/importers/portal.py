@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from subtomo.errors import SubtomoError
+from subtomo.io.importers._folders import item_folders
 from subtomo.io.importers.omezarr import ome_zarr_levels, open_ome_zarr
 from subtomo.io.importers.picks import Picks
 from subtomo.io.text import write_text_rows
@@ -188,11 +189,8 @@ def find_portal_runs(root: Path, pixel_size_A: float | None = None, annotation: 
     list of PortalRun
         Sorted by name.
     """
-    if not root.is_dir():
-        raise SubtomoError(f"{root}: folder not found. Give --source-dir, the folder of the Data Portal runs.")
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and d.suffix != ".zarr")
-    direct = any(p.suffix == ".zarr" for p in root.iterdir())
-    folders = [root] if direct or not subdirs else subdirs
+    folders = item_folders(root, "Data Portal runs", lambda d: any(p.suffix == ".zarr" for p in d.iterdir()),
+                           lambda d: d.suffix == ".zarr")
     return [_read_run(d, d.name, pixel_size_A, annotation) for d in folders]
 
 

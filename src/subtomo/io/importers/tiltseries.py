@@ -34,6 +34,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from subtomo.errors import SubtomoError
+from subtomo.io.importers._folders import item_folders
 from subtomo.io.importers.aretomo import read_aln
 from subtomo.io.importers.imod import geometry_columns, read_tilt_com, read_xf, xf_rotation_deg
 from subtomo.io.importers.serialem import read_mdoc
@@ -216,11 +217,9 @@ def find_series(source: str, root: Path) -> list[SeriesPlan]:
     list of SeriesPlan
         Sorted by name.
     """
-    if not root.is_dir():
-        raise SubtomoError(f"{root}: folder not found. Give --source-dir, the folder of the {source} tilt series.")
+    folders = item_folders(root, f"{source} tilt series", lambda d: _has_series(source, d),
+                           lambda d: d.name in ("reconstruction", "tomostar"))
     reader = {"imod": _imod, "aretomo": _aretomo, "warp": _warp}[source]
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and d.name not in ("reconstruction", "tomostar"))
-    folders = subdirs if subdirs and not _has_series(source, root) else [root]
     plans = []
     for d in folders:
         plans.append(reader(d, d.name if d is not root else _series_name(source, root)))
