@@ -190,7 +190,7 @@ def run_refine(project: Path, star: Path, args, use_ctf: bool, tag: str) -> dict
     out = sh(cmd, project, project / f"refine_{tag}.log")
     wall = time.time() - t
     job = Path(sorted(set(glob.glob(str(project / "Refine3D/job*"))) - before)[-1])
-    iters = [float(x) for x in re.findall(r"iteration +\d+.*?, ([0-9.]+) s\n", out)]
+    iters = [float(x) for x in re.findall(r"iteration +\d+.*?, ([0-9.]+) s(?: \(E-step [0-9.]+ s\))?\n", out)]
     peak = re.findall(r"PEAK_RSS_MB (\d+)", out)
     for it, med, frac in iteration_errors(project, job, args.sym_eval):
         print(f"  [{tag}] iteration {it:3d}: median angular error {med:.2f} deg ({100 * frac:.0f} % < 10 deg)", flush=True)
@@ -267,7 +267,7 @@ def main() -> None:
             t = time.time()
             out = sh(["refine3d", "--i", p.name, "--particle-diameter", str(args.diameter), "--threads", str(args.threads),
                       "--max-iter", "3", "--offset-range", str(args.offset_range)], project)
-            iters = [float(x) for x in re.findall(r"iteration +\d+.*?, ([0-9.]+) s\n", out)]
+            iters = [float(x) for x in re.findall(r"iteration +\d+.*?, ([0-9.]+) s(?: \(E-step [0-9.]+ s\))?\n", out)]
             figs[f"refine3d.scaling_{len(sub)}.s_per_iter"] = np.mean(iters)
             print(f"[scaling] {len(sub)} particles, box {int(optics['rlnImageSize'].iloc[0])}: "
                   f"{np.mean(iters):.1f} s/iteration (iterations {', '.join(f'{x:.0f}' for x in iters)}; "
