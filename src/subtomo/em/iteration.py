@@ -569,8 +569,9 @@ def estep_passes(src: ParticleSource, passes: Sequence[tuple[np.ndarray, torch.T
     comps_cpu = to_device(comps, "cpu")
     comps_of = [comps_cpu] * len(passes)
     if use_ctf:
+        args = (comps_cpu, dev_type, cfg.batch_size)  # one object: sent to each worker once for all passes
         calls = [MapReduceCall(measured_task, [idx[a:b] for a, b in contiguous_groups(len(idx), n_tasks)],
-                               (src, (comps_cpu, dev_type, cfg.batch_size)), operator.or_) for idx, _, _ in passes]
+                               (src, args), operator.or_) for idx, _, _ in passes]
         comps_of = [comps_cpu.select(keep) for keep, _ in runner.map_reduce_many(calls)]
     calls, items_of = [], []
     for (idx, maps, sigma2), comps_p in zip(passes, comps_of):

@@ -107,9 +107,7 @@ def map_tasks(runner: TaskRunner | None, fn: Callable[..., Any], items: Sequence
         ``fn``'s results, in item order.
     """
     if runner is None:
-        order = progress(range(len(items))) if progress else range(len(items))
-        results = {i: fn(items[i], *shared) for i in order}
-        return [results[i] for i in range(len(items))]
+        return [fn(item, *shared) for item in (progress(items) if progress else items)]
     if not len(items):
         return []
     sized = (lambda done: progress(_Sized(done, len(items)))) if progress else None  # noqa: E731

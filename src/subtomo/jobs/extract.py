@@ -14,6 +14,7 @@ Output: ``Particles/Tomograms/<t>/<t>NNNNNN.mrc`` and ``particles_subtomo.star``
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +116,7 @@ def _tomogram_tasks(ctx: JobContext, particles: pd.DataFrame, pixel: dict, star:
         out_px = px * p.box / (p.rescale or p.box)
         bg_radius = p.bg_diameter / 2 if p.bg_diameter else default_bg_radius_A(p.rescale or p.box, out_px)
         settings = ExtractionSettings(box=p.box, bg_radius_A=bg_radius, pixel_size_A=px, invert=p.invert_contrast,
-                                      normalise=p.normalise, new_box=p.rescale, project=p.project, device=ctx.device.type)
+                                      normalise=p.normalise, new_box=p.rescale, project=p.project, device=ctx.device)
         path = resolve_project_path(ctx.project, name)
         with TomogramBoxReader(path) as reader:  # the header only (memory-mapped)
             header_px = reader.pixel_size_A
@@ -145,8 +146,9 @@ def _run(ctx: JobContext) -> None:
         if runner is None:
             done = [extract_tomogram(t, ctx.progress) for _, _, t in tasks]
         else:
-            done = map_tasks(runner, extract_tomogram, [t for _, _, t in tasks], (),
-                             lambda it: ctx.progress(it, None, "tomograms extracted"))
+            # a worker uses its own (pinned) GPU: the device type, not this process's device index
+            remote = [replace(t, settings=replace(t.settings, device=ctx.device.type)) for _, _, t in tasks]
+            done = map_tasks(runner, extract_tomogram, remote, (), lambda it: ctx.progress(it, None, "tomograms extracted"))
     for (tname, sel, task), res in zip(tasks, done):
         made = [j for j, path in enumerate(res.paths) if path is not None]
         for j in made:
