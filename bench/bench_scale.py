@@ -4,8 +4,10 @@ Part 1, measured on the ``benchmark`` preset (``bench_refine3d.prepare_project``
 particles, box 64, 5 A/px, CTF on) read from their files as a job reads them
 (``SubtomogramSource``): one refine3d iteration from the true map low-passed to ``--ini-high``
 (a mid-refinement E-step: current size ~2 x box x px / ini-high) with a global search at
-``--order`` (2: 7.5 deg), the same state for every mode, one thread per worker. Per mode:
-E-step wall time of iteration 2 (iteration 1 warms the workers up), E-step CPU time (this
+``--order`` (2: 7.5 deg), the same state for every mode, one thread per worker. Every mode's
+cluster is opened and warmed up (iteration 1) first; then ``--repeats`` rounds each time
+iteration 2 once per mode, in turn, so that the VM's drifting speed hits every mode alike
+(the speed-up is the median of the per-round ratios). Per mode: E-step wall time, CPU time (this
 process + all workers), bytes sent to the workers per iteration (each pass's shared inputs,
 times the workers that fetch them) and the partial sums the tasks return, and the largest
 pose and half-map differences against ``none``.
@@ -25,6 +27,8 @@ intercept), and the cluster's efficiency (part 1: E-step CPU time of ``none`` ov
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import logging
 import math
@@ -65,32 +69,31 @@ def stats_bytes(box: int, k: int) -> int:
     return len(pickle.dumps(SufficientStats.zeros(k, box, 3)))
 
 
-def run_mode(mode: str, src, opts: RefineOptions, halves: np.ndarray, ref: torch.Tensor) -> dict:
-    """Iterations 1 and 2 of ``mode`` from the same initial state; the figures of iteration 2."""
+def open_mode(mode: str, stack: contextlib.ExitStack):
+    """(runner, CPU-seconds-of-the-workers function, worker count) of ``mode``; its cluster closes with ``stack``."""
+    if mode == "none":
+        return None, lambda: 0.0, 0
     from distributed import Client, LocalCluster
 
-    from subtomo.jobs._cluster import DaskRunner
+    from subtomo.jobs._cluster import DaskRunner, compute_worker_config
 
-    def two(o: RefineOptions, cpu_of_workers) -> tuple:
-        state = initialise_refinement(src, o, halves, initial_ref=ref, device="cpu")
-        refine_iteration(src, o, state, device="cpu")
-        c0, w0, b0 = time.process_time(), cpu_of_workers(), getattr(o.runner, "bytes_scattered", 0)
-        res = refine_iteration(src, o, state, device="cpu")
-        return res, time.process_time() - c0, cpu_of_workers() - w0, getattr(o.runner, "bytes_scattered", 0) - b0
+    n_workers = int(mode.split(":")[1])
+    stack.enter_context(compute_worker_config())
+    cluster = stack.enter_context(LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                               dashboard_address=":0", silence_logs=logging.ERROR))
+    client = stack.enter_context(Client(cluster))
+    return DaskRunner(client, n_workers, count_bytes=True), lambda: sum(client.run(time.process_time).values()), n_workers
 
-    if mode == "none":
-        res, client_cpu, worker_cpu, shared = two(opts, lambda: 0.0)
-        n_workers = 0
-    else:
-        n_workers = int(mode.split(":")[1])
-        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                          silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
-            runner = DaskRunner(client, n_workers, count_bytes=True)
-            res, client_cpu, worker_cpu, shared = two(replace(opts, runner=runner),
-                                                       lambda: sum(client.run(time.process_time).values()))
+
+def timed_iteration(src, opts: RefineOptions, state, cpu_of_workers, box: int, n_workers: int) -> dict:
+    """Iteration 2 from a copy of ``state`` (after iteration 1): E-step wall and CPU time, bytes, the result."""
+    state = copy.deepcopy(state)
+    c0, w0, b0 = time.process_time(), cpu_of_workers(), getattr(opts.runner, "bytes_scattered", 0)
+    res = refine_iteration(src, opts, state, device="cpu")
+    client_cpu, worker_cpu = time.process_time() - c0, cpu_of_workers() - w0
+    shared = getattr(opts.runner, "bytes_scattered", 0) - b0
     rec = res.record
-    n_tasks = 2 * 4 * n_workers  # two halves, four tasks per worker slot (estep_map_reduce)
-    box = src.box
+    n_tasks = 2 * 4 * n_workers  # two halves, four tasks per worker slot (estep_passes)
     return {"res": res, "estep_s": rec.estep_seconds, "iteration_s": rec.seconds, "mstep_s": rec.seconds - rec.estep_seconds,
             "estep_cpu_s": client_cpu + worker_cpu if n_workers else client_cpu - (rec.seconds - rec.estep_seconds),
             "client_cpu_s": client_cpu, "worker_cpu_s": worker_cpu,
@@ -108,30 +111,48 @@ def part1(args) -> tuple[dict, dict]:
     ref = torch.as_tensor(read_mrc(project / "GroundTruth" / "class001.mrc")[0])
     halves = np.arange(src.n) % 2 + 1
     opts = RefineOptions(particle_diameter_A=diameter, healpix_order=args.order, ini_high_A=args.ini_high, seed=1)
+    modes = args.modes.split(",")
     print(f"part 1: {src.n} particles of the benchmark preset (box {src.box}, {src.pixel_size_A:g} A/px), refine3d "
-          f"iteration 2 from the truth low-passed to {args.ini_high:g} A, global order {args.order}, one thread per worker")
-    print(f"{'mode':>8} {'E-step s':>9} {'E-step CPU s':>13} {'M-step s':>9} {'sent MB':>8} {'sums MB':>8} "
-          f"{'vs none':>9} {'max pose diff':>14} {'map rel diff':>13}")
-    rows, figures, ref_res = {}, {}, None
-    for mode in args.modes.split(","):
-        r = run_mode(mode, src, opts, halves, ref)
-        half_maps = torch.stack([m.maps[0] for m in r["res"].models])
-        if ref_res is None:
-            ref_res = (r["res"].poses.rot.copy(), half_maps)
-        r["pose_diff"] = float(np.abs(r["res"].poses.rot - ref_res[0]).max())
-        r["map_diff"] = float((half_maps - ref_res[1]).abs().max() / ref_res[1].abs().max())
-        rows[mode] = r
-        r["speedup"] = rows["none"]["estep_s"] / r["estep_s"] if "none" in rows else float("nan")
-        print(f"{mode:>8} {r['estep_s']:9.2f} {r['estep_cpu_s']:13.2f} {r['mstep_s']:9.2f} {r['sent_MB']:8.2f} "
-              f"{r['returned_MB']:8.2f} {r['speedup']:9.2f} {r['pose_diff']:14.2e} {r['map_diff']:13.2e}")
+          f"iteration 2 from the truth low-passed to {args.ini_high:g} A, global order {args.order}, one thread per "
+          f"worker; {args.repeats} rounds, each timing every mode once in turn (the VM's speed drifts)")
+    print(f"{'round':>5} {'mode':>8} {'E-step s':>9} {'E-step CPU s':>13} {'M-step s':>9} {'sent MB':>8} {'sums MB':>8} "
+          f"{'max pose diff':>14} {'map rel diff':>13}")
+    rows: dict[str, list[dict]] = {m: [] for m in modes}
+    ref_res = None
+    with contextlib.ExitStack() as stack:
+        setups = {}
+        for mode in modes:  # every cluster open at once (idle workers cost little); iteration 1 warms them up
+            runner, cpu_of_workers, n_workers = open_mode(mode, stack)
+            o = replace(opts, runner=runner)
+            state = initialise_refinement(src, o, halves, initial_ref=ref, device="cpu")
+            refine_iteration(src, o, state, device="cpu")
+            setups[mode] = (o, state, cpu_of_workers, n_workers)
+        for rnd in range(args.repeats):
+            for mode in modes:
+                o, state, cpu_of_workers, n_workers = setups[mode]
+                r = timed_iteration(src, o, state, cpu_of_workers, src.box, n_workers)
+                half_maps = torch.stack([m.maps[0] for m in r["res"].models])
+                if ref_res is None:
+                    ref_res = (r["res"].poses.rot.copy(), half_maps)
+                r["pose_diff"] = float(np.abs(r["res"].poses.rot - ref_res[0]).max())
+                r["map_diff"] = float((half_maps - ref_res[1]).abs().max() / ref_res[1].abs().max())
+                rows[mode].append(r)
+                print(f"{rnd + 1:5d} {mode:>8} {r['estep_s']:9.2f} {r['estep_cpu_s']:13.2f} {r['mstep_s']:9.2f} "
+                      f"{r['sent_MB']:8.2f} {r['returned_MB']:8.2f} {r['pose_diff']:14.2e} {r['map_diff']:13.2e}",
+                      flush=True)
+    figures = {}
+    for mode, rs in rows.items():
         key = mode.replace(":", "")
-        figures.update({f"scale.{key}.{k}": r[k] for k in ("estep_s", "estep_cpu_s", "mstep_s", "sent_MB", "returned_MB",
-                                                          "pose_diff", "map_diff")})
+        figures.update({f"scale.{key}.{k}": float(np.median([r[k] for r in rs]))
+                        for k in ("estep_s", "estep_cpu_s", "mstep_s", "sent_MB", "returned_MB")})
+        figures.update({f"scale.{key}.{k}": max(r[k] for r in rs) for k in ("pose_diff", "map_diff")})
     if "local:1" in rows and "local:2" in rows:
-        figures["scale.local2_over_local1_speedup"] = rows["local:1"]["estep_s"] / rows["local:2"]["estep_s"]
-        print(f"E-step speed-up of local:2 over local:1: {figures['scale.local2_over_local1_speedup']:.2f}x "
-              f"(current size {rows['local:2']['size']}, coarse {rows['local:2']['coarse_size']})")
-    return rows, figures
+        ratios = [a["estep_s"] / b["estep_s"] for a, b in zip(rows["local:1"], rows["local:2"])]
+        figures["scale.local2_over_local1_speedup"] = float(np.median(ratios))
+        figures["scale.local2_over_local1_speedup_min"] = float(min(ratios))
+        print(f"E-step speed-up of local:2 over local:1 per round: {' '.join(f'{x:.2f}' for x in ratios)}; median "
+              f"{np.median(ratios):.2f}x (current size {rows['local:2'][0]['size']}, coarse {rows['local:2'][0]['coarse_size']})")
+    return {m: rs[0] for m, rs in rows.items()}, figures
 
 
 def part2(figures: dict) -> None:
@@ -168,7 +189,8 @@ def box128_costs(n_small: int, n_large: int) -> dict:
 
 def part3(args, rows: dict, figures: dict) -> None:
     c = box128_costs(args.n128, 4 * args.n128)
-    eff = rows["none"]["estep_cpu_s"] / rows["local:1"]["estep_cpu_s"] if {"none", "local:1"} <= rows.keys() else 1.0
+    eff = (figures["scale.none.estep_cpu_s"] / figures["scale.local1.estep_cpu_s"]
+           if {"none", "local:1"} <= rows.keys() else 1.0)
     sums_gb = stats_bytes(128, 1) / 1e9
     print(f"part 3: box 128, refine3d iteration at order 2 (7.5 deg), current size {c['size']}, one thread "
           f"({args.n128} and {4 * args.n128} simulated particles): {c['per_particle_s']:.3f} s/particle, "
@@ -199,6 +221,7 @@ def main() -> None:
     ap.add_argument("--order", type=int, default=2, help="HEALPix order of the global search (2: 7.5 deg)")
     ap.add_argument("--ini-high", type=float, default=20.0, help="low-pass of the starting reference [A]")
     ap.add_argument("--modes", default="none,local:1,local:2")
+    ap.add_argument("--repeats", type=int, default=5, help="rounds of timed iterations (every mode once per round)")
     ap.add_argument("--n128", type=int, default=32, help="particles of the smaller box-128 run of part 3 (4x in the larger)")
     ap.add_argument("--no-model", action="store_true", help="skip part 3 (the box-128 pass)")
     add_json_option(ap)

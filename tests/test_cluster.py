@@ -227,6 +227,29 @@ def test_slurm_config_renders_the_batch_script(tmp_path):
 
 
 @needs_dask
+def test_slurm_workers_get_the_compute_settings_through_their_environment(tmp_path):
+    """The exported variables, read back as Dask reads a worker's environment, are the settings of local workers."""
+    import dask
+
+    from subtomo.jobs._cluster import COMPUTE_WORKER_SETTINGS, compute_worker_environment
+    from subtomo.jobs._slurm import read_slurm_config, slurm_cluster
+
+    env = compute_worker_environment()
+    (tmp_path / "cluster.yaml").write_text(CLUSTER_YAML)
+    with slurm_cluster(read_slurm_config(tmp_path / "cluster.yaml"), env) as cluster:
+        script = cluster.job_script()
+    lines = script.splitlines()
+    exports = [lines.index(f"export {k}={v}") for k, v in env.items()]
+    assert max(exports) < lines.index("module load cuda")  # before the user's prologue, which may override them
+    collected = dask.config.collect_env(env)
+    for key, value in COMPUTE_WORKER_SETTINGS.items():
+        got = collected
+        for part in key.replace("-", "_").split("."):
+            got = got[part]
+        assert got == value, key
+
+
+@needs_dask
 @pytest.mark.parametrize("text, words", [
     ("queue: gpu\ncores: 4\nmemory: 8GB\nwalltime: 2h\n", ["walltime"]),
     ("cores: 4\nmemory: lots\n", ["memory", "64GB"]),

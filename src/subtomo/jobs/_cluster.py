@@ -27,6 +27,32 @@ if TYPE_CHECKING:
     from subtomo.jobs.context import JobContext
 
 
+# Dask's background work, slowed for workers that compute: event-loop ticks every 20 ms, a
+# statistical profiler sampling every task thread every 10 ms, system and memory monitors (disk
+# counters included) every 0.1-0.5 s. On 2 cores with 2 busy workers (bench_scale.py, refine3d
+# E-step of the benchmark preset) they cost 2.0-2.4 s of the client's CPU per iteration and
+# 3-5 k context switches per worker; with these, 0.6-0.7 s and about 250.
+COMPUTE_WORKER_SETTINGS: dict[str, Any] = {
+    "distributed.admin.tick.interval": "1s",
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.system-monitor.interval": "2s",
+    "distributed.admin.system-monitor.disk": False,
+    "distributed.worker.memory.monitor-interval": "1s",
+}
+
+
+def compute_worker_environment() -> dict[str, str]:
+    """:data:`COMPUTE_WORKER_SETTINGS` as Dask's environment variables (for worker processes started by SLURM)."""
+    return {"DASK_" + k.upper().replace(".", "__").replace("-", "_"): str(v) for k, v in COMPUTE_WORKER_SETTINGS.items()}
+
+
+def compute_worker_config() -> contextlib.AbstractContextManager:
+    """Dask's configuration set to :data:`COMPUTE_WORKER_SETTINGS` while open (local workers inherit it)."""
+    import dask
+
+    return dask.config.set(COMPUTE_WORKER_SETTINGS)
+
+
 _WORKER_READY: list[bool] = []  # per worker process: torch threads set and GPU pinned
 
 
@@ -193,6 +219,7 @@ def open_runner(ctx: "JobContext") -> Iterator[DaskRunner | None]:
                            "(dask, distributed, dask-jobqueue), or use --cluster none.") from None
     gpu = ctx.device.type == "cuda"
     with contextlib.ExitStack() as stack:
+        stack.enter_context(compute_worker_config())
         if kind == "local":
             threads = ctx.params.threads or max(1, (os.cpu_count() or 1) // int(arg or 1))
             cluster = stack.enter_context(LocalCluster(n_workers=int(arg or 1), threads_per_worker=threads,
@@ -200,7 +227,7 @@ def open_runner(ctx: "JobContext") -> Iterator[DaskRunner | None]:
             planned = int(arg or 1) * threads
         elif kind == "slurm":
             cfg = read_slurm_config(slurm_config_path(ctx.params, ctx.project))
-            cluster = stack.enter_context(slurm_cluster(cfg))
+            cluster = stack.enter_context(slurm_cluster(cfg, compute_worker_environment()))
             if cfg.adaptive is not None:
                 cluster.adapt(minimum_jobs=cfg.adaptive.minimum, maximum_jobs=cfg.adaptive.maximum)
             else:

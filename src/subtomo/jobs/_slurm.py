@@ -93,8 +93,14 @@ def read_slurm_config(path: Path) -> SlurmConfig:
         raise SubtomoError(f"{path}: {'; '.join(msgs)}. Allowed keys: {', '.join(SlurmConfig.model_fields)}.") from None
 
 
-def slurm_cluster(cfg: SlurmConfig) -> Any:
-    """A dask_jobqueue.SLURMCluster from a checked config (no job is submitted until it is scaled)."""
+def slurm_cluster(cfg: SlurmConfig, environment: dict[str, str] | None = None) -> Any:
+    """A dask_jobqueue.SLURMCluster from a checked config (no job is submitted until it is scaled).
+
+    ``environment``: variables exported in the job script before the user's prologue (the Dask
+    settings of the workers, :func:`subtomo.jobs._cluster.compute_worker_environment`).
+    """
     from dask_jobqueue import SLURMCluster
 
-    return SLURMCluster(**cfg.cluster_kwargs())
+    kwargs = cfg.cluster_kwargs()
+    exports = [f"export {k}={v}" for k, v in (environment or {}).items()]
+    return SLURMCluster(**{**kwargs, "job_script_prologue": exports + kwargs["job_script_prologue"]})
