@@ -17,6 +17,11 @@ Runs (class3d --ref consensus --iter N, default 25):
   g75k3   --K 3, global search at 7.5 deg (one class should end nearly empty; its accuracy and class
           sizes per iteration are printed on one line each)
   local   --K 2 --local (7.5 deg, sigma 5 deg)
+  relion15, relion75
+          RELION 3.1's relion_refine_mpi on the same particles (subtomo export-relion of the true-pose
+          STAR file, RELION's own CTF volumes) from the same consensus reference, --K 2 --tau2_fudge 4
+          --healpix_order 2 (15 deg) or 3 (7.5 deg), oversampling 1, the same offset range (fine step
+          1 px), --ranks MPI ranks, --random_seed 0; scored per iteration as ours.
 Translational searches: --offset-range (default 2 px around the true offsets, step 1 px oversampled).
 For every iteration: the accuracy on the true labels after the best label matching, the class
 sizes (fractions of hard assignments), the correlation between the class maps matched to the two
@@ -32,7 +37,10 @@ import argparse
 import glob
 import itertools
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +57,7 @@ from subtomo.io.particles import read_particles  # noqa: E402
 from subtomo.io.star import read_star_table, write_particles  # noqa: E402
 from subtomo.simulate.scoring import oracle_poses  # noqa: E402
 
+RELION_RUNS = {"relion15": 2, "relion75": 3}  # run name -> RELION's --healpix_order (K = 2)
 RUNS = {
     "skip": (2, ["--skip-align"]),
     "g75": (2, ["--healpix-step", "7.5"]),
@@ -88,6 +97,68 @@ def true_pose_star(project: Path) -> tuple[Path, np.ndarray, np.ndarray]:
     df = df.drop(columns=[c for c in optics.columns if c in df.columns and c != "rlnOpticsGroup"])
     path = write_particles(project / "particles_truepose.star", df, optics)
     return path, m["rlnClassNumber"].to_numpy().astype(int), rot
+
+
+def job_dir(project: Path, output: str) -> Path:
+    """The job directory a ``subtomo`` command made, from its first log line ("... -> Class3D/job006/ ...").
+
+    Not the newest directory: another benchmark process may be making jobs in the same project.
+    """
+    found = re.search(r" -> (\S+/job\d+)/", output)
+    if found is None:
+        raise RuntimeError(f"no job directory in the command's output:\n{output[-2000:]}")
+    return project / found.group(1)
+
+
+def run_relion(project: Path, star: Path, ref: str, diameter: float, healpix_order: int, args) -> Path:
+    """relion_refine_mpi 3D classification (K = 2) of the export-relion files; a folder scored like our jobs."""
+    if shutil.which("relion_refine_mpi") is None or shutil.which("mpirun") is None:
+        raise SystemExit("relion_refine_mpi or mpirun not found: apt-get install -y relion")
+    exp = job_dir(project, sh(["export-relion", "--i", str(star.relative_to(project)), "--particle-diameter",
+                                str(diameter)], project))
+    out = project / f"RelionClass3D_order{healpix_order}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    cmd = ["mpirun", "-n", str(args.ranks), "--oversubscribe", "relion_refine_mpi", "--o", f"{out.name}/run",
+           "--i", str((exp / "particles_relion.star").relative_to(project)), "--ref", ref, "--ctf_corrected_ref",
+           "--ini_high", "60", "--ctf", "--particle_diameter", str(diameter), "--K", "2", "--iter", str(args.relion_iter),
+           "--tau2_fudge", "4", "--healpix_order", str(healpix_order), "--oversampling", "1",
+           "--offset_range", str(args.offset_range), "--offset_step", "2", "--flatten_solvent", "--zero_mask",
+           "--norm", "--scale", "--pad", "2", "--sym", "C1", "--j", "1", "--pool", "3",
+           "--dont_combine_weights_via_disc", "--random_seed", "0"]
+    r = subprocess.run(cmd, cwd=project, capture_output=True, text=True, env=env)
+    (out / "relion.log").write_text(r.stdout + r.stderr)
+    if r.returncode != 0:
+        raise RuntimeError(f"relion_refine_mpi failed:\n{(r.stdout + r.stderr)[-3000:]}")
+    return scored_relion_iterations(star, exp, out)
+
+
+def scored_relion_iterations(star: Path, exp: Path, out: Path, folder: str = "scored") -> Path:
+    """RELION's finished iterations in ``out`` as a folder the scorer reads (also for a run still going).
+
+    RELION keeps the particles in another order: every ``run_itNNN_data.star`` is written back in
+    the order of ``star`` (matched by image name through the export ``exp``) beside links to its
+    class maps.
+    """
+    scored = out / folder
+    shutil.rmtree(scored, ignore_errors=True)
+    scored.mkdir()
+    ours, _ = read_particles(star)
+    exported, _ = read_particles(exp / "particles_relion.star")
+    assert len(ours) == len(exported)
+    for f in sorted(glob.glob(str(out / "run_it*_data.star"))):
+        it = int(re.search(r"run_it(\d+)_data", f).group(1))
+        if it == 0:
+            continue
+        theirs, optics = read_particles(f)
+        row = {name: i for i, name in enumerate(theirs["rlnImageName"])}
+        theirs = theirs.iloc[[row[name] for name in exported["rlnImageName"]]].reset_index(drop=True)
+        theirs = theirs.drop(columns=[c for c in optics.columns if c in theirs.columns and c != "rlnOpticsGroup"])
+        write_particles(scored / Path(f).name, theirs, optics)
+        for k in (1, 2):
+            (scored / f"run_it{it:03d}_class{k:03d}.mrc").symlink_to(out / f"run_it{it:03d}_class{k:03d}.mrc")
+    return scored
 
 
 def best_match(cls: np.ndarray, truth: np.ndarray, k: int) -> tuple[float, tuple[int, ...]]:
@@ -172,10 +243,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--n-per-tomo", type=int, default=90, help="particles per tomogram (2 tomograms)")
     ap.add_argument("--iter", type=int, default=25)
-    ap.add_argument("--runs", default="skip,g75,g15,g75k3", help=f"comma-separated, of {','.join(RUNS)}")
+    ap.add_argument("--runs", default="skip,g75,g15,g75k3",
+                    help=f"comma-separated, of {','.join([*RUNS, *RELION_RUNS])}")
     ap.add_argument("--offset-range", type=float, default=2.0,
                     help="translational search range [px] (class3d's default 5 costs 10x more; the start is the true offsets)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ranks", type=int, default=3, help="MPI ranks of the RELION runs (1 master + workers)")
+    ap.add_argument("--relion-iter", type=int, default=12, help="iterations of the RELION runs")
     add_json_option(ap)
     args = ap.parse_args()
     project = args.project.resolve()
@@ -190,17 +264,20 @@ def main() -> None:
           f"{sim['structure']['variant_mass_fraction']:.3f} of the mass, box 32, {sim['pixel_size_A']} A/px")
     rel = str(star.relative_to(project))
     common = ["--i", rel, "--particle-diameter", str(diam), "--threads", str(args.threads)]
-    sh(["class3d", *common, "--K", "1", "--iter", "1", "--skip-align"], project)
-    cons = Path(sorted(glob.glob(str(project / "Class3D/job*/")))[-1])
+    cons = job_dir(project, sh(["class3d", *common, "--K", "1", "--iter", "1", "--skip-align"], project))
     ref = str((cons / "run_it001_class001.mrc").relative_to(project))
     figs: dict = {}
     results = {}
     for name in args.runs.split(","):
-        k, extra = RUNS[name]
         t = time.time()
-        off = [] if name == "skip" else ["--offset-range", str(args.offset_range)]
-        sh(["class3d", *common, "--K", str(k), "--iter", str(args.iter), "--ref", ref, *extra, *off], project)
-        job = Path(sorted(glob.glob(str(project / "Class3D/job*/")))[-1])
+        if name in RELION_RUNS:
+            k = 2
+            job = run_relion(project, star, ref, diam, RELION_RUNS[name], args)
+        else:
+            k, extra = RUNS[name]
+            off = [] if name == "skip" else ["--offset-range", str(args.offset_range)]
+            job = job_dir(project, sh(["class3d", *common, "--K", str(k), "--iter", str(args.iter), "--ref", ref,
+                                       *extra, *off], project))
         rows = score_iterations(job, truth, rot_true, k)
         s = summarise(rows, truth_sizes)
         s["wall_s"] = time.time() - t
@@ -212,7 +289,7 @@ def main() -> None:
         print(f"{name}: best {s['best']:.3f} (it {s['best_it']}), last {s['last']:.3f}, size error {s['size_err']:.3f}, "
               f"spare classes {s['spare']:.3f}, class-map cc {s['last_map_cc']:.3f} -> "
               f"{'meets' if ok else 'FAILS'} the issue-22 criterion", flush=True)
-        tag = f"class3d_collapse.{name}_K{k}_it{args.iter}"
+        tag = f"class3d_collapse.{name}_K{k}_it{args.relion_iter if name in RELION_RUNS else args.iter}"
         figs.update({f"{tag}.best_accuracy": s["best"], f"{tag}.last_accuracy": s["last"],
                      f"{tag}.size_error": s["size_err"], f"{tag}.spare_size": s["spare"], f"{tag}.wall_s": s["wall_s"]})
     (project / "bench_class3d_collapse.json").write_text(json.dumps(results, indent=1, default=str))
