@@ -85,7 +85,7 @@ def open_mode(mode: str, stack: contextlib.ExitStack):
     return DaskRunner(client, n_workers, count_bytes=True), lambda: sum(client.run(time.process_time).values()), n_workers
 
 
-def timed_iteration(src, opts: RefineOptions, state, cpu_of_workers, box: int, n_workers: int) -> dict:
+def timed_iteration(src, opts: RefineOptions, state, cpu_of_workers, n_workers: int) -> dict:
     """Iteration 2 from a copy of ``state`` (after iteration 1): E-step wall and CPU time, bytes, the result."""
     state = copy.deepcopy(state)
     c0, w0, b0 = time.process_time(), cpu_of_workers(), getattr(opts.runner, "bytes_scattered", 0)
@@ -97,7 +97,7 @@ def timed_iteration(src, opts: RefineOptions, state, cpu_of_workers, box: int, n
     return {"res": res, "estep_s": rec.estep_seconds, "iteration_s": rec.seconds, "mstep_s": rec.seconds - rec.estep_seconds,
             "estep_cpu_s": client_cpu + worker_cpu if n_workers else client_cpu - (rec.seconds - rec.estep_seconds),
             "client_cpu_s": client_cpu, "worker_cpu_s": worker_cpu,
-            "sent_MB": shared * n_workers / 1e6, "returned_MB": n_tasks * stats_bytes(box, 1) / 1e6,
+            "sent_MB": shared * n_workers / 1e6, "returned_MB": n_tasks * stats_bytes(src.box, 1) / 1e6,
             "size": rec.size, "coarse_size": rec.coarse_size}
 
 
@@ -130,7 +130,7 @@ def part1(args) -> tuple[dict, dict]:
         for rnd in range(args.repeats):
             for mode in modes:
                 o, state, cpu_of_workers, n_workers = setups[mode]
-                r = timed_iteration(src, o, state, cpu_of_workers, src.box, n_workers)
+                r = timed_iteration(src, o, state, cpu_of_workers, n_workers)
                 half_maps = torch.stack([m.maps[0] for m in r["res"].models])
                 if ref_res is None:
                     ref_res = (r["res"].poses.rot.copy(), half_maps)

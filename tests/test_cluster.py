@@ -250,6 +250,25 @@ def test_slurm_workers_get_the_compute_settings_through_their_environment(tmp_pa
 
 
 @needs_dask
+def test_a_job_s_local_workers_run_with_the_compute_settings(tmp_path):
+    """open_runner's LocalCluster workers see COMPUTE_WORKER_SETTINGS (not Dask's defaults) in their own config."""
+    from types import SimpleNamespace
+
+    import dask
+    import torch
+
+    from subtomo.jobs._cluster import COMPUTE_WORKER_SETTINGS, open_runner
+
+    logs: list[str] = []
+    ctx = SimpleNamespace(params=SimpleNamespace(cluster="local:1", cluster_config=None, threads=1), project=tmp_path,
+                          device=torch.device("cpu"), log=logs.append, warn=logs.append, progress=lambda it, n, what: it)
+    with open_runner(ctx) as runner:
+        seen = runner.client.run(lambda: {k: dask.config.get(k) for k in COMPUTE_WORKER_SETTINGS})
+    assert list(seen.values()) == [COMPUTE_WORKER_SETTINGS]
+    assert any("dashboard" in line for line in logs)
+
+
+@needs_dask
 @pytest.mark.parametrize("text, words", [
     ("queue: gpu\ncores: 4\nmemory: 8GB\nwalltime: 2h\n", ["walltime"]),
     ("cores: 4\nmemory: lots\n", ["memory", "64GB"]),
